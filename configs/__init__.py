@@ -1,0 +1,1 @@
+"""Config files: each exposes get_config() -> ml_collections.ConfigDict (see base.py)."""

@@ -1,0 +1,74 @@
+"""The full config schema with defaults; every config file starts from base_config()."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = m = ml_collections.ConfigDict()
+    m.dim = 4096  # model width D (reference ModelArgs.dim)
+    m.n_layers = 32  # number of transformer blocks L
+    m.n_heads = 32  # query heads N; head dim H = dim // n_heads
+    m.n_kv_heads = -1  # key/value heads K for grouped-query attention; -1 = n_heads (LLaMA-1)
+    m.vocab_size = 32000  # tokenizer vocabulary V
+    m.multiple_of = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    m.ffn_dim_multiplier = -1.0  # extra SwiGLU width factor (LLaMA-2-70B: 1.3); -1 = none
+    m.norm_eps = 1e-6  # epsilon of RMSNorm
+    m.rope_theta = 10000.0  # rotary embedding base
+    m.max_seq_len = 2048  # longest sequence the model is built for (learned positions, KV cache)
+    m.dtype = "bfloat16"  # compute dtype of activations and matmuls
+    m.param_dtype = "float32"  # dtype of the master weights
+    m.init_std = 0.02  # stddev of the normal init of weight matrices
+    m.attention_impl = "auto"  # reference | blockwise | cudnn | auto (cudnn on GPU when it fits)
+    m.attn_block_q = 512  # query tile of blockwise attention
+    m.attn_block_k = 512  # key tile of blockwise attention
+    m.remat_policy = "save_linear"  # none | full | save_linear | save_qkv_attn | offload_linear
+    m.norm = "rmsnorm"  # ablation switch: rmsnorm | layernorm
+    m.norm_placement = "pre"  # ablation switch: pre | post
+    m.mlp = "swiglu"  # ablation switch: swiglu | gelu (width matched to SwiGLU's parameters)
+    m.position = "rope"  # ablation switch: rope | learned | none
+
+    c.train = t = ml_collections.ConfigDict()
+    t.steps = 250_000  # optimizer steps of the run
+    t.batch_size = 2048  # global batch in sequences (2048 x 2048 = 4M tokens)
+    t.seq_len = 2048  # tokens per training sequence
+    t.seed = 0  # seed for init, data order and sampling
+    t.lr = 3e-4  # peak learning rate
+    t.warmup_steps = 2000  # linear warmup steps
+    t.min_lr_ratio = 0.1  # cosine decays to this fraction of the peak
+    t.b1 = 0.9  # AdamW beta1
+    t.b2 = 0.95  # AdamW beta2
+    t.eps = 1e-8  # AdamW epsilon
+    t.weight_decay = 0.1  # decoupled weight decay (not on norms or biases)
+    t.clip_norm = 1.0  # global gradient-norm clip
+    t.grad_accum_steps = 1  # microbatches accumulated per optimizer step
+    t.log_every = 10  # steps between metric logs
+    t.eval_every = 500  # steps between validation-loss evaluations; 0 = never
+    t.eval_batches = 8  # batches per validation evaluation
+    t.skip_nonfinite = False  # skip (and count) steps with a non-finite loss instead of stopping
+    t.profile_steps = ""  # "a,b": write a jax.profiler trace of steps a..b to the workdir
+    t.samples = 3  # greedy samples printed at the end of the run
+    t.sample_tokens = 64  # length of each sample
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1  # data-parallel replicas; -1 = all devices left over
+    c.mesh.fsdp = -1  # fully-sharded data parallel (params and optimizer state sharded)
+    c.mesh.tensor = 1  # Megatron-style tensor parallel over heads, mlp and vocab
+
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ""  # prepared dataset dir (launch.prepare_data); "" = built-in default corpus
+    c.data.tokenizer = ""  # sentencepiece .model; "" = the default corpus's tokenizer
+    c.data.prefetch = 2  # batches prepared ahead by the loader thread
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000  # steps between checkpoints; 0 = only at the end
+    c.checkpoint.keep = 3  # most recent checkpoints kept
+    c.checkpoint.keep_period = 0  # also keep every step divisible by this; 0 = none
+    c.checkpoint.async_save = True  # write checkpoints in the background
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator = ""  # host:port of process 0; "" = auto (SLURM) or single process
+    c.distributed.num_processes = 0  # processes in the job; 0 = auto
+    c.distributed.process_id = -1  # this process's index; -1 = auto
+    return c

@@ -1,0 +1,14 @@
+"""LLaMA-13B as in Table 2 of the paper (13,015,864,320 parameters released)."""
+
+from configs.base import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model.dim = 5120
+    c.model.n_layers = 40
+    c.model.n_heads = 40
+    c.train.lr = 3e-4  # peak learning rate from Table 2
+    c.train.batch_size = 2048  # 4M tokens per step at seq_len 2048
+    c.train.steps = 250_000  # 1.0T tokens / 4M tokens per step
+    return c

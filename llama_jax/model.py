@@ -1,0 +1,196 @@
+"""The LLaMA decoder in Flax linen: pre-norm RMSNorm, rotary attention, SwiGLU, scanned blocks.
+
+Dimension letters, used in einsum strings and shape comments throughout:
+  B batch, T query length, S key length, D model dim, N query heads, K kv heads,
+  G heads per kv group, H head dim, F ffn hidden, V vocab, L layers.
+
+Parameters and activations carry logical axis names only; sharding.py maps them to a mesh.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
+
+from llama_jax.attention import dot_product_attention
+from llama_jax.config import ModelConfig
+
+# Logical layouts of activations, constrained at block boundaries.
+BTD = ("batch", "length", "embed")
+BTNH = ("batch", "length", "heads", "head_dim")
+BTKH = ("batch", "length", "kv_heads", "head_dim")
+BTF = ("batch", "length", "mlp")
+BTV = ("batch", "length", "vocab")
+
+_cp = jax.checkpoint_policies
+# What each scanned block keeps for the backward pass; everything else is recomputed.
+# Names refer to the checkpoint_name tags in the math below.
+LINEAR_OUTPUTS = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_gate", "mlp_up", "mlp_down")
+REMAT_POLICIES = {
+    "none": None,  # no remat: save every intermediate
+    "full": _cp.nothing_saveable,  # save only the block input
+    "save_linear": _cp.save_only_these_names(*LINEAR_OUTPUTS),  # the paper's choice
+    "save_qkv_attn": _cp.save_only_these_names("q_proj", "k_proj", "v_proj", "attn_out"),
+    "offload_linear": _cp.save_and_offload_only_these_names(
+        names_which_can_be_saved=(),
+        names_which_can_be_offloaded=LINEAR_OUTPUTS,
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
+}
+
+
+def remat_policy(name: str):
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; valid: {sorted(REMAT_POLICIES)}")
+    return REMAT_POLICIES[name]
+
+
+def _param(module, name, shape, axes, cfg: ModelConfig, init=None):
+    init = init or nn.initializers.normal(cfg.init_std)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.weight_dtype)
+
+
+class Norm(nn.Module):
+    """RMSNorm (LLaMA) or LayerNorm (ablation); statistics in float32."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        scale = _param(self, "scale", (x.shape[-1],), ("embed",), c, nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        if c.norm == "layernorm":
+            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + c.norm_eps)
+        y = y * scale.astype(jnp.float32)
+        if c.norm == "layernorm":
+            y = y + _param(self, "bias", (x.shape[-1],), ("embed",), c, nn.initializers.zeros)
+        return y.astype(c.compute_dtype)
+
+
+def rope(x, positions, theta: float):
+    """Rotary embedding on interleaved pairs (x[2i], x[2i+1]), as the reference LLaMA code.
+
+    x: [B, T, N, H]; positions: [B, T] ints.
+    """
+    H = x.shape[-1]
+    freqs = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))  # [H/2]
+    angles = positions[..., None].astype(jnp.float32) * freqs  # [B, T, H/2]
+    cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]  # [B, T, 1, H/2]
+    x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], H // 2, 2)
+    xe, xo = x32[..., 0], x32[..., 1]
+    out = jnp.stack([xe * cos - xo * sin, xe * sin + xo * cos], axis=-1)  # [B, T, N, H/2, 2]
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids=None):
+        c = self.cfg
+        D, N, K, H, dt = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.compute_dtype
+        out_init = nn.initializers.normal(c.init_std / (2 * c.n_layers) ** 0.5)
+        wq = _param(self, "wq", (D, N, H), ("embed", "heads", "head_dim"), c)
+        wk = _param(self, "wk", (D, K, H), ("embed", "kv_heads", "head_dim"), c)
+        wv = _param(self, "wv", (D, K, H), ("embed", "kv_heads", "head_dim"), c)
+        wo = _param(self, "wo", (N, H, D), ("heads", "head_dim", "embed"), c, out_init)
+        q = checkpoint_name(jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt)), "q_proj")
+        k = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt)), "k_proj")
+        v = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt)), "v_proj")
+        if c.position == "rope":
+            q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        q = nn.with_logical_constraint(q, BTNH)
+        k = nn.with_logical_constraint(k, BTKH)
+        v = nn.with_logical_constraint(v, BTKH)
+        o = dot_product_attention(
+            q, k, v, impl=c.attention_impl, causal=True, segment_ids=segment_ids,
+            block_q=c.attn_block_q, block_k=c.attn_block_k,
+        )  # [B, T, N, H]
+        o = checkpoint_name(nn.with_logical_constraint(o, BTNH), "attn_out")
+        return checkpoint_name(jnp.einsum("BTNH,NHD->BTD", o, wo.astype(dt)), "o_proj")
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); or a GELU MLP of equal parameter count (ablation)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        D, F, dt = c.dim, c.mlp_dim, c.compute_dtype
+        out_init = nn.initializers.normal(c.init_std / (2 * c.n_layers) ** 0.5)
+        w1 = _param(self, "w1", (D, F), ("embed", "mlp"), c)
+        w2 = _param(self, "w2", (F, D), ("mlp", "embed"), c, out_init)
+        gate = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w1.astype(dt)), "mlp_gate")
+        if c.mlp == "swiglu":
+            w3 = _param(self, "w3", (D, F), ("embed", "mlp"), c)
+            up = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w3.astype(dt)), "mlp_up")
+            h = nn.silu(gate) * up
+        else:
+            h = nn.gelu(gate)
+        h = nn.with_logical_constraint(h, BTF)
+        return checkpoint_name(jnp.einsum("BTF,FD->BTD", h, w2.astype(dt)), "mlp_down")
+
+
+class Block(nn.Module):
+    """One transformer layer; returns (x, None) so nn.scan can stack it."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        c = self.cfg
+        attn, mlp = Attention(c, name="attention"), MLP(c, name="feed_forward")
+        attn_norm, ffn_norm = Norm(c, name="attention_norm"), Norm(c, name="ffn_norm")
+        if c.norm_placement == "pre":
+            x = x + attn(attn_norm(x), positions, segment_ids)
+            x = x + mlp(ffn_norm(x))
+        else:
+            x = attn_norm(x + attn(x, positions, segment_ids))
+            x = ffn_norm(x + mlp(x))
+        return nn.with_logical_constraint(x, BTD), None
+
+
+class Llama(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        """tokens: [B, T] ints -> logits [B, T, V] float32.
+
+        positions default to 0..T-1; segment_ids (optional, [B, T]) keep packed documents apart.
+        """
+        c = self.cfg
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        emb = _param(self, "tok_embeddings", (c.vocab_size, c.dim), ("vocab", "embed"), c)
+        x = jnp.take(emb, tokens, axis=0).astype(c.compute_dtype)  # [B, T, D]
+        if c.position == "learned":
+            pos = _param(self, "pos_embeddings", (c.max_seq_len, c.dim), (None, "embed"), c)
+            x = x + jnp.take(pos, positions, axis=0).astype(c.compute_dtype)
+        x = nn.with_logical_constraint(x, BTD)
+
+        block = Block
+        policy = remat_policy(c.remat_policy)
+        if c.remat_policy != "none":
+            block = nn.remat(Block, policy=policy, prevent_cse=False)
+        layers = nn.scan(
+            block,
+            variable_axes={"params": 0, "cache": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=c.n_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, name="layers")
+        x, _ = layers(x, positions, segment_ids)
+
+        x = Norm(c, name="norm")(x)
+        out = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), c)
+        logits = jnp.einsum("BTD,DV->BTV", x, out.astype(c.compute_dtype))
+        return nn.with_logical_constraint(logits, BTV).astype(jnp.float32)
