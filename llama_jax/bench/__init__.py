@@ -1,0 +1,12 @@
+"""Benchmark sections; launch.benchmark runs them. One file per section, sharing common.py.
+
+Each section module exposes `run(args) -> list[dict]` (one dict per table row) and
+`add_args(parser)`; SECTIONS maps the CLI name to the module path.
+"""
+
+SECTIONS = {
+    "attention": "llama_jax.bench.attention",
+    "step": "llama_jax.bench.step",
+    "data": "llama_jax.bench.data",
+    "compile": "llama_jax.bench.compile",
+}
