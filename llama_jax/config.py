@@ -92,3 +92,51 @@ class ModelConfig:
     @property
     def weight_dtype(self):
         return DTYPES[self.param_dtype]
+
+
+def load_config_file(path: str, overrides=()):
+    """Loads configs/<name>.py's get_config() and applies "a.b=value" overrides.
+
+    For tools that do not use absl flags (benchmarks, notebooks); launch.train uses
+    ml_collections.config_flags, which behaves the same. An unknown field is an error naming it.
+    """
+    import importlib.util
+    import os
+    import sys
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if root not in sys.path:  # so "from configs.base import ..." resolves next to the file
+        sys.path.insert(0, root)
+    spec = importlib.util.spec_from_file_location("_llama_jax_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    for item in overrides:
+        key, _, value = item.lstrip("-").removeprefix("config.").partition("=")
+        set_field(cfg, key, value)
+    return cfg
+
+
+def set_field(cfg, dotted: str, value: str):
+    """Sets cfg.<dotted> from a string, parsed to the field's current type."""
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for p in parents:
+        if p not in node:
+            raise KeyError(f"unknown config field {dotted!r} ({p!r} does not exist)")
+        node = node[p]
+    if leaf not in node:
+        raise KeyError(f"unknown config field {dotted!r}; valid in this group: {sorted(node.keys())}")
+    old = node[leaf]
+    if isinstance(old, bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"config field {dotted!r} needs true/false, got {value!r}")
+        node[leaf] = value.lower() in ("true", "1")
+    elif isinstance(old, int):
+        node[leaf] = int(value)
+    elif isinstance(old, float):
+        node[leaf] = float(value)
+    else:
+        node[leaf] = value
