@@ -1,0 +1,59 @@
+"""Parameter counts, FLOPs per token and state bytes, from abstract shapes (nothing allocated)."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llama_jax.config import ModelConfig
+from llama_jax.model import Llama
+
+
+def param_shapes(cfg: ModelConfig):
+    """The parameter tree as jax.ShapeDtypeStructs, via jax.eval_shape of the model's init."""
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    boxed = jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0), jnp.zeros(tokens.shape, jnp.int32)))
+    return nn.unbox(boxed)["params"]
+
+
+def count_params(cfg: ModelConfig) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(param_shapes(cfg)))
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int | None = None) -> dict:
+    """Training FLOPs per token (forward + backward = 3x forward).
+
+    "6n": 6 x all parameters, the paper's accounting (the embedding lookup counts too, as in
+    its 48% MFU figure). "attention": the score and value matmuls, 2*2*T*D per layer forward for
+    full attention, halved because causal attention skips the masked half, times 3 for
+    training. "total" is their sum, the causal basis.
+    """
+    n = count_params(cfg) if n_params is None else n_params
+    attention = 3 * 2 * 2 * cfg.n_layers * cfg.dim * seq_len / 2
+    return {"6n": 6.0 * n, "attention": attention, "total": 6.0 * n + attention}
+
+
+def state_bytes(cfg: ModelConfig, n_params: int | None = None) -> dict:
+    """Bytes of master weights and AdamW moments (both in param_dtype), and gradients."""
+    n = count_params(cfg) if n_params is None else n_params
+    itemsize = jnp.dtype(cfg.weight_dtype).itemsize
+    return {"params": n * itemsize, "adamw": 2 * n * itemsize, "grads": n * itemsize}
+
+
+def summary(cfg: ModelConfig, seq_len: int) -> dict:
+    n = count_params(cfg)
+    flops = flops_per_token(cfg, seq_len, n)
+    return {
+        "parameters": n,
+        "flops_per_token": flops["total"],
+        "flops_per_token_6n": flops["6n"],
+        "flops_per_token_attention": flops["attention"],
+        "seq_len": seq_len,
+        "hidden_dim": cfg.mlp_dim,
+        "head_dim": cfg.head_dim,
+        "n_kv_heads": cfg.n_kv_heads,
+        **{f"{k}_bytes": v for k, v in state_bytes(cfg, n).items()},
+    }
