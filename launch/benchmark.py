@@ -12,12 +12,13 @@ def main(argv=None):
     parser.add_argument("section", choices=[*SECTIONS, "all"])
     parser.add_argument("--config", default="configs/tiny.py", help="config file for model sections")
     parser.add_argument("--json", action="store_true", help="one JSON object per section")
-    names = list(SECTIONS)
-    for name in names:
-        importlib.import_module(SECTIONS[name]).add_args(parser)
+    section = parser.parse_known_args(argv)[0].section
+    names = list(SECTIONS) if section == "all" else [section]
+    modules = [importlib.import_module(SECTIONS[name]) for name in names]
+    for module in modules:
+        module.add_args(parser)
     args = parser.parse_args(argv)
-    for name in names if args.section == "all" else [args.section]:
-        module = importlib.import_module(SECTIONS[name])
+    for name, module in zip(names, modules):
         print_table(name, module.run(args), as_json=args.json)
 
 

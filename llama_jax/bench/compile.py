@@ -1,0 +1,43 @@
+"""Compile time of forward+backward vs depth: scanned layers keep it flat."""
+
+from __future__ import annotations
+
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from llama_jax.config import ModelConfig, load_config_file
+from llama_jax.model import Llama
+
+
+def add_args(parser):
+    parser.add_argument("--compile-layers", default="4,32", help="depths to compile")
+
+
+def _compile_seconds(cfg: ModelConfig, seq_len: int) -> tuple[float, int]:
+    model = Llama(cfg)
+    tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))))
+
+    def loss(p, t):
+        logits = model.apply(p, t)
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], t[:, 1:]).mean()
+
+    t0 = time.perf_counter()
+    lowered = jax.jit(jax.value_and_grad(loss)).lower(params, tokens)
+    lowered.compile()
+    return time.perf_counter() - t0, len(lowered.as_text())
+
+
+def run(args) -> list[dict]:
+    cfg = load_config_file(getattr(args, "config", "configs/tiny.py"))
+    seq_len = min(cfg.train.seq_len, 256)
+    rows = []
+    for n in [int(x) for x in str(getattr(args, "compile_layers", "4,32")).split(",")]:
+        mc = ModelConfig.from_config({**cfg.model.to_dict(), "n_layers": n})
+        seconds, size = _compile_seconds(mc, seq_len)
+        rows.append({"layers": n, "seq_len": seq_len, "compile_s": seconds, "stablehlo_chars": size})
+    return rows
