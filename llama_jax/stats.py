@@ -57,3 +57,16 @@ def summary(cfg: ModelConfig, seq_len: int) -> dict:
         "n_kv_heads": cfg.n_kv_heads,
         **{f"{k}_bytes": v for k, v in state_bytes(cfg, n).items()},
     }
+
+
+# Dense bf16 peak FLOP/s per device, for MFU. CPUs have no meaningful peak: MFU is n/a there.
+PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "B200": 2250e12}
+
+
+def device_peak_flops(device=None) -> float | None:
+    """The bf16 peak of a known accelerator (matched on its device_kind), else None."""
+    kind = (device or jax.devices()[0]).device_kind.upper()
+    for name, peak in PEAK_FLOPS.items():
+        if name in kind:
+            return peak
+    return None

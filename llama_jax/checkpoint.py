@@ -1,0 +1,88 @@
+"""Orbax checkpoints of the whole train state: async saves, retention, resume, re-sharding.
+
+A checkpoint step directory holds `state` (params, optimizer state, step, rng) and `meta`
+(the config and loop counters as JSON). Orbax writes each step into a temporary directory and
+renames it only once complete, so an interrupted write is never picked up by latest_step().
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CorruptCheckpointError(RuntimeError):
+    pass
+
+
+class Checkpointer:
+    def __init__(self, directory: str, ckpt_cfg, *, read_only: bool = False):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max(1, ckpt_cfg.keep),
+            keep_period=ckpt_cfg.keep_period or None,
+            enable_async_checkpointing=bool(ckpt_cfg.async_save),
+            create=not read_only,
+            read_only=read_only,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state, meta: dict, *, force: bool = True) -> None:
+        """Starts an (async) save of state at step; meta must be JSON-serializable."""
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=force,
+        )
+
+    def restore(self, abstract_state, step: int | None = None):
+        """Restores onto the shardings of abstract_state (a tree of ShapeDtypeStruct with
+        .sharding), which may describe a different mesh than the one that saved it.
+
+        Returns (state, meta).
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        try:
+            out = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as e:  # orbax raises many types for truncated or mismatched files
+            raise CorruptCheckpointError(
+                f"cannot restore checkpoint step {step} from {self.directory}: {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}"
+            ) from e
+        return out["state"], out["meta"]
+
+    def restore_meta(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs with the given shardings: the restore target for any mesh."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
