@@ -1,0 +1,354 @@
+"""The training run: data, sharded state, the loop, validation, checkpoints, faults, reports.
+
+`train(cfg, workdir)` is everything `python -m launch.train` does. Every process of a
+multi-host job runs it; only process 0 writes logs, metrics and plots, while all of them
+take part in checkpoint writes (orbax coordinates them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from llama_jax import distributed, stats
+from llama_jax import sharding as shd
+from llama_jax import train_step as ts
+from llama_jax.checkpoint import Checkpointer
+from llama_jax.data.loader import Loader
+from llama_jax.data.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(default_cfg, cfg) -> dict:
+    """{field: (default, value)} for every field that differs from the config file."""
+    a, b = _flatten(default_cfg.to_dict()), _flatten(cfg.to_dict())
+    return {k: (a.get(k), v) for k, v in b.items() if a.get(k) != v}
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; the loop finishes its step, saves and exits cleanly."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def install(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def any_process(self) -> bool:
+        """True when any process was signalled (all must stop at the same step)."""
+        local = np.array([self.signal is not None], np.int32)
+        if jax.process_count() == 1:
+            return bool(local[0])
+        return bool(np.max(multihost_utils.process_allgather(local)))
+
+
+def resolve_data(cfg) -> tuple[str, str]:
+    """(dataset_dir, tokenizer_path): the configured dataset, or the built-in default corpus."""
+    if cfg.data.path:
+        path = cfg.data.path
+        if not os.path.exists(os.path.join(path, "metadata.json")):
+            raise FileNotFoundError(f"data.path={path!r} is not a prepared dataset (no metadata.json)")
+        tokenizer = cfg.data.tokenizer
+        if not tokenizer:
+            with open(os.path.join(path, "metadata.json")) as f:
+                tokenizer = json.load(f).get("tokenizer_path", "")
+        if not tokenizer or not os.path.exists(tokenizer):
+            raise FileNotFoundError(f"tokenizer not found: {tokenizer!r}; set data.tokenizer")
+        return path, tokenizer
+    from llama_jax.data.default_corpus import ensure_default_dataset
+
+    return ensure_default_dataset(vocab_size=int(cfg.model.vocab_size))
+
+
+class MetricsWriter:
+    """metrics.jsonl (one object per logged step) plus TensorBoard events; process 0 only."""
+
+    def __init__(self, workdir: str, resume_step: int, enabled: bool):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb = None
+        if not enabled:
+            return
+        # Steps after the checkpoint we resume from were lost: drop their records.
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                keep = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(keep)
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+        except ImportError:  # TensorBoard events are optional; metrics.jsonl is not
+            log.warning("tensorboardX not installed: no TensorBoard events")
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def evaluate(eval_fn, params, cfg, dataset_dir, sharding, tokenizer_sha) -> float | None:
+    """Mean validation loss over train.eval_batches batches of the held-out split (always the
+    same batches, so values are comparable across evaluations and runs)."""
+    n = int(cfg.train.eval_batches)
+    if n <= 0:
+        return None
+    loader = Loader(dataset_dir, "val", batch_size=int(cfg.train.batch_size),
+                    seq_len=int(cfg.train.seq_len), seed=int(cfg.train.seed) + 1,
+                    sharding=sharding, step=0, prefetch=1, expected_tokenizer_sha=tokenizer_sha)
+    try:
+        total, tokens = 0.0, 0.0
+        for _ in range(n):
+            m = jax.device_get(eval_fn(params, next(loader)))
+            total, tokens = total + float(m["loss_sum"]), tokens + float(m["tokens"])
+    finally:
+        loader.close()
+    return total / max(tokens, 1.0)
+
+
+def plot_losses(workdir: str) -> str | None:
+    """loss.png: train and validation loss vs tokens seen, from metrics.jsonl."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    tr = [(r["tokens_seen"], r["loss"]) for r in rows if "loss" in r]
+    va = [(r["tokens_seen"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    if tr:
+        ax.plot(*zip(*tr), label="train")
+    if va:
+        ax.plot(*zip(*va), "o-", label="validation")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = os.path.join(workdir, "loss.png")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def greedy_samples(params, cfg, mesh, tokenizer: Tokenizer, prompts, n_tokens: int) -> list[str]:
+    """Greedy continuations of prompts, for a look at what the model learned."""
+    from llama_jax.generate import generate
+
+    ids = [tokenizer.encode(p, bos=True) for p in prompts]
+    room = int(cfg.model.max_seq_len) - max(len(i) for i in ids)
+    out = generate(params, ts.model_config(cfg), ids, max_new_tokens=max(1, min(n_tokens, room)),
+                   temperature=0.0, eos_id=tokenizer.eos_id, mesh=mesh)
+    return [p + tokenizer.decode(o) for p, o in zip(prompts, out)]
+
+
+def _log_startup(cfg, diff, mesh, mc, n_params, tokens_per_step, impl):
+    devices = jax.devices()
+    log.info("config changes from the file: %s",
+             ", ".join(f"{k}={v!r} (was {d!r})" for k, (d, v) in diff.items()) or "none")
+    log.info("devices: %d x %s (%s), processes: %d", len(devices), devices[0].device_kind,
+             devices[0].platform, jax.process_count())
+    log.info("mesh: %s", dict(mesh.shape))
+    log.info("attention: %s, remat policy: %s, dtype: %s, params dtype: %s",
+             impl, mc.remat_policy, mc.dtype, mc.param_dtype)
+    log.info("parameters: %s (%.3g B), tokens per step: %s", f"{n_params:,}", n_params / 1e9,
+             f"{tokens_per_step:,}")
+
+
+def _attention_impl(mc) -> str:
+    from llama_jax import attention
+
+    resolve = getattr(attention, "resolve_impl", None)
+    if resolve is None:
+        return mc.attention_impl
+    picked = resolve(mc.attention_impl, mc.compute_dtype, mc.head_dim, False)
+    return picked if picked == mc.attention_impl else f"{mc.attention_impl} -> {picked}"
+
+
+def _profile_range(spec: str) -> tuple[int, int] | None:
+    if not spec:
+        return None
+    a, _, b = str(spec).partition(",")
+    return int(a), int(b or a)
+
+
+def train(cfg, workdir: str, *, config_diff: dict | None = None) -> dict:
+    """Runs (or resumes) the training job described by cfg in workdir.
+
+    Returns the last logged metrics, plus "stopped_by" when a signal ended the run early.
+    Raises NonFiniteLossError on a non-finite loss (unless train.skip_nonfinite).
+    """
+    distributed.initialize(cfg.distributed)
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    mesh = shd.make_mesh(cfg.mesh)
+    mc = ts.model_config(cfg)
+    n_params = stats.count_params(mc)
+    B, T, steps = int(cfg.train.batch_size), int(cfg.train.seq_len), int(cfg.train.steps)
+    if T > mc.max_seq_len:
+        raise ValueError(f"train.seq_len={T} exceeds model.max_seq_len={mc.max_seq_len}")
+    flops_per_token = stats.flops_per_token(mc, T, n_params)
+    peak = stats.device_peak_flops()
+
+    dataset_dir, tokenizer_path = resolve_data(cfg)
+    tokenizer = Tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > mc.vocab_size:
+        raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} ({tokenizer_path}) is larger "
+                         f"than model.vocab_size={mc.vocab_size}")
+    _log_startup(cfg, config_diff or {}, mesh, mc, n_params, B * T, _attention_impl(mc))
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
+    abstract, shardings = ts.abstract_train_state(cfg, mesh)
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(abstract)
+        log.info("resumed from %s step %d", ckpt.directory, int(state.step))
+        tokens_seen = int(meta.get("tokens_seen", int(state.step) * B * T))
+    else:
+        state, _ = ts.create_train_state(cfg, mesh)
+        tokens_seen = 0
+    start = int(state.step)
+    batch_sharding = shd.batch_sharding(mesh)
+    loader = Loader(dataset_dir, "train", batch_size=B, seq_len=T, seed=int(cfg.train.seed),
+                    sharding=batch_sharding, step=start, prefetch=int(cfg.data.prefetch),
+                    expected_vocab_size=mc.vocab_size, expected_tokenizer_sha=tokenizer.sha256)
+    step_fn = ts.make_train_step(cfg, mesh, shardings)
+    eval_fn = ts.make_eval_step(cfg, mesh, shardings)
+    writer = MetricsWriter(workdir, start, is_main)
+    stop = _StopFlag()
+    stop.install()
+    log_every, eval_every = max(1, int(cfg.train.log_every)), int(cfg.train.eval_every)
+    every = int(cfg.checkpoint.every_steps)
+    profile = _profile_range(cfg.train.profile_steps)
+
+    def meta(step):
+        return {"step": step, "tokens_seen": tokens_seen, "config": cfg.to_dict()}
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=steps, initial=start, disable=not is_main, unit="step", dynamic_ncols=True)
+    last, skipped, last_saved = {}, 0, (start if ckpt.latest_step() is not None else None)
+    t_mark, tokens_mark = None, tokens_seen
+    try:
+        for step in range(start, steps):
+            if profile and step == profile[0]:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+            state, metrics = step_fn(state, next(loader))
+            if profile and step == profile[1]:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+            tokens_seen += B * T
+            done = step + 1
+            stopping = stop.any_process()
+            save_now = done == steps or stopping or (every and done % every == 0)
+            log_now = done % log_every == 0 or save_now or (eval_every and done % eval_every == 0)
+            if not log_now:
+                continue
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            skipped += int(m.pop("skipped", 0))
+            if not math.isfinite(m["loss"]) and not cfg.train.skip_nonfinite:
+                raise NonFiniteLossError(
+                    f"non-finite loss {m['loss']} at step {done} (grad norm {m['grad_norm']}); "
+                    f"last good checkpoint: step {last_saved} in {ckpt.directory}. Lower train.lr, "
+                    "or set train.skip_nonfinite=true to skip such steps")
+            now = time.perf_counter()
+            rate = None
+            if t_mark is not None:  # the first interval holds compilation: not a rate
+                rate = (tokens_seen - tokens_mark) / (now - t_mark)
+            t_mark, tokens_mark = now, tokens_seen
+            record = {"step": done, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+                      "tokens_seen": tokens_seen, "tokens_per_sec": rate, "skipped_steps": skipped}
+            if rate is not None and peak:
+                record["mfu"] = rate * flops_per_token["6n"] / (jax.device_count() * peak)
+            if eval_every and (done % eval_every == 0 or done == steps):
+                record["val_loss"] = evaluate(eval_fn, state.params, cfg, dataset_dir,
+                                              batch_sharding, tokenizer.sha256)
+            writer.write(record)
+            last = record
+            bar.update(done - bar.n)
+            post = {"loss": f"{m['loss']:.3f}", "lr": f"{m['lr']:.2e}", "gnorm": f"{m['grad_norm']:.2f}"}
+            if rate is not None:
+                post["tok/s"] = f"{rate:,.0f}"
+            if "mfu" in record:
+                post["mfu"] = f"{record['mfu']:.1%}"
+            if record.get("val_loss") is not None:
+                post["val"] = f"{record['val_loss']:.3f}"
+            bar.set_postfix(post, refresh=False)
+            if save_now:
+                ckpt.save(done, state, meta(done))
+                last_saved = done
+            if stopping:
+                ckpt.wait()
+                msg = (f"{stop.signal or 'signal'} received: saved step {done} to {ckpt.directory}; "
+                       "run the same command again to resume")
+                log.warning(msg)
+                if is_main:
+                    print(msg, flush=True)
+                last["stopped_by"] = stop.signal or "signal"
+                return last
+        ckpt.wait()
+    finally:
+        bar.close()
+        stop.restore()
+        loader.close()
+        writer.close()
+        ckpt.close()
+
+    if is_main:
+        png = plot_losses(workdir)
+        if png:
+            log.info("loss plot: %s", png)
+    if int(cfg.train.samples) > 0:
+        prompts = ["def ", "import ", "class ", "    return ", "# ", "for "][: int(cfg.train.samples)]
+        for text in greedy_samples(state.params, cfg, mesh, tokenizer, prompts,
+                                   int(cfg.train.sample_tokens)):
+            if is_main:
+                print(f"--- sample ---\n{text}", flush=True)
+    return last
