@@ -1,9 +1,34 @@
-"""Causal attention behind one entry point; the model calls only dot_product_attention."""
+"""Causal attention behind one entry point; the model calls only dot_product_attention.
+
+Implementations, chosen by name (model.attention_impl):
+  reference  plain softmax(QK^T)V that stores the [B, N, T, S] matrix: the test oracle.
+  blockwise  memory-efficient attention (Rabe & Staats 2021; FlashAttention-2's backward):
+             tiles of queries and keys with an online softmax, a custom VJP that saves only
+             the output and the per-row log-sum-exp, and causal key tiles above the diagonal
+             skipped, not computed and masked. Pure JAX, so it runs on every backend.
+  cudnn      jax.nn.dot_product_attention(..., implementation="cudnn") on NVIDIA GPUs.
+  auto       cudnn where backend, dtype and shapes allow it, else blockwise.
+
+Dimension letters as in model.py; tiled arrays add nq/nk (tile counts) and q/k (tile rows).
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BLOCK = 512  # tile rows when the caller passes none; the model passes its config's
+# A finite "minus infinity" for masked scores and the initial running max: exp(NEG_INF - m)
+# is exactly 0 for any real m, and NEG_INF - NEG_INF is 0, not the NaN that inf - inf gives.
+NEG_INF = -1e30
 
 
 def reference_attention(q, k, v, *, causal=True, segment_ids=None, **_):
@@ -27,7 +52,256 @@ def reference_attention(q, k, v, *, causal=True, segment_ids=None, **_):
     return o.reshape(B, T, N, H)
 
 
-IMPLEMENTATIONS = {"reference": reference_attention}
+# ----------------------------------------------------------------------------- blockwise
+
+
+class _Spec(NamedTuple):
+    """Static facts the tiled kernels need (hashable: a nondiff argument of the custom VJP)."""
+
+    T: int  # true (unpadded) query length
+    S: int  # true key length; causal rows see keys c <= r + S - T (bottom-right aligned)
+    causal: bool
+    skip: bool  # skip key tiles that the causal mask hides entirely
+    scale: float
+
+
+def _fwd_key_range(i, bq, bk, nk, spec: _Spec):
+    """Key tiles of query tile i: [0, lo) need no position mask, [lo, hi) do, [hi, nk) are skipped."""
+    full = spec.S // bk  # tiles with no padded keys
+    if not spec.causal:
+        return full, nk
+    offset = spec.S - spec.T
+    last_row = jnp.minimum((i + 1) * bq, spec.T) - 1
+    hi = jnp.clip((last_row + offset) // bk + 1, 0, nk) if spec.skip else nk
+    lo = jnp.clip((i * bq + offset + 1) // bk, 0, full)  # tiles every row sees in full
+    return jnp.minimum(lo, hi), hi
+
+
+def _bwd_query_range(j, bq, bk, nq, spec: _Spec):
+    """Query tiles of key tile j: [lo, mid) need a position mask, [mid, nq) do not, [0, lo) skipped.
+
+    The same (query tile, key tile) pairs as _fwd_key_range, seen from the key side.
+    """
+    full = spec.S // bk
+    if not spec.causal:
+        return 0, jnp.where(j < full, 0, nq)
+    offset = spec.S - spec.T
+    lo = jnp.clip((j * bk - offset) // bq, 0, nq) if spec.skip else 0
+    mid = -((offset + 1 - (j + 1) * bk) // bq)  # ceil(((j+1)*bk - 1 - offset) / bq)
+    mid = jnp.where(j < full, jnp.clip(mid, 0, nq), nq)
+    return lo, jnp.maximum(mid, lo)
+
+
+def _tile_mask(i, j, qseg, kseg, bq, bk, spec: _Spec, positional: bool):
+    """Which scores of tile (i, j) are visible: [B or 1, 1, 1, q, k] bools, or None for all."""
+    mask = None
+    if positional:
+        rows = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+        cols = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+        mask = cols < spec.S  # padded keys
+        if spec.causal:
+            mask = mask & (cols <= rows + (spec.S - spec.T))
+        mask = mask[None]  # [1, q, k]
+    if qseg is not None:
+        same = qseg[:, :, None] == kseg[:, None, :]  # [B, q, k]
+        mask = same if mask is None else mask & same
+    return None if mask is None else mask[:, None, None]
+
+
+def _scores(qi, kj, mask, scale):
+    s = jnp.einsum("BKGqH,BKkH->BKGqk", qi, kj, preferred_element_type=jnp.float32) * scale
+    return s if mask is None else jnp.where(mask, s, NEG_INF)
+
+
+def _flash_fwd_impl(q, k, v, qseg, kseg, spec: _Spec):
+    """q: [nq, B, K, G, q, H]; k, v: [nk, B, K, k, H]; segs: [nq, B, q] / [nk, B, k] or None.
+
+    Returns o like q (q's dtype) and lse [nq, B, K, G, q] float32.
+    """
+    nq, B, K, G, bq, H = q.shape
+    nk, bk = k.shape[0], k.shape[3]
+
+    def query_tile(_, xs):
+        i, qi, qsegi = xs
+
+        def step(j, carry, positional):
+            m, l, acc = carry  # running max, running sum [B, K, G, q]; acc [B, K, G, q, H]
+            kseg_j = None if kseg is None else kseg[j]
+            s = _scores(qi, k[j], _tile_mask(i, j, qsegi, kseg_j, bq, bk, spec, positional), spec.scale)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.exp(s - m_new[..., None])  # [B, K, G, q, k]
+            alpha = jnp.exp(m - m_new)
+            pv = jnp.einsum("BKGqk,BKkH->BKGqH", p.astype(v.dtype), v[j], preferred_element_type=jnp.float32)
+            return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+
+        stats = jnp.full((B, K, G, bq), NEG_INF, jnp.float32)
+        carry = (stats, jnp.zeros_like(stats), jnp.zeros((B, K, G, bq, H), jnp.float32))
+        lo, hi = _fwd_key_range(i, bq, bk, nk, spec)
+        carry = lax.fori_loop(0, lo, functools.partial(step, positional=False), carry)
+        m, l, acc = lax.fori_loop(lo, hi, functools.partial(step, positional=True), carry)
+        # A row that saw only masked scores still has m == NEG_INF (its masked p were
+        # exp(0) = 1, so l and acc hold junk): it outputs 0 and an lse that zeroes its p.
+        dead = m <= NEG_INF / 2
+        l = jnp.where(dead, 1.0, l)
+        o = jnp.where(dead[..., None], 0.0, acc / l[..., None])
+        lse = jnp.where(dead, -NEG_INF, m + jnp.log(l))
+        return None, (o.astype(q.dtype), lse)
+
+    segs = qseg if qseg is not None else jnp.zeros((nq, 0), jnp.int32)
+    _, (o, lse) = lax.scan(
+        lambda c, xs: query_tile(c, (xs[0], xs[1], None if qseg is None else xs[2])),
+        None,
+        (jnp.arange(nq), q, segs),
+    )
+    return o, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, qseg, kseg, spec):
+    return _flash_fwd_impl(q, k, v, qseg, kseg, spec)[0]
+
+
+def _flash_fwd(q, k, v, qseg, kseg, spec):
+    o, lse = _flash_fwd_impl(q, k, v, qseg, kseg, spec)
+    return o, (q, k, v, qseg, kseg, o, lse)
+
+
+def _flash_bwd(spec, res, do):
+    """FlashAttention-2 backward: per key tile, loop over the query tiles that see it,
+    recomputing p = exp(s - lse); dk, dv accumulate in the loop, dq in a [nq, ...] carry."""
+    q, k, v, qseg, kseg, o, lse = res
+    nq, B, K, G, bq, H = q.shape
+    nk, bk = k.shape[0], k.shape[3]
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1)  # [nq, B, K, G, q]
+
+    def key_tile(dq, xs):
+        j, kj, vj, ksegj = xs
+
+        def step(i, carry, positional):
+            dq, dk, dv = carry
+            qi, doi = q[i], do[i]
+            qseg_i = None if qseg is None else qseg[i]
+            s = _scores(qi, kj, _tile_mask(i, j, qseg_i, ksegj, bq, bk, spec, positional), spec.scale)
+            p = jnp.exp(s - lse[i][..., None])  # [B, K, G, q, k]; masked and dead rows give 0
+            dv = dv + jnp.einsum("BKGqk,BKGqH->BKkH", p.astype(do.dtype), doi, preferred_element_type=jnp.float32)
+            dp = jnp.einsum("BKGqH,BKkH->BKGqk", doi, vj, preferred_element_type=jnp.float32)
+            ds = (p * (dp - delta[i][..., None])).astype(q.dtype)
+            dq = dq.at[i].add(jnp.einsum("BKGqk,BKkH->BKGqH", ds, kj, preferred_element_type=jnp.float32))
+            dk = dk + jnp.einsum("BKGqk,BKGqH->BKkH", ds, qi, preferred_element_type=jnp.float32)
+            return dq, dk, dv
+
+        zeros = jnp.zeros((B, K, bk, H), jnp.float32)
+        lo, mid = _bwd_query_range(j, bq, bk, nq, spec)
+        carry = lax.fori_loop(lo, mid, functools.partial(step, positional=True), (dq, zeros, zeros))
+        dq, dk, dv = lax.fori_loop(mid, nq, functools.partial(step, positional=False), carry)
+        return dq, ((dk * spec.scale).astype(k.dtype), dv.astype(v.dtype))
+
+    segs = kseg if kseg is not None else jnp.zeros((nk, 0), jnp.int32)
+    dq, (dk, dv) = lax.scan(
+        lambda c, xs: key_tile(c, (*xs[:3], None if kseg is None else xs[3])),
+        jnp.zeros(q.shape, jnp.float32),
+        (jnp.arange(nk), k, v, segs),
+    )
+    return (dq * spec.scale).astype(q.dtype), dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _to_tiles(x, n, b):
+    """[B, T, ...] -> [n, B, ..., b, ...]: T padded with zeros to n*b and split into tiles."""
+    x = jnp.pad(x, [(0, 0), (0, n * b - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape(x.shape[0], n, b, *x.shape[2:])  # [B, n, b, ...]
+    return jnp.moveaxis(x, 1, 0)  # [n, B, b, ...]
+
+
+def blockwise_attention(
+    q, k, v, *, causal=True, segment_ids=None, block_q=None, block_k=None, skip_masked_blocks=True
+):
+    """Memory-efficient attention; memory O(T) and, when causal, about half the FLOPs.
+
+    Args:
+      q: [B, T, N, H]; k, v: [B, S, K, H], N a multiple of K; bf16 or f32 (stats are f32).
+      segment_ids: optional [B, T] ints (needs S == T); a token sees only its own segment.
+      block_q, block_k: tile rows (default DEFAULT_BLOCK, capped at T and S); any T works.
+      skip_masked_blocks: False computes and masks the causal tiles above the diagonal too
+        (for benchmarks and tests); the result is the same.
+    Returns:
+      [B, T, N, H] in q's dtype.
+    """
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    if N % K:
+        raise ValueError(f"query heads N={N} is not a multiple of kv heads K={K}")
+    if segment_ids is not None and S != T:
+        raise ValueError(f"segment_ids need S == T, got T={T}, S={S}")
+    bq = min(block_q or DEFAULT_BLOCK, T)
+    bk = min(block_k or DEFAULT_BLOCK, S)
+    nq, nk = -(-T // bq), -(-S // bk)
+    spec = _Spec(T=T, S=S, causal=causal, skip=skip_masked_blocks, scale=1.0 / math.sqrt(H))
+
+    qt = _to_tiles(q.reshape(B, T, K, N // K, H), nq, bq)  # [nq, B, q, K, G, H]
+    qt = qt.transpose(0, 1, 3, 4, 2, 5)  # [nq, B, K, G, q, H]
+    kt = _to_tiles(k, nk, bk).transpose(0, 1, 3, 2, 4)  # [nk, B, K, k, H]
+    vt = _to_tiles(v, nk, bk).transpose(0, 1, 3, 2, 4)
+    qseg = kseg = None
+    if segment_ids is not None:
+        seg = segment_ids.astype(jnp.int32)
+        qseg, kseg = _to_tiles(seg, nq, bq), _to_tiles(seg, nk, bk)  # [nq, B, q], [nk, B, k]
+
+    o = _flash(qt, kt, vt, qseg, kseg, spec)  # [nq, B, K, G, q, H]
+    o = o.transpose(1, 0, 4, 2, 3, 5).reshape(B, nq * bq, N, H)  # [B, T', N, H]
+    return o[:, :T]
+
+
+# ----------------------------------------------------------------------------- cudnn, auto
+
+
+def cudnn_attention(q, k, v, *, causal=True, segment_ids=None, **_):
+    """cuDNN flash attention (NVIDIA GPUs, bf16/fp16, H <= 128 and a multiple of 8).
+
+    With segment_ids the mask is passed as a [B, 1, T, S] boolean array: O(T^2) memory,
+    which is why "auto" picks blockwise for packed documents.
+    """
+    mask = None
+    if segment_ids is not None:
+        mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [B, 1, T, S]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
+
+
+IMPLEMENTATIONS = {
+    "reference": reference_attention,
+    "blockwise": blockwise_attention,
+    "cudnn": cudnn_attention,
+}
+VALID_IMPLS = sorted(IMPLEMENTATIONS) + ["auto"]
+
+
+def _resolve(impl: str, dtype, head_dim: int, has_segments: bool, backend: str | None) -> tuple[str, str]:
+    """(implementation, reason) for a name; "auto" decides from backend, dtype and shapes."""
+    if impl not in VALID_IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; valid: {VALID_IMPLS}")
+    if impl != "auto":
+        return impl, "requested"
+    backend = backend or jax.default_backend()
+    dtype = jnp.dtype(dtype)
+    if backend != "gpu":
+        return "blockwise", f"backend is {backend}"
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "blockwise", f"cudnn needs bf16/fp16, got {dtype.name}"
+    if head_dim > 128 or head_dim % 8:
+        return "blockwise", f"cudnn needs head_dim <= 128 and a multiple of 8, got {head_dim}"
+    if has_segments:
+        return "blockwise", "segment_ids would need an O(T^2) mask in cudnn"
+    return "cudnn", f"gpu, {dtype.name}, head_dim {head_dim}"
+
+
+def resolve_impl(impl: str, dtype, head_dim: int, has_segments: bool, *, backend: str | None = None) -> str:
+    """The implementation dot_product_attention runs for these settings ("auto" resolved)."""
+    return _resolve(impl, dtype, head_dim, has_segments, backend)[0]
+
+
+_logged_choices: set = set()
 
 
 def dot_product_attention(
@@ -39,14 +313,18 @@ def dot_product_attention(
       q: [B, T, N, H] queries; k, v: [B, S, K, H] keys and values, N a multiple of K.
       impl: a name in IMPLEMENTATIONS, or "auto".
       segment_ids: optional [B, T] ints; tokens attend only within their own segment.
+      block_q, block_k: tile sizes of "blockwise" (others ignore them).
     Returns:
       [B, T, N, H] in q's dtype.
     """
-    if impl == "auto":
-        impl = "reference"
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention impl {impl!r}; valid: {sorted(IMPLEMENTATIONS) + ['auto']}")
-    out = IMPLEMENTATIONS[impl](
+    name, reason = _resolve(impl, q.dtype, q.shape[-1], segment_ids is not None, None)
+    if impl == "auto" and name == "cudnn" and causal and q.shape[1] != k.shape[1]:
+        # cuDNN aligns the causal mask top-left; ours is bottom-right (query r sees r + S - T).
+        name, reason = "blockwise", "causal with T != S"
+    if impl == "auto" and (name, reason) not in _logged_choices:
+        _logged_choices.add((name, reason))
+        logger.info("attention impl: auto -> %s (%s)", name, reason)
+    out = IMPLEMENTATIONS[name](
         q, k, v, causal=causal, segment_ids=segment_ids, block_q=block_q, block_k=block_k
     )
     return out.astype(q.dtype)

@@ -1,0 +1,127 @@
+"""Attention benchmark: compiled memory, fwd+bwd time and TFLOP/s per implementation and T.
+
+python -m launch.benchmark attention [--seq 1024,2048,4096] [--attn-impls ...] [--json]
+
+Rows per sequence length: each implementation (causal), plus "blockwise:noskip" (the same
+function computing and masking the tiles above the diagonal) and "blockwise:noncausal", with
+blockwise's time ratio against both. TFLOP/s always counts causal FLOPs (half the square),
+so work that the causal mask throws away shows up as lower achieved throughput.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax.attention import IMPLEMENTATIONS, blockwise_attention
+from llama_jax.bench.common import compiled_memory, time_fn
+
+MiB = 2**20
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def add_args(parser) -> None:
+    g = parser.add_argument_group("attention")
+    if "--seq" not in parser._option_string_actions:  # another section may share it
+        g.add_argument("--seq", default=None, help="comma-separated sequence lengths")
+    g.add_argument("--attn-impls", default=None, help="comma-separated; default reference,blockwise[,cudnn on gpu]")
+    g.add_argument("--attn-batch", type=int, default=1)
+    g.add_argument("--attn-heads", type=int, default=None, help="query heads N (cpu 8, gpu 16)")
+    g.add_argument("--attn-kv-heads", type=int, default=None, help="kv heads K; default N")
+    g.add_argument("--attn-head-dim", type=int, default=None, help="H (cpu 64, gpu 128)")
+    g.add_argument("--attn-dtype", default=None, help="float32 | bfloat16 (cpu float32, gpu bfloat16)")
+    g.add_argument("--attn-block", type=int, default=512, help="block_q = block_k of blockwise")
+    g.add_argument("--attn-repeats", type=int, default=5, help="timed runs; the median is reported")
+    g.add_argument("--attn-ref-max-seq", type=int, default=None, help="time reference only up to this T")
+
+
+def _settings(args) -> dict:
+    gpu = _on_gpu()
+    seq = getattr(args, "seq", None) or ("2048,4096,8192,16384" if gpu else "1024,2048,4096")
+    impls = getattr(args, "attn_impls", None) or ("reference,blockwise,cudnn" if gpu else "reference,blockwise")
+    heads = getattr(args, "attn_heads", None) or (16 if gpu else 8)
+    return dict(
+        seqs=[int(s) for s in str(seq).split(",") if s],
+        impls=[s for s in impls.split(",") if s],
+        B=getattr(args, "attn_batch", None) or 1,
+        N=heads,
+        K=getattr(args, "attn_kv_heads", None) or heads,
+        H=getattr(args, "attn_head_dim", None) or (128 if gpu else 64),
+        dtype=jnp.dtype(getattr(args, "attn_dtype", None) or ("bfloat16" if gpu else "float32")),
+        block=getattr(args, "attn_block", None) or 512,
+        repeats=getattr(args, "attn_repeats", None) or 5,
+        ref_max_seq=getattr(args, "attn_ref_max_seq", None) or (8192 if gpu else 4096),
+    )
+
+
+def _fwd_bwd(attn):
+    """jit of q, k, v, cotangent -> (dq, dk, dv): one forward and one backward pass."""
+
+    def f(q, k, v, ct):
+        _, vjp = jax.vjp(attn, q, k, v)
+        return vjp(ct)
+
+    return jax.jit(f)
+
+
+def _variants(impls, block):
+    for name in impls:
+        if name not in IMPLEMENTATIONS:
+            raise ValueError(f"unknown attention impl {name!r}; valid: {sorted(IMPLEMENTATIONS)}")
+        if name == "blockwise":
+            bw = functools.partial(blockwise_attention, block_q=block, block_k=block)
+            yield "blockwise", bw
+            yield "blockwise:noskip", functools.partial(bw, skip_masked_blocks=False)
+            yield "blockwise:noncausal", functools.partial(bw, causal=False)
+        else:
+            yield name, functools.partial(IMPLEMENTATIONS[name], causal=True)
+
+
+def run(args) -> list[dict]:
+    s = _settings(args)
+    B, N, K, H, dt = s["B"], s["N"], s["K"], s["H"], s["dtype"]
+    rows = []
+    for T in s["seqs"]:
+        keys = jax.random.split(jax.random.PRNGKey(T), 4)
+        q = jax.random.normal(keys[0], (B, T, N, H), dt)
+        k = jax.random.normal(keys[1], (B, T, K, H), dt)
+        v = jax.random.normal(keys[2], (B, T, K, H), dt)
+        ct = jax.random.normal(keys[3], (B, T, N, H), dt)
+        flops = 3.5 * 2 * B * N * H * T * T  # causal: fwd 2 matmuls x 2*B*N*H*T*T/2, bwd 2.5x fwd
+        times = {}
+        for name, attn in _variants(s["impls"], s["block"]):
+            fn = _fwd_bwd(attn)
+            row = {"impl": name, "T": T, "B": B, "N": N, "K": K, "H": H, "dtype": dt.name}
+            try:
+                compiled = fn.lower(q, k, v, ct).compile()
+            except Exception as e:  # e.g. cudnn on an unsupported shape: report, keep going
+                rows.append({**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"})
+                continue
+            temp = compiled_memory(compiled)["temp_bytes"]
+            row["temp_MiB"] = None if temp is None else temp / MiB
+            if name == "reference" and T > s["ref_max_seq"]:
+                rows.append(row)  # memory only: timing would need the T x T matrices
+                continue
+            t = time_fn(lambda: compiled(q, k, v, ct), warmup=1, repeats=s["repeats"])
+            times[name] = t["median"]
+            row.update(
+                ms=t["median"] * 1e3, ms_min=t["min"] * 1e3, ms_max=t["max"] * 1e3,
+                tflops=flops / t["median"] / 1e12,
+            )
+            rows.append(row)
+        ref_temp = next((r.get("temp_MiB") for r in rows if r["T"] == T and r["impl"] == "reference"), None)
+        for r in rows:
+            if r["T"] != T:
+                continue
+            if ref_temp and r.get("temp_MiB") is not None:
+                r["mem_vs_ref"] = r["temp_MiB"] / ref_temp
+            if r["impl"] == "blockwise" and "blockwise" in times:
+                for other in ("noskip", "noncausal"):
+                    if f"blockwise:{other}" in times:
+                        r[f"time_vs_{other}"] = times["blockwise"] / times[f"blockwise:{other}"]
+    return rows
