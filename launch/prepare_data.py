@@ -1,0 +1,47 @@
+"""python -m launch.prepare_data --input <files/globs> --tokenizer <model> --output DIR
+[--val-fraction 0.005] [--text-field text] [--workers N]
+
+With no --input, builds the default corpus (the Python standard library's sources) instead.
+"""
+
+import argparse
+
+from llama_jax.data import default_corpus, prepare
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m launch.prepare_data", description=__doc__)
+    p.add_argument("--input", nargs="+", help=".txt/.jsonl[.gz]/.parquet files, dirs or globs")
+    p.add_argument("--tokenizer", help="sentencepiece .model (launch.train_tokenizer)")
+    p.add_argument("--output", help="dataset directory to create")
+    p.add_argument(
+        "--val-fraction", type=float, default=0.005, help="fraction of documents held out"
+    )
+    p.add_argument("--text-field", default="text", help="JSONL field / parquet column of the text")
+    p.add_argument(
+        "--workers", type=int, default=None, help="tokenizer processes (default: all CPUs)"
+    )
+    p.add_argument(
+        "--vocab-size", type=int, default=2048, help="default corpus only: tokenizer size"
+    )
+    args = p.parse_args(argv)
+    try:
+        run(p, args)
+    except (ValueError, OSError) as e:  # bad input: one line, no traceback
+        raise SystemExit(f"error: {e}")
+
+
+def run(p, args):
+    if not args.input:
+        data, tok = default_corpus.ensure_default_dataset(args.vocab_size, args.output)
+        print(f"default corpus: dataset {data}, tokenizer {tok}")
+        return
+    if not args.tokenizer or not args.output:
+        p.error("--input needs --tokenizer and --output")
+    prepare.prepare(
+        args.input, args.tokenizer, args.output, args.val_fraction, args.text_field, args.workers
+    )
+
+
+if __name__ == "__main__":
+    main()

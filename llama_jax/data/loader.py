@@ -1,0 +1,314 @@
+"""Deterministic, resumable, per-process loading of packed training windows.
+
+The split's flat token stream (documents joined by EOS) is cut into windows of seq_len + 1
+tokens with stride seq_len: window w covers tokens [w*T, w*T + T + 1), so consecutive windows
+share one token and every token after the first is a target exactly once per epoch. inputs
+= window[:-1], targets = window[1:]. Windows cross document boundaries (LLaMA packs without
+masking across EOS).
+
+Order: the global stream of window slots g = 0, 1, 2, ... maps slot g to epoch g // W and
+window feistel_permute(g % W, W, key(seed, epoch)): a keyed bijection of [0, W) evaluated per
+index, so no permutation of the whole dataset is ever built and any step is computed
+directly. Global batch `step` holds slots [step*B, (step+1)*B); a batch may straddle two
+epochs, so every window is used exactly once per epoch with nothing dropped. The loader's
+state is therefore just (seed, step).
+
+Each process computes only the rows of the global batch that live on its devices (derived
+from the sharding, or process_index/process_count without one), reads those windows, and
+jax.make_array_from_process_local_data assembles the global array. A background thread
+prepares `prefetch` batches ahead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import weakref
+
+import numpy as np
+
+from llama_jax.data.prepare import open_split, read_metadata
+from llama_jax.data.tokenizer import check_vocab
+
+_M64 = (1 << 64) - 1
+IN_MEMORY_BYTES = 1 << 30  # splits up to this size are read into host memory once
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def _mix(x: np.ndarray, key: np.uint64) -> np.ndarray:
+    """splitmix64's finalizer of x ^ key, vectorized (uint64 arithmetic wraps mod 2**64)."""
+    x = x ^ key
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def epoch_key(seed: int, epoch: int) -> int:
+    return _splitmix64(_splitmix64(seed & _M64) ^ (epoch & _M64))
+
+
+def feistel_permute(index: np.ndarray, n: int, key: int, rounds: int = 4) -> np.ndarray:
+    """A keyed pseudo-random bijection of [0, n), applied elementwise to `index`.
+
+    A balanced Feistel network permutes [0, 4**h) with 4**h >= n; cycle walking (re-applying
+    it to values >= n until they land below n) restricts it to a bijection of [0, n).
+    """
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    shift = np.uint64(half)
+    keys = [np.uint64(_splitmix64(key ^ r)) for r in range(rounds)]
+
+    def encrypt(x):
+        left, right = x >> shift, x & mask
+        for k in keys:
+            left, right = right, left ^ (_mix(right, k) & mask)
+        return (left << shift) | right
+
+    y = encrypt(np.asarray(index, dtype=np.uint64))
+    while True:
+        outside = y >= np.uint64(n)
+        if not outside.any():
+            return y.astype(np.int64)
+        y[outside] = encrypt(y[outside])
+
+
+def _rows_of_sharding(sharding, shape: tuple[int, int]) -> tuple[int, int]:
+    """The contiguous range of global-batch rows held by this process's devices."""
+    spans = set()
+    for idx in sharding.addressable_devices_indices_map(shape).values():
+        rows, cols = idx[0], idx[1] if len(idx) > 1 else slice(None)
+        if cols.indices(shape[1]) != (0, shape[1], 1):
+            raise NotImplementedError(
+                "the loader needs whole sequences per device (length not sharded)"
+            )
+        spans.add(rows.indices(shape[0])[:2])
+    spans = sorted(spans)
+    lo, hi = spans[0]
+    for a, b in spans[1:]:
+        if a > hi:
+            raise NotImplementedError(
+                f"this process's batch rows {spans} are not one contiguous range"
+            )
+        hi = max(hi, b)
+    return lo, hi
+
+
+class Loader:
+    """Iterator of {"inputs": int32[B, T], "targets": int32[B, T]} batches; see module docstring.
+
+    Args:
+      dataset_dir: a prepared dataset (launch.prepare_data), local or a tensorstore URL.
+      split: "train" or "val".
+      batch_size: global batch B in sequences; seq_len: T.
+      seed: data-order seed. step: the first batch to produce (resume).
+      sharding: where the batch goes (batch dim sharded); None gives numpy arrays holding
+        this process's rows only.
+      process_index, process_count: which even slice of rows this process reads when
+        sharding is None (default: jax's).
+      expected_vocab_size: model.vocab_size; raises if the dataset's tokenizer is larger.
+      expected_tokenizer_sha: sha256 of the tokenizer in use; raises on a mismatch.
+      in_memory: read the whole split into host memory (default: when <= 1 GiB) instead of
+        reading each window from tensorstore.
+    """
+
+    def __init__(
+        self,
+        dataset_dir: str,
+        split: str = "train",
+        *,
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        sharding=None,
+        step: int = 0,
+        prefetch: int = 2,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        expected_vocab_size: int | None = None,
+        expected_tokenizer_sha: str | None = None,
+        in_memory: bool | None = None,
+    ):
+        self.meta = meta = read_metadata(dataset_dir)
+        if split not in meta["splits"]:
+            raise ValueError(f"unknown split {split!r}; {dataset_dir} has {sorted(meta['splits'])}")
+        if expected_vocab_size is not None:
+            check_vocab(meta, expected_vocab_size)
+        if expected_tokenizer_sha and expected_tokenizer_sha != meta["tokenizer_sha256"]:
+            raise ValueError(
+                f"{dataset_dir} was tokenized with a different tokenizer (sha256 "
+                f"{meta['tokenizer_sha256'][:16]}...) than the one in use ({expected_tokenizer_sha[:16]}...); "
+                f"re-run prepare_data with this tokenizer or use {dataset_dir}/tokenizer.model"
+            )
+        self.dataset_dir, self.split = dataset_dir, split
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.num_tokens = int(meta["splits"][split]["tokens"])
+        self.num_windows = max(0, (self.num_tokens - 1) // seq_len)
+        if self.num_windows < batch_size:
+            raise ValueError(
+                f"the {split!r} split of {dataset_dir} is smaller than one batch: {self.num_tokens} tokens "
+                f"make {self.num_windows} windows of seq_len+1={seq_len + 1} tokens, but batch_size="
+                f"{batch_size} needs {batch_size} windows ({batch_size * seq_len + 1} tokens)"
+            )
+        self.sharding = sharding
+        if sharding is not None:
+            self.rows = _rows_of_sharding(sharding, (batch_size, seq_len))
+        else:
+            if process_index is None or process_count is None:
+                import jax
+
+                process_index = jax.process_index() if process_index is None else process_index
+                process_count = jax.process_count() if process_count is None else process_count
+            if batch_size % process_count:
+                raise ValueError(
+                    f"batch_size={batch_size} is not divisible by {process_count} processes"
+                )
+            per = batch_size // process_count
+            self.rows = (process_index * per, (process_index + 1) * per)
+        self._store = open_split(dataset_dir, split)
+        nbytes = self.num_tokens * self._store.dtype.numpy_dtype.itemsize
+        if in_memory is None:
+            in_memory = nbytes <= IN_MEMORY_BYTES
+        self._tokens = self._store.read().result() if in_memory else None
+        self.step = step
+        self.prefetch = prefetch
+        self._thread = None
+        self._start()
+
+    # ------------------------------------------------------------------ random access
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next batch's first window."""
+        return self.step * self.batch_size // self.num_windows
+
+    def window_ids(self, step: int) -> np.ndarray:
+        """Window indices of this process's rows of global batch `step`."""
+        slots = step * self.batch_size + np.arange(*self.rows, dtype=np.int64)
+        epochs, pos = np.divmod(slots, self.num_windows)
+        out = np.empty_like(slots)
+        for e in np.unique(epochs):
+            m = epochs == e
+            out[m] = feistel_permute(pos[m], self.num_windows, epoch_key(self.seed, int(e)))
+        return out
+
+    def _read(self, windows: np.ndarray) -> np.ndarray:
+        starts = windows * self.seq_len
+        if self._tokens is not None:
+            return self._tokens[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int32)
+        reads = [
+            self._store[s : s + self.seq_len + 1].read() for s in starts
+        ]  # all in flight at once
+        return np.stack([r.result() for r in reads]).astype(np.int32)
+
+    def batch(self, step: int):
+        """Global batch `step` (this process's part of it), without changing the loader's state."""
+        w = self._read(self.window_ids(step))  # [b, T+1]
+        local = {"inputs": w[:, :-1], "targets": w[:, 1:]}  # [b, T] each
+        if self.sharding is None:
+            return local
+        import jax
+
+        shape = (self.batch_size, self.seq_len)
+        return {
+            k: jax.make_array_from_process_local_data(self.sharding, v, shape)
+            for k, v in local.items()
+        }
+
+    def batches(self, count: int, start: int = 0) -> list:
+        """Batches start..start+count-1, e.g. a fixed validation set; state is unchanged."""
+        return [self.batch(s) for s in range(start, start + count)]
+
+    epoch_batches = batches
+
+    # ------------------------------------------------------------------ iteration
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._thread is None:
+            out = self.batch(self.step)
+        else:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._thread = None
+                raise item
+            step, out = item
+            assert step == self.step, (step, self.step)
+        self.step += 1
+        return out
+
+    def seek(self, step: int) -> None:
+        """Continues from global batch `step` (drops prefetched batches)."""
+        self._stop()
+        self.step = step
+        self._start()
+
+    def _start(self) -> None:
+        if self.prefetch <= 0:
+            return
+        self._queue = queue.Queue(maxsize=self.prefetch)
+        self._halt = threading.Event()
+        # The thread holds only a weak reference, so an abandoned loader is collected and its
+        # thread exits instead of spinning until interpreter shutdown.
+        self._thread = threading.Thread(
+            target=Loader._produce,
+            args=(weakref.ref(self), self.step, self._queue, self._halt),
+            name=f"loader-{self.split}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    @staticmethod
+    def _produce(ref, step: int, q: queue.Queue, halt: threading.Event) -> None:
+        while not halt.is_set():
+            loader = ref()
+            if loader is None:
+                return
+            try:
+                item = (step, loader.batch(step))
+            except BaseException as e:  # noqa: BLE001  (re-raised by next())
+                item = e
+            del loader
+            while not halt.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+            step += 1
+
+    def _stop(self) -> None:
+        if self._thread is not None:
+            self._halt.set()
+            if self._thread is not threading.current_thread():  # __del__ may run on it
+                self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        self._stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):  # interpreter shutdown may have torn down modules
+            self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Loader({self.dataset_dir!r}, {self.split!r}, batch_size={self.batch_size}, "
+            f"seq_len={self.seq_len}, seed={self.seed}, step={self.step}, windows={self.num_windows})"
+        )
