@@ -406,3 +406,15 @@ def test_default_corpus_concurrent_build_and_tiny_batches(tmp_path):
     assert ld.num_windows > 1000
     assert "def " in tok.decode(next(ld)["inputs"].ravel())
     Loader(data, "val", batch_size=2, seq_len=32, prefetch=0)  # small, but never empty
+    # the benchmark section runs end to end on this dataset
+    import argparse
+
+    from llama_jax.bench import data as bench_data
+
+    parser = argparse.ArgumentParser()
+    bench_data.add_args(parser)
+    args = parser.parse_args(["--data-path", data, "--data-batches", "3", "--data-prepare-mb", "0.1"])
+    args.config = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+    rows = bench_data.run(args)
+    assert [r["what"] for r in rows] == ["prepare_data"] + ["loader"] * (len(rows) - 1)
+    assert all(r["tokens/s"] > 0 for r in rows)

@@ -50,6 +50,16 @@ def default_cache_dir() -> str:
     )
 
 
+def default_dataset_dir(
+    vocab_size: int, cache_dir: str | None = None, max_bytes: int = MAX_BYTES
+) -> str:
+    """Where ensure_default_dataset keeps (or will keep) this corpus."""
+    name = f"default_corpus_v{vocab_size}_py{sys.version_info[0]}{sys.version_info[1]}"
+    if max_bytes != MAX_BYTES:
+        name += f"_{max_bytes}"
+    return os.path.join(cache_dir or default_cache_dir(), name)
+
+
 @contextlib.contextmanager
 def _file_lock(path: str):
     """An exclusive inter-process lock (flock); the build also renames atomically, so a
@@ -79,11 +89,8 @@ def ensure_default_dataset(
     Safe to call from several processes at once: one builds under a file lock, in a temp dir
     renamed into place; the others wait and reuse it.
     """
-    cache_dir = cache_dir or default_cache_dir()
-    name = f"default_corpus_v{vocab_size}_py{sys.version_info[0]}{sys.version_info[1]}"
-    if max_bytes != MAX_BYTES:
-        name += f"_{max_bytes}"
-    final = os.path.join(cache_dir, name)
+    final = default_dataset_dir(vocab_size, cache_dir, max_bytes)
+    cache_dir, name = os.path.split(final)
     tokenizer = os.path.join(final, "tokenizer.model")
     if os.path.exists(os.path.join(final, "metadata.json")):
         return final, tokenizer
