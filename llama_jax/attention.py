@@ -134,8 +134,9 @@ def _flash_fwd_impl(q, k, v, qseg, kseg, spec: _Spec):
             pv = jnp.einsum("BKGqk,BKkH->BKGqH", p.astype(v.dtype), v[j], preferred_element_type=jnp.float32)
             return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
-        stats = jnp.full((B, K, G, bq), NEG_INF, jnp.float32)
-        carry = (stats, jnp.zeros_like(stats), jnp.zeros((B, K, G, bq, H), jnp.float32))
+        # *_like keeps qi's sharding on the carries (needed with explicit mesh axes).
+        acc = jnp.zeros_like(qi, jnp.float32)  # [B, K, G, q, H]
+        carry = (jnp.full_like(acc[..., 0], NEG_INF), jnp.zeros_like(acc[..., 0]), acc)
         lo, hi = _fwd_key_range(i, bq, bk, nk, spec)
         carry = lax.fori_loop(0, lo, functools.partial(step, positional=False), carry)
         m, l, acc = lax.fori_loop(lo, hi, functools.partial(step, positional=True), carry)
@@ -190,7 +191,7 @@ def _flash_bwd(spec, res, do):
             dk = dk + jnp.einsum("BKGqk,BKGqH->BKkH", ds, qi, preferred_element_type=jnp.float32)
             return dq, dk, dv
 
-        zeros = jnp.zeros((B, K, bk, H), jnp.float32)
+        zeros = jnp.zeros_like(kj, jnp.float32)  # [B, K, k, H]
         lo, mid = _bwd_query_range(j, bq, bk, nq, spec)
         carry = lax.fori_loop(lo, mid, functools.partial(step, positional=True), (dq, zeros, zeros))
         dq, dk, dv = lax.fori_loop(mid, nq, functools.partial(step, positional=False), carry)
@@ -199,7 +200,7 @@ def _flash_bwd(spec, res, do):
     segs = kseg if kseg is not None else jnp.zeros((nk, 0), jnp.int32)
     dq, (dk, dv) = lax.scan(
         lambda c, xs: key_tile(c, (*xs[:3], None if kseg is None else xs[3])),
-        jnp.zeros(q.shape, jnp.float32),
+        jnp.zeros_like(q, jnp.float32),
         (jnp.arange(nk), k, v, segs),
     )
     return (dq * spec.scale).astype(q.dtype), dk, dv, None, None
@@ -250,7 +251,8 @@ def blockwise_attention(
         qseg, kseg = _to_tiles(seg, nq, bq), _to_tiles(seg, nk, bk)  # [nq, B, q], [nk, B, k]
 
     o = _flash(qt, kt, vt, qseg, kseg, spec)  # [nq, B, K, G, q, H]
-    o = o.transpose(1, 0, 4, 2, 3, 5).reshape(B, nq * bq, N, H)  # [B, T', N, H]
+    o = o.transpose(1, 0, 4, 2, 3, 5).reshape(B, nq * bq, K, N // K, H)  # [B, T', K, G, H]
+    o = o.reshape(B, nq * bq, N, H)
     return o[:, :T]
 
 
