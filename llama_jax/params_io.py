@@ -1,0 +1,134 @@
+"""Params-only checkpoints ("ours" format): what launch.export and launch.convert --to ours write.
+
+Layout of a checkpoint directory:
+  path/params/            orbax PyTree checkpoint of the raw (unboxed) parameter tree
+  path/model_config.json  dataclasses.asdict(ModelConfig)
+
+The tree is the inner params dict (tok_embeddings, layers, norm, output), the one that
+Llama.apply takes as {"params": tree}; it holds no optimizer state and no step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llama_jax.config import DTYPES, ModelConfig
+
+PARAMS_DIR = "params"
+CONFIG_FILE = "model_config.json"
+
+
+def _dtype(dtype):
+    if dtype is None or not isinstance(dtype, str):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _cast(tree, dtype):
+    """Casts floating leaves to dtype; integer leaves (none today) are left alone."""
+    if dtype is None:
+        return tree
+
+    def cast(x):
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree.map(cast, tree)
+
+
+def _inner(params):
+    """Accepts either the params tree or the {"params": tree} variables dict."""
+    params = nn.meta.unbox(params)
+    if isinstance(params, dict) and set(params) == {"params"}:
+        params = params["params"]
+    return params
+
+
+def save_params(path: str, params, model_cfg: ModelConfig, dtype=None) -> str:
+    """Writes params (boxed or raw, optionally cast to dtype) and the model config under path.
+
+    Args:
+      path: output directory; created if missing. An existing params/ inside it is an error.
+      params: the params tree, boxed (nn.LogicallyPartitioned) or raw, or {"params": tree}.
+      model_cfg: the ModelConfig the params belong to.
+      dtype: None keeps the params' dtype; else a jnp dtype or a name in config.DTYPES.
+    Returns:
+      the absolute path written.
+    """
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    tree = _cast(_inner(params), _dtype(dtype))
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(path, PARAMS_DIR), tree)
+    ckptr.wait_until_finished()
+    if jax.process_index() == 0:
+        cfg = dataclasses.asdict(model_cfg)
+        if dtype is not None:  # the stored weights are the master weights from now on
+            cfg["param_dtype"] = _dtype_name(_dtype(dtype))
+        with open(os.path.join(path, CONFIG_FILE), "w") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+    return path
+
+
+def _dtype_name(dtype) -> str:
+    for name, dt in DTYPES.items():
+        if jnp.dtype(dt) == jnp.dtype(dtype):
+            return name
+    raise ValueError(f"dtype {dtype} has no name in config.DTYPES {sorted(DTYPES)}")
+
+
+def load_config(path: str) -> ModelConfig:
+    """Reads path/model_config.json into a ModelConfig."""
+    cfg_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found: {path} is not a params checkpoint")
+    with open(cfg_path) as f:
+        return ModelConfig.from_config(json.load(f))
+
+
+def load_params(path: str, dtype=None, sharding=None):
+    """Reads a checkpoint written by save_params.
+
+    Args:
+      path: the directory given to save_params.
+      dtype: None restores the stored dtype; else floating leaves are cast while reading.
+      sharding: None puts every array on the first local device; a jax.sharding.Sharding
+        applies to all leaves; or a tree of Shardings matching the params tree (e.g. from
+        the logical partition specs of the model's boxed params).
+    Returns:
+      (params, model_cfg): the raw params tree and its ModelConfig.
+    """
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    model_cfg = load_config(path)
+    if dtype is not None:
+        model_cfg = dataclasses.replace(model_cfg, param_dtype=_dtype_name(_dtype(dtype)))
+    ckptr = ocp.StandardCheckpointer()
+    params_dir = os.path.join(path, PARAMS_DIR)
+    stored = ckptr.metadata(params_dir).item_metadata.tree
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if isinstance(sharding, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: sharding, stored)
+    else:
+        shardings = sharding
+    want = _dtype(dtype)
+
+    def abstract(meta, shard):
+        dt = meta.dtype
+        if want is not None and jnp.issubdtype(dt, jnp.floating):
+            dt = want
+        return jax.ShapeDtypeStruct(tuple(meta.shape), dt, sharding=shard)
+
+    target = jax.tree.map(abstract, stored, shardings)
+    return ckptr.restore(params_dir, target), model_cfg
