@@ -22,7 +22,7 @@ def main(argv=None):
     try:
         run(p, args)
     except (ValueError, OSError) as e:  # bad input: one line, no traceback
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
 
 
 def run(p, args):

@@ -339,6 +339,8 @@ def test_tensorstore_reads_match_in_memory(ramp):
     ld = loader(ramp, in_memory=False, prefetch=0)
     assert ld._tokens is None
     assert a == [windows(next(ld)) for _ in range(10)]
+    url = loader("file://" + os.path.abspath(ramp), in_memory=False)  # a tensorstore kvstore URL
+    assert a == [windows(next(url)) for _ in range(10)]
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1), (2, 4)])
@@ -354,6 +356,49 @@ def test_global_sharded_array(ramp, mesh_shape):
         np.testing.assert_array_equal(np.asarray(b["inputs"]), r["inputs"])
         np.testing.assert_array_equal(np.asarray(b["targets"]), r["targets"])
     ld.close()
+
+
+TWO_PROCESS_WORKER = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+pid, port, ds = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+from llama_jax.data.loader import Loader
+sharding = NamedSharding(jax.make_mesh((8,), ("data",)), P("data", None))
+ld = Loader(ds, "train", batch_size=8, seq_len=8, seed=0, sharding=sharding)
+ref = Loader(ds, "train", batch_size=8, seq_len=8, seed=0, process_index=0, process_count=1)
+for _ in range(12):  # 96 slots over 37 windows: crosses two epoch boundaries
+    b, r = next(ld), next(ref)
+    assert b["inputs"].shape == (8, 8) and jax.process_count() == 2
+    for s in b["inputs"].addressable_shards + b["targets"].addressable_shards:
+        key = "inputs" if s in b["inputs"].addressable_shards else "targets"
+        np.testing.assert_array_equal(np.asarray(s.data), r[key][s.index])
+print("rows", ld.rows)
+"""
+
+
+def test_two_real_processes_assemble_the_global_batch(ramp):
+    """jax.distributed with 2 CPU processes x 4 devices: each reads only its rows, and the
+    global array's shards equal the single-process batch."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}
+    cmd = [sys.executable, "-c", TWO_PROCESS_WORKER, port, ramp]
+    procs = [
+        subprocess.Popen(
+            [*cmd[:3], str(i), *cmd[3:]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "rows (0, 4)" in outs[0] and "rows (4, 8)" in outs[1]
 
 
 def test_loader_errors(ramp, tmp_path):
@@ -413,7 +458,9 @@ def test_default_corpus_concurrent_build_and_tiny_batches(tmp_path):
 
     parser = argparse.ArgumentParser()
     bench_data.add_args(parser)
-    args = parser.parse_args(["--data-path", data, "--data-batches", "3", "--data-prepare-mb", "0.1"])
+    args = parser.parse_args(
+        ["--data-path", data, "--data-batches", "3", "--data-prepare-mb", "0.1"]
+    )
     args.config = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
     rows = bench_data.run(args)
     assert [r["what"] for r in rows] == ["prepare_data"] + ["loader"] * (len(rows) - 1)

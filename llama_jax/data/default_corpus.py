@@ -1,4 +1,4 @@
-"""The built-in corpus: the Python standard library's own .py sources, so training needs no download.
+"""The built-in corpus: the Python standard library's .py sources, so training needs no download.
 
 Every machine that runs this code has them. Files are taken in sorted relative-path order
 (site-packages excluded), each file one document, until MAX_BYTES of text: ~16 MB gives

@@ -21,6 +21,7 @@ prepares `prefetch` batches ahead.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import queue
 import threading
@@ -100,6 +101,15 @@ def _rows_of_sharding(sharding, shape: tuple[int, int]) -> tuple[int, int]:
     return lo, hi
 
 
+_live: weakref.WeakSet = weakref.WeakSet()
+
+
+def _close_all() -> None:
+    """Stops prefetch threads at exit: a daemon thread killed inside a JAX call can abort."""
+    for loader in list(_live):
+        loader.close()
+
+
 class Loader:
     """Iterator of {"inputs": int32[B, T], "targets": int32[B, T]} batches; see module docstring.
 
@@ -143,7 +153,8 @@ class Loader:
         if expected_tokenizer_sha and expected_tokenizer_sha != meta["tokenizer_sha256"]:
             raise ValueError(
                 f"{dataset_dir} was tokenized with a different tokenizer (sha256 "
-                f"{meta['tokenizer_sha256'][:16]}...) than the one in use ({expected_tokenizer_sha[:16]}...); "
+                f"{meta['tokenizer_sha256'][:16]}...) than the one in use "
+                f"({expected_tokenizer_sha[:16]}...); "
                 f"re-run prepare_data with this tokenizer or use {dataset_dir}/tokenizer.model"
             )
         self.dataset_dir, self.split = dataset_dir, split
@@ -152,9 +163,10 @@ class Loader:
         self.num_windows = max(0, (self.num_tokens - 1) // seq_len)
         if self.num_windows < batch_size:
             raise ValueError(
-                f"the {split!r} split of {dataset_dir} is smaller than one batch: {self.num_tokens} tokens "
-                f"make {self.num_windows} windows of seq_len+1={seq_len + 1} tokens, but batch_size="
-                f"{batch_size} needs {batch_size} windows ({batch_size * seq_len + 1} tokens)"
+                f"the {split!r} split of {dataset_dir} is smaller than one batch: "
+                f"{self.num_tokens} tokens make {self.num_windows} windows of seq_len+1="
+                f"{seq_len + 1} tokens, but batch_size={batch_size} needs {batch_size} windows "
+                f"({batch_size * seq_len + 1} tokens)"
             )
         self.sharding = sharding
         if sharding is not None:
@@ -254,6 +266,10 @@ class Loader:
     def _start(self) -> None:
         if self.prefetch <= 0:
             return
+        if not _live:  # registered late so that it runs before JAX's own atexit teardown
+            atexit.unregister(_close_all)
+            atexit.register(_close_all)
+        _live.add(self)
         self._queue = queue.Queue(maxsize=self.prefetch)
         self._halt = threading.Event()
         # The thread holds only a weak reference, so an abandoned loader is collected and its
@@ -310,5 +326,6 @@ class Loader:
     def __repr__(self) -> str:
         return (
             f"Loader({self.dataset_dir!r}, {self.split!r}, batch_size={self.batch_size}, "
-            f"seq_len={self.seq_len}, seed={self.seed}, step={self.step}, windows={self.num_windows})"
+            f"seq_len={self.seq_len}, seed={self.seed}, step={self.step}, "
+            f"windows={self.num_windows})"
         )

@@ -16,10 +16,12 @@ Output directory:
 A document goes to "val" when the hash of its text falls below val_fraction, so the split is
 stable under re-runs, reordering of inputs and worker counts, and duplicate documents never
 straddle the split. (Should no document fall below val_fraction, as in a corpus of a few
-documents, the one with the smallest hash is held out, so val is never silently empty.) Work is cut into shards (groups of files, or byte ranges of large .jsonl,
-or row groups of .parquet) tokenized by worker processes; each finished shard is saved in
-<output>.partial/ with a completion marker, so a re-run after a crash only does the missing
-shards. The arrays are assembled in a temp dir that is renamed to <output> as the last step.
+documents, the one with the smallest hash is held out, so val is never silently empty.)
+
+Work is cut into shards (groups of files, byte ranges of large .jsonl, row groups of large
+.parquet) tokenized by worker processes; each finished shard is saved in <output>.partial/
+with a completion marker, so a re-run after a crash only does the missing shards. The arrays
+are assembled in a temp dir that is renamed to <output> as the last step.
 """
 
 from __future__ import annotations
@@ -381,7 +383,7 @@ def write_token_dataset(
     tokenizer_sha256: str = "",
     **meta,
 ) -> dict:
-    """Writes already-tokenized splits as a dataset (for synthetic data and tests); returns metadata."""
+    """Writes already-tokenized splits as a dataset (synthetic data, tests); returns metadata."""
     dtype = token_dtype(vocab_size)
     tmp = tempfile.mkdtemp(
         prefix=f".{os.path.basename(output_dir)}.tmp-",
@@ -419,7 +421,8 @@ def read_metadata(dataset_dir: str) -> dict:
     path = os.path.join(dataset_dir.removeprefix("file://"), "metadata.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"no prepared dataset at {dataset_dir} (metadata.json missing); run python -m launch.prepare_data"
+            f"no prepared dataset at {dataset_dir} (metadata.json missing); "
+            "run python -m launch.prepare_data"
         )
     with open(path) as f:
         return json.load(f)
@@ -597,7 +600,8 @@ def summary_line(meta: dict, output_dir: str = "") -> str:
         f"prepared {meta['documents']} documents ({meta['empty_documents']} empty skipped): "
         f"train {s['train']['tokens']:,} tokens / {s['train']['documents']} docs, "
         f"val {s['val']['tokens']:,} tokens / {s['val']['documents']} docs, {meta['dtype']}; "
-        f"replaced {meta['replaced_bytes']} undecodable bytes in {meta['docs_with_replacements']} documents"
+        f"replaced {meta['replaced_bytes']} undecodable bytes "
+        f"in {meta['docs_with_replacements']} documents"
     )
     if meta.get("val_fallback"):
         line += f"; note: {meta['val_fallback']}"

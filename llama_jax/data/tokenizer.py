@@ -97,7 +97,8 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids])
 
     def __repr__(self) -> str:
-        return f"Tokenizer({self.model_path!r}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
+        sha = self.sha256[:12]
+        return f"Tokenizer({self.model_path!r}, vocab_size={self.vocab_size}, sha256={sha})"
 
 
 def check_vocab(tokenizer_or_meta, model_vocab_size: int) -> int:
@@ -111,7 +112,8 @@ def check_vocab(tokenizer_or_meta, model_vocab_size: int) -> int:
         vocab, what = int(tokenizer_or_meta), "the tokenizer"
     if vocab > model_vocab_size:
         raise ValueError(
-            f"tokenizer vocab_size={vocab} ({what}) is larger than model.vocab_size={model_vocab_size}; "
+            f"tokenizer vocab_size={vocab} ({what}) is larger than "
+            f"model.vocab_size={model_vocab_size}; "
             f"token ids would index past the embedding table: set model.vocab_size >= {vocab}"
         )
     return vocab
@@ -148,7 +150,7 @@ def train_tokenizer(
     model_name: str = "tokenizer",
     max_sentences: int = 2_000_000,
     seed: int = 0,
-    num_threads: int | None = None,
+    num_threads: int = 8,
     **options,
 ) -> str:
     """Trains a LLaMA-style BPE sentencepiece model on the documents of `inputs`.
@@ -158,6 +160,9 @@ def train_tokenizer(
       vocab_size: number of pieces, including the 3 specials and 256 byte-fallback pieces.
       output_dir: gets <model_name>.model and .vocab (written atomically).
       max_sentences: lines sampled (seeded reservoir) from the corpus to train on.
+      num_threads: sentencepiece trainer threads. A constant rather than os.cpu_count(): the
+        count is recorded in the .model file, and the same corpus must give the same file
+        (same sha256) on every machine, e.g. each host of a job building the default corpus.
       options: overrides of LLAMA_TRAINER_OPTIONS (any sentencepiece trainer flag).
     Returns:
       The path of the .model file.
@@ -184,7 +189,7 @@ def train_tokenizer(
             model_writer=model,
             vocab_size=vocab_size,
             input_sentence_size=0,  # already sampled above
-            num_threads=num_threads or os.cpu_count() or 1,
+            num_threads=num_threads,
             minloglevel=2,
             **opts,
         )
