@@ -1,0 +1,238 @@
+"""The sharded training step: train state, loss, gradient accumulation, AdamW update.
+
+One jitted function runs unchanged on one CPU, simulated devices, a GPU or a multi-host
+pod: the mesh and the logical axis rules (sharding.py) decide the layout, XLA inserts the
+collectives. The remat policy is the model's (model.REMAT_POLICIES, by name).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from llama_jax import sharding as shd
+from llama_jax.config import ModelConfig
+from llama_jax.model import Llama, remat_policy
+from llama_jax.optim import make_optimizer, make_schedule
+
+Batch = dict[str, jax.Array]  # inputs, targets: int32 [B, T]; optional loss_mask float32 [B, T]
+BATCH_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken (skipped ones included)
+    params: Any  # float32 master weights, plain arrays (no partitioning boxes)
+    opt_state: Any  # optax state of make_optimizer
+
+
+def model_config(cfg) -> ModelConfig:
+    """The ModelConfig the step uses; host offload falls back to save_linear on CPU."""
+    mc = ModelConfig.from_config(cfg.model)
+    remat_policy(mc.remat_policy)  # unknown name -> ValueError listing the valid ones
+    return mc
+
+
+def _init_boxed(model: Llama, tx: optax.GradientTransformation, rng, seq_len: int) -> TrainState:
+    """Params and optimizer state still wrapped in nn.Partitioned (carrying logical names)."""
+    params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def abstract_train_state(cfg, mesh: Mesh):
+    """(state of ShapeDtypeStructs carrying their shardings, state_shardings); allocates nothing."""
+    model, tx = Llama(model_config(cfg)), make_optimizer(cfg.train)
+    init = functools.partial(_init_boxed, model, tx, seq_len=int(cfg.train.seq_len))
+    boxed = jax.eval_shape(init, jax.random.key(0))
+    # Optimizer moments inherit their parameter's box, hence its logical names and sharding.
+    shapes = nn.meta.unbox(boxed)
+    shardings = shd.logical_to_sharding(nn.get_partition_spec(boxed), mesh, shapes=shapes)
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+    return abstract, shardings
+
+
+def create_train_state(cfg, mesh: Mesh, rng: jax.Array | None = None):
+    """Initializes params (float32 master) and AdamW state sharded from the start.
+
+    Everything is created inside one jit whose out_shardings are the final layout, so no
+    device ever materializes the full model. Returns (state, state_shardings).
+    """
+    model, tx = Llama(model_config(cfg)), make_optimizer(cfg.train)
+    _, shardings = abstract_train_state(cfg, mesh)
+    rng = jax.random.key(int(cfg.train.seed)) if rng is None else rng
+    init = functools.partial(_init_boxed, model, tx, seq_len=int(cfg.train.seq_len))
+    state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
+    return state, shardings
+
+
+def cross_entropy(logits, targets, mask):
+    """Summed next-token cross entropy in float32 and the number of tokens counted.
+
+    logits [B, T, V], targets [B, T] ints, mask [B, T] (1 = counts). A one-hot contraction
+    rather than a gather keeps the vocab-sharded logits local to each tensor rank.
+    """
+    logits = logits.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+    picked = jnp.einsum("BTV,BTV->BT", logits, jax.nn.one_hot(targets, logits.shape[-1]))
+    return jnp.sum((logz - picked) * mask), jnp.sum(mask)
+
+
+def _with_mask(batch: Batch) -> Batch:
+    unknown = sorted(set(batch) - set(BATCH_KEYS))
+    if unknown:
+        raise ValueError(f"unknown batch key(s) {unknown}; valid: {list(BATCH_KEYS)}")
+    batch = dict(batch)
+    if "loss_mask" not in batch:
+        batch["loss_mask"] = jnp.ones(batch["targets"].shape, jnp.float32)
+    batch["loss_mask"] = batch["loss_mask"].astype(jnp.float32)
+    return batch
+
+
+def _apply(model: Llama, params, mb: Batch):
+    return model.apply({"params": params}, mb["inputs"], mb.get("positions"), mb.get("segment_ids"))
+
+
+def _split_microbatches(batch: Batch, n: int, mesh: Mesh) -> Batch:
+    """[B, ...] -> [n, B/n, ...]; microbatch a takes rows a, a+n, a+2n, ...
+
+    Strided rather than contiguous so every device keeps its own rows: each holds a block
+    of the batch, and a block splits evenly across microbatches without any communication.
+    """
+    B = batch["targets"].shape[0]
+    if B % n:
+        raise ValueError(f"train.batch_size={B} is not divisible by train.grad_accum_steps={n}")
+    spec = NamedSharding(mesh, P(None, shd.BATCH_AXES))
+    out = {}
+    for k, x in batch.items():
+        x = x.reshape(B // n, n, *x.shape[1:]).swapaxes(0, 1)  # [n, B/n, ...]
+        out[k] = jax.lax.with_sharding_constraint(x, spec)
+    return out
+
+
+def make_loss_and_grads(cfg, mesh: Mesh, param_shardings):
+    """fn(params, batch) -> (mean loss, grads, tokens), accumulating over microbatches.
+
+    The loss of every microbatch is divided by the token count of the whole batch, so the
+    accumulated gradient is exactly that of one big batch whatever the split.
+    """
+    model = Llama(model_config(cfg))
+    n_micro = int(cfg.train.grad_accum_steps)
+
+    def loss_fn(params, mb, total):
+        s, _ = cross_entropy(_apply(model, params, mb), mb["targets"], mb["loss_mask"])
+        return s / total
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def loss_and_grads(params, batch):
+        batch = _with_mask(batch)
+        tokens = jnp.sum(batch["loss_mask"])
+        total = jnp.maximum(tokens, 1.0)
+        if n_micro == 1:
+            loss, grads = grad_fn(params, batch, total)
+            return loss, grads, tokens
+
+        def body(carry, mb):
+            loss_acc, grad_acc = carry
+            loss, grads = grad_fn(params, mb, total)
+            grad_acc = jax.tree.map(jnp.add, grad_acc, grads)
+            grad_acc = jax.lax.with_sharding_constraint(grad_acc, param_shardings)
+            return (loss_acc + loss, grad_acc), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
+        micro = _split_microbatches(batch, n_micro, mesh)
+        (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
+        return loss, grads, tokens
+
+    return loss_and_grads
+
+
+def make_train_step(cfg, mesh: Mesh, state_shardings):
+    """Returns the jitted step_fn(state, batch) -> (new_state, metrics); the state is donated.
+
+    metrics: scalars loss (mean over counted tokens), grad_norm (before clipping), lr (the
+    schedule at this step), tokens (counted tokens), skipped (1 if a non-finite step was
+    skipped under train.skip_nonfinite).
+    """
+    tx, schedule = make_optimizer(cfg.train), make_schedule(cfg.train)
+    loss_and_grads = make_loss_and_grads(cfg, mesh, state_shardings.params)
+    skip_nonfinite = bool(cfg.train.get("skip_nonfinite", False))
+
+    def step_fn(state: TrainState, batch: Batch):
+        with shd.model_context(mesh):
+            loss, grads, tokens = loss_and_grads(state.params, batch)
+            grad_norm = optax.tree.norm(grads)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+        skipped = jnp.zeros((), jnp.int32)
+        if skip_nonfinite:
+            # Keep params and moments; the optimizer's own step count (which drives the
+            # schedule) also stays, so after k skips it trails state.step by k.
+            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+            skipped = (~ok).astype(jnp.int32)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": schedule(state.step),
+            "tokens": tokens,
+            "skipped": skipped,
+        }
+        return new_state, metrics
+
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, shd.batch_sharding(mesh)),
+        out_shardings=(state_shardings, shd.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def make_eval_step(cfg, mesh: Mesh, state_shardings):
+    """Returns the jitted fn(params, batch) -> {"loss": mean, "loss_sum", "tokens"}."""
+    model = Llama(model_config(cfg))
+
+    def eval_fn(params, batch):
+        batch = _with_mask(batch)
+        with shd.model_context(mesh):
+            s, tokens = cross_entropy(
+                _apply(model, params, batch), batch["targets"], batch["loss_mask"]
+            )
+        return {"loss": s / jnp.maximum(tokens, 1.0), "loss_sum": s, "tokens": tokens}
+
+    return jax.jit(
+        eval_fn,
+        in_shardings=(state_shardings.params, shd.batch_sharding(mesh)),
+        out_shardings=shd.replicated(mesh),
+    )
+
+
+def abstract_batch(cfg, mesh: Mesh, *, loss_mask: bool = False) -> Batch:
+    """ShapeDtypeStructs of one global batch [train.batch_size, train.seq_len], sharded."""
+    shape, sharding = (int(cfg.train.batch_size), int(cfg.train.seq_len)), shd.batch_sharding(mesh)
+    batch = {
+        k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding) for k in ("inputs", "targets")
+    }
+    if loss_mask:
+        batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
+    return batch
+
+
+def compile_train_step(cfg, mesh: Mesh) -> jax.stages.Compiled:
+    """Lowers and compiles the step against abstract shapes only: nothing is allocated, so
+    memory_analysis() of a 65B config can be read on simulated CPU devices."""
+    state, shardings = abstract_train_state(cfg, mesh)
+    return make_train_step(cfg, mesh, shardings).lower(state, abstract_batch(cfg, mesh)).compile()

@@ -1,0 +1,187 @@
+"""Schedule, decay mask, gradient accumulation, remat policies, skip-nonfinite, eval step."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs.base import base_config
+from llama_jax import sharding as shd
+from llama_jax import train_step as ts
+from llama_jax.config import ModelConfig
+from llama_jax.model import REMAT_POLICIES, Llama
+from llama_jax.optim import decay_mask, make_schedule
+
+
+def tiny_config(**train):
+    c = base_config()
+    c.model.update(
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=128,
+        multiple_of=32,
+        max_seq_len=32,
+        dtype="float32",
+        attention_impl="reference",
+        remat_policy="save_linear",
+    )
+    c.train.update(batch_size=16, seq_len=32, lr=1e-3, warmup_steps=0, steps=100, seed=1)
+    c.train.update(train)
+    return c
+
+
+def mesh_of(data, fsdp, tensor):
+    cfg = ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "tensor": tensor})
+    return shd.make_mesh(cfg, jax.devices()[: data * fsdp * tensor])
+
+
+def make_batch(cfg, seed=0, mask_rate=0.3):
+    rng = np.random.default_rng(seed)
+    B, T, V = cfg.train.batch_size, cfg.train.seq_len, cfg.model.vocab_size
+    toks = rng.integers(0, V, (B, T + 1)).astype(np.int32)
+    mask = (rng.random((B, T)) >= mask_rate).astype(np.float32)
+    mask[0] = 0.0  # one row fully masked: microbatches then count different token numbers
+    return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "loss_mask": mask}
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+# ---- schedule and optimizer -------------------------------------------------------------
+
+
+def test_schedule_hand_values():
+    cfg = base_config().train
+    cfg.update(lr=3e-4, warmup_steps=2000, steps=12000, min_lr_ratio=0.1)
+    sched = make_schedule(cfg)
+    # step: value, worked out by hand (cosine over the 10000 post-warmup steps to 3e-5)
+    want = {
+        0: 0.0,
+        1000: 1.5e-4,  # half way up the linear warmup
+        2000: 3e-4,  # peak
+        4500: 3e-5 + 2.7e-4 * 0.5 * (1 + math.cos(math.pi / 4)),  # quarter of the decay
+        7000: 1.65e-4,  # mid-decay: 3e-5 + 2.7e-4 / 2
+        12000: 3e-5,  # end: 10% of peak
+        20000: 3e-5,  # held after the end
+    }
+    for step, value in want.items():
+        assert float(sched(step)) == pytest.approx(value, rel=1e-6, abs=1e-12), step
+
+
+def test_decay_mask_is_exactly_the_multi_axis_params():
+    """Name-based mask == 'more than one logical axis besides layers' (norms are 1-D)."""
+    c = tiny_config()
+    c.model.norm = "layernorm"  # adds biases, which must be excluded too
+    boxed = jax.eval_shape(
+        Llama(ModelConfig.from_config(c.model)).init,
+        jax.random.key(0),
+        jnp.zeros((1, 4), jnp.int32),
+    )["params"]
+    is_box = lambda x: isinstance(x, nn.Partitioned)
+    by_axes = jax.tree.map(
+        lambda b: len([n for n in b.names if n != "layers"]) > 1, boxed, is_leaf=is_box
+    )
+    by_name = decay_mask(nn.meta.unbox(boxed))
+    assert by_name == by_axes
+    assert not by_name["layers"]["attention_norm"]["bias"] and by_name["output"]
+
+
+# ---- gradient accumulation --------------------------------------------------------------
+
+
+def _one_step(cfg, mesh, batch):
+    state, shardings = ts.create_train_state(cfg, mesh)
+    state, metrics = ts.make_train_step(cfg, mesh, shardings)(state, batch)
+    return jax.tree.map(np.asarray, state.params), jax.tree.map(float, metrics)
+
+
+def test_grad_accumulation_matches_one_big_batch():
+    mesh = mesh_of(2, 2, 2)
+    batch = make_batch(tiny_config())
+    big_params, big = _one_step(tiny_config(), mesh, batch)
+    acc_params, acc = _one_step(tiny_config(grad_accum_steps=4), mesh, batch)
+    assert rel_err(acc["loss"], big["loss"]) < 1e-5
+    assert rel_err(acc["grad_norm"], big["grad_norm"]) < 1e-5
+    assert acc["tokens"] == big["tokens"] == batch["loss_mask"].sum()
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(acc_params), jax.tree.leaves(big_params)
+    ):
+        assert rel_err(a, b) < 1e-5, jax.tree_util.keystr(path)
+
+
+def test_grad_accumulation_rejects_uneven_split():
+    cfg = tiny_config(grad_accum_steps=3)
+    mesh = mesh_of(1, 1, 1)
+    state, shardings = ts.abstract_train_state(cfg, mesh)
+    with pytest.raises(ValueError, match="not divisible by train.grad_accum_steps=3"):
+        ts.make_train_step(cfg, mesh, shardings).lower(state, ts.abstract_batch(cfg, mesh))
+
+
+# ---- remat policies ---------------------------------------------------------------------
+
+
+def test_remat_policies_same_grads_and_memory_order():
+    """Every policy computes the same gradient; temp memory full < save_linear < none."""
+    cfg = tiny_config(batch_size=4, seq_len=128)
+    cfg.model.update(n_layers=8, max_seq_len=128)
+    mesh = mesh_of(1, 1, 1)
+    batch = make_batch(cfg)
+    grads, temp = {}, {}
+    params = None
+    for policy in sorted(REMAT_POLICIES):
+        cfg.model.remat_policy = policy
+        _, shardings = ts.abstract_train_state(cfg, mesh)
+        if params is None:
+            params = ts.create_train_state(cfg, mesh)[0].params
+        fn = jax.jit(ts.make_loss_and_grads(cfg, mesh, shardings.params))
+        compiled = fn.lower(params, batch).compile()
+        temp[policy] = compiled.memory_analysis().temp_size_in_bytes
+        grads[policy] = compiled(params, batch)[1]
+    for policy, g in grads.items():
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(grads["none"])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=policy)
+    assert temp["full"] < temp["save_linear"] < temp["none"], temp
+
+
+def test_unknown_remat_policy_is_a_clear_error():
+    cfg = tiny_config()
+    cfg.model.remat_policy = "save_everything_twice"
+    with pytest.raises(ValueError, match="unknown remat policy.*valid.*save_linear"):
+        ts.abstract_train_state(cfg, mesh_of(1, 1, 1))
+
+
+# ---- the step end to end: training, eval, skipping non-finite steps ---------------------
+
+
+def test_step_trains_evaluates_and_skips_nonfinite():
+    cfg = tiny_config(skip_nonfinite=True, lr=3e-3)
+    mesh = mesh_of(1, 4, 2)
+    state, shardings = ts.create_train_state(cfg, mesh)
+    step = ts.make_train_step(cfg, mesh, shardings)
+    evaluate = ts.make_eval_step(cfg, mesh, shardings)
+    batch = make_batch(cfg)
+
+    before = float(evaluate(state.params, batch)["loss"])
+    losses = []
+    for _ in range(5):  # memorize one batch
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+        assert float(m["skipped"]) == 0
+    assert losses[0] == pytest.approx(before, rel=1e-6)  # eval and train losses agree
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert float(evaluate(state.params, batch)["loss"]) < losses[-1]
+
+    kept = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    bad = dict(batch, loss_mask=np.full_like(batch["loss_mask"], np.nan))
+    state, m = step(state, bad)
+    assert float(m["skipped"]) == 1 and int(state.step) == 6
+    for a, b in zip(jax.tree.leaves((state.params, state.opt_state)), jax.tree.leaves(kept)):
+        np.testing.assert_array_equal(np.asarray(a), b)
