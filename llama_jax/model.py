@@ -87,8 +87,25 @@ def rope(x, positions, theta: float):
     return out.reshape(x.shape).astype(x.dtype)
 
 
+def masked_attention(q, k, v, mask):
+    """softmax(QK^T/sqrt(H))V under an explicit [B, T, S] boolean mask (GQA by head groups).
+
+    Only the KV-cache decode path uses it: which cache slots a query sees (filled so far, not
+    left padding) is neither the causal nor the segment mask dot_product_attention expresses.
+    """
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
+    s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * H**-0.5
+    s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v)
+    return o.reshape(B, T, N, H)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
+    decode: bool = False  # read and extend the "cache" collection (generation)
 
     @nn.compact
     def __call__(self, x, positions, segment_ids=None):
@@ -107,12 +124,45 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, BTNH)
         k = nn.with_logical_constraint(k, BTKH)
         v = nn.with_logical_constraint(v, BTKH)
-        o = dot_product_attention(
-            q, k, v, impl=c.attention_impl, causal=True, segment_ids=segment_ids,
-            block_q=c.attn_block_q, block_k=c.attn_block_k,
-        )  # [B, T, N, H]
+        if self.decode:
+            o = self._cached(q, k, v, segment_ids)
+        else:
+            o = dot_product_attention(
+                q, k, v, impl=c.attention_impl, causal=True, segment_ids=segment_ids,
+                block_q=c.attn_block_q, block_k=c.attn_block_k,
+            )  # [B, T, N, H]
         o = checkpoint_name(nn.with_logical_constraint(o, BTNH), "attn_out")
         return checkpoint_name(jnp.einsum("BTNH,NHD->BTD", o, wo.astype(dt)), "o_proj")
+
+    def _cached(self, q, k, v, segment_ids):
+        """Writes this call's T keys/values at cache slots [index, index + T) and attends.
+
+        Llama.init(..., decode=True) on [B, S] tokens creates a cache of S slots (and writes
+        nothing). A query in slot t sees slots <= t of its own segment, so left padding
+        (segment 0) is never attended by real tokens (segment 1).
+        """
+        B, T = k.shape[:2]
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+        creating = not self.has_variable("cache", "k")
+        ck = self.variable("cache", "k", jnp.zeros, k.shape, k.dtype)  # [B, S, K, H]
+        cv = self.variable("cache", "v", jnp.zeros, v.shape, v.dtype)  # [B, S, K, H]
+        cseg = self.variable("cache", "segment_ids", jnp.zeros, (B, T), jnp.int32)  # [B, S]
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        if creating:
+            return jnp.zeros_like(q)
+        i = index.value
+        # the cache is laid out (and sharded) like the k/v activations
+        update = jax.lax.dynamic_update_slice
+        ck.value = nn.with_logical_constraint(update(ck.value, k, (0, i, 0, 0)), BTKH)
+        cv.value = nn.with_logical_constraint(update(cv.value, v, (0, i, 0, 0)), BTKH)
+        cseg.value = update(cseg.value, segment_ids.astype(jnp.int32), (0, i))
+        index.value = i + T
+        S = ck.value.shape[1]
+        slot = i + jnp.arange(T)  # [T] cache slot of each query
+        mask = (jnp.arange(S)[None, :] <= slot[:, None])[None]  # [1, T, S]
+        mask = mask & (cseg.value[:, None, :] == segment_ids[:, :, None])  # [B, T, S]
+        return masked_attention(q, ck.value, cv.value, mask)
 
 
 class MLP(nn.Module):
@@ -142,11 +192,12 @@ class Block(nn.Module):
     """One transformer layer; returns (x, None) so nn.scan can stack it."""
 
     cfg: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x, positions, segment_ids):
         c = self.cfg
-        attn, mlp = Attention(c, name="attention"), MLP(c, name="feed_forward")
+        attn, mlp = Attention(c, self.decode, name="attention"), MLP(c, name="feed_forward")
         attn_norm, ffn_norm = Norm(c, name="attention_norm"), Norm(c, name="ffn_norm")
         if c.norm_placement == "pre":
             x = x + attn(attn_norm(x), positions, segment_ids)
@@ -161,12 +212,16 @@ class Llama(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, decode=False):
         """tokens: [B, T] ints -> logits [B, T, V] float32.
 
         positions default to 0..T-1; segment_ids (optional, [B, T]) keep packed documents apart.
+        decode=True reads and extends the KV cache (mutable "cache" collection; see
+        Attention._cached and llama_jax.generate); positions are then required.
         """
         c = self.cfg
+        if decode and positions is None:
+            raise ValueError("decode=True needs explicit positions (the cache offset per row)")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         emb = _param(self, "tok_embeddings", (c.vocab_size, c.dim), ("vocab", "embed"), c)
@@ -178,7 +233,7 @@ class Llama(nn.Module):
 
         block = Block
         policy = remat_policy(c.remat_policy)
-        if c.remat_policy != "none":
+        if c.remat_policy != "none" and not decode:  # no backward pass when decoding
             block = nn.remat(Block, policy=policy, prevent_cse=False)
         layers = nn.scan(
             block,
@@ -187,7 +242,7 @@ class Llama(nn.Module):
             in_axes=(nn.broadcast, nn.broadcast),
             length=c.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, name="layers")
+        )(c, decode, name="layers")
         x, _ = layers(x, positions, segment_ids)
 
         x = Norm(c, name="norm")(x)
