@@ -24,6 +24,7 @@ _PID = flags.DEFINE_integer("process_id", None, "index of this process (multi-ho
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
     from llama_jax import trainer  # after flag parsing: importing jax is slow
 
     cfg = _CONFIG.value

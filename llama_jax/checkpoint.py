@@ -28,6 +28,7 @@ class Checkpointer:
             keep_period=ckpt_cfg.keep_period or None,
             enable_async_checkpointing=bool(ckpt_cfg.async_save),
             create=not read_only,
+            cleanup_tmp_directories=not read_only,  # partial writes of a killed run
             read_only=read_only,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)

@@ -81,11 +81,8 @@ def resolve_data(cfg) -> tuple[str, str]:
         path = cfg.data.path
         if not os.path.exists(os.path.join(path, "metadata.json")):
             raise FileNotFoundError(f"data.path={path!r} is not a prepared dataset (no metadata.json)")
-        tokenizer = cfg.data.tokenizer
-        if not tokenizer:
-            with open(os.path.join(path, "metadata.json")) as f:
-                tokenizer = json.load(f).get("tokenizer_path", "")
-        if not tokenizer or not os.path.exists(tokenizer):
+        tokenizer = cfg.data.tokenizer or os.path.join(path, "tokenizer.model")
+        if not os.path.exists(tokenizer):
             raise FileNotFoundError(f"tokenizer not found: {tokenizer!r}; set data.tokenizer")
         return path, tokenizer
     from llama_jax.data.default_corpus import ensure_default_dataset
@@ -213,6 +210,14 @@ def _attention_impl(mc) -> str:
     return picked if picked == mc.attention_impl else f"{mc.attention_impl} -> {picked}"
 
 
+def _inject_fault(step: int) -> None:
+    """Fault injection for tests: LLAMA_JAX_SIGNAL_AT_STEP="SIGNUM:STEP" sends this process a
+    real signal after that step, e.g. 9:12 (SIGKILL) or 15:5 (SIGTERM)."""
+    spec = os.environ.get("LLAMA_JAX_SIGNAL_AT_STEP")
+    if spec and int(spec.split(":")[1]) == step:
+        os.kill(os.getpid(), int(spec.split(":")[0]))
+
+
 def _profile_range(spec: str) -> tuple[int, int] | None:
     if not spec:
         return None
@@ -259,12 +264,19 @@ def train(cfg, workdir: str, *, config_diff: dict | None = None) -> dict:
     loader = Loader(dataset_dir, "train", batch_size=B, seq_len=T, seed=int(cfg.train.seed),
                     sharding=batch_sharding, step=start, prefetch=int(cfg.data.prefetch),
                     expected_vocab_size=mc.vocab_size, expected_tokenizer_sha=tokenizer.sha256)
+    eval_every = int(cfg.train.eval_every)
+    if eval_every:
+        try:
+            Loader(dataset_dir, "val", batch_size=B, seq_len=T, prefetch=0).close()
+        except ValueError as e:
+            log.warning("validation disabled: %s", e)
+            eval_every = 0
     step_fn = ts.make_train_step(cfg, mesh, shardings)
     eval_fn = ts.make_eval_step(cfg, mesh, shardings)
     writer = MetricsWriter(workdir, start, is_main)
     stop = _StopFlag()
     stop.install()
-    log_every, eval_every = max(1, int(cfg.train.log_every)), int(cfg.train.eval_every)
+    log_every = max(1, int(cfg.train.log_every))
     every = int(cfg.checkpoint.every_steps)
     profile = _profile_range(cfg.train.profile_steps)
 
@@ -286,6 +298,7 @@ def train(cfg, workdir: str, *, config_diff: dict | None = None) -> dict:
                 jax.profiler.stop_trace()
             tokens_seen += B * T
             done = step + 1
+            _inject_fault(done)
             stopping = stop.any_process()
             save_now = done == steps or stopping or (every and done % every == 0)
             log_now = done % log_every == 0 or save_now or (eval_every and done % eval_every == 0)
@@ -293,11 +306,6 @@ def train(cfg, workdir: str, *, config_diff: dict | None = None) -> dict:
                 continue
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             skipped += int(m.pop("skipped", 0))
-            if not math.isfinite(m["loss"]) and not cfg.train.skip_nonfinite:
-                raise NonFiniteLossError(
-                    f"non-finite loss {m['loss']} at step {done} (grad norm {m['grad_norm']}); "
-                    f"last good checkpoint: step {last_saved} in {ckpt.directory}. Lower train.lr, "
-                    "or set train.skip_nonfinite=true to skip such steps")
             now = time.perf_counter()
             rate = None
             if t_mark is not None:  # the first interval holds compilation: not a rate
@@ -312,6 +320,11 @@ def train(cfg, workdir: str, *, config_diff: dict | None = None) -> dict:
                                               batch_sharding, tokenizer.sha256)
             writer.write(record)
             last = record
+            if not math.isfinite(m["loss"]) and not cfg.train.skip_nonfinite:
+                raise NonFiniteLossError(
+                    f"non-finite loss {m['loss']} at step {done} (grad norm {m['grad_norm']}); "
+                    f"last good checkpoint: step {last_saved} in {ckpt.directory}. Lower train.lr, "
+                    "or set train.skip_nonfinite=true to skip such steps")
             bar.update(done - bar.n)
             post = {"loss": f"{m['loss']:.3f}", "lr": f"{m['lr']:.2e}", "gnorm": f"{m['grad_norm']:.2f}"}
             if rate is not None:

@@ -10,3 +10,32 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import glob  # noqa: E402
+import json  # noqa: E402
+import sysconfig  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """(dataset_dir, tokenizer_path): ~300 KB of the stdlib's sources, a 512-piece BPE."""
+    from llama_jax.data.prepare import prepare
+    from llama_jax.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    text, docs = "", []
+    for f in sorted(glob.glob(f"{sysconfig.get_paths()['stdlib']}/*.py")):
+        text += open(f, encoding="utf-8", errors="replace").read()
+        if len(text) > 300_000:
+            break
+    docs = [text[i : i + 2000] for i in range(0, len(text), 2000)]  # ~150 documents
+    corpus = root / "corpus.jsonl"
+    with open(corpus, "w") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    tok = train_tokenizer(str(corpus), 512, str(root / "tok"))
+    prepare(str(corpus), tok, str(root / "data"), val_fraction=0.1, num_workers=1, progress=False,
+            verbose=False)
+    return str(root / "data"), tok

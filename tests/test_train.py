@@ -1,0 +1,188 @@
+"""The training run end to end: loss falls, exact resume after SIGKILL, SIGTERM, other meshes,
+multi-process, export."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from llama_jax.config import load_config_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SMALL = [  # a small float32 model on the test dataset: each step takes milliseconds
+    "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+    "model.vocab_size=512", "model.multiple_of=16", "model.max_seq_len=64",
+    "model.attn_block_q=16", "model.attn_block_k=16",
+    "train.seq_len=32", "train.batch_size=8", "train.steps=16", "train.warmup_steps=4",
+    "train.log_every=1", "train.eval_every=8", "train.eval_batches=2", "train.samples=0",
+    "checkpoint.every_steps=8", "checkpoint.keep=3", "mesh.data=1", "mesh.fsdp=-1",
+]
+
+
+def small_cfg(dataset, *extra):
+    return load_config_file(f"{ROOT}/configs/tiny.py", [*SMALL, f"data.path={dataset[0]}", *extra])
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def run_train(workdir, dataset, *extra, env=None, devices=4, check=True):
+    args = [f"--config.{o}" for o in [*SMALL, f"data.path={dataset[0]}", *extra]]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
+    r = subprocess.run([sys.executable, "-m", "launch.train", f"--config={ROOT}/configs/tiny.py",
+                        f"--workdir={workdir}", *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+    return r
+
+
+def test_loss_falls_and_outputs_written(tmp_path, tiny_dataset):
+    from llama_jax import trainer
+
+    cfg = small_cfg(tiny_dataset, "train.steps=40", "train.eval_every=20", "train.lr=1e-2")
+    last = trainer.train(cfg, str(tmp_path))
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_sec"):
+        assert key in rows[-1]
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(vals) == 2 and vals[1] < vals[0] < 0.8 * np.log(512)  # a uniform guess: log(512)
+    assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
+    assert last["step"] == 40
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert os.listdir(tmp_path / "tb")
+
+
+def test_blockwise_and_reference_give_the_same_loss_curve(tmp_path, tiny_dataset):
+    from llama_jax import trainer
+
+    curves = {}
+    for impl in ("blockwise", "reference"):
+        cfg = small_cfg(tiny_dataset, f"model.attention_impl={impl}", "train.steps=8",
+                        "train.eval_every=0")
+        trainer.train(cfg, str(tmp_path / impl))
+        curves[impl] = np.array([losses(tmp_path / impl)[s] for s in range(1, 9)])
+    np.testing.assert_allclose(curves["blockwise"], curves["reference"], rtol=2e-5)
+
+
+@pytest.mark.parametrize("async_save,kill_at,resume_from", [(False, 12, 8), (True, 9, None)],
+                         ids=["sync-save", "kill-during-async-save"])
+def test_resume_after_sigkill_is_exact(tmp_path, tiny_dataset, async_save, kill_at, resume_from):
+    opt = f"checkpoint.async_save={async_save}"
+    straight = run_train(tmp_path / "straight", tiny_dataset, opt)
+    assert straight.returncode == 0
+    r = run_train(tmp_path / "killed", tiny_dataset, opt,
+                  env={"LLAMA_JAX_SIGNAL_AT_STEP": f"9:{kill_at}"}, check=False)
+    assert r.returncode == -signal.SIGKILL
+    assert max(losses(tmp_path / "killed")) == kill_at - 1  # killed before logging kill_at
+    resumed = run_train(tmp_path / "killed", tiny_dataset, opt)
+    if resume_from:
+        assert f"resumed from {tmp_path / 'killed' / 'checkpoints'} step {resume_from}" in resumed.stderr
+    # With an async save cut short, whichever checkpoint was complete is used (step 8 or none);
+    # a partial one never is, and either way the losses are those of the uninterrupted run.
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "killed")
+    assert sorted(a) == sorted(b) == list(range(1, 17))
+    np.testing.assert_array_equal([a[s] for s in a], [b[s] for s in a])
+
+
+def test_sigterm_saves_and_next_run_continues(tmp_path, tiny_dataset):
+    r = run_train(tmp_path, tiny_dataset, env={"LLAMA_JAX_SIGNAL_AT_STEP": "15:5"}, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "SIGTERM received: saved step 5" in r.stdout
+    assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [5]
+    r = run_train(tmp_path, tiny_dataset)
+    assert "resumed from" in r.stderr and "step 5" in r.stderr
+    assert sorted(losses(tmp_path)) == list(range(1, 17))
+
+
+def test_nonfinite_loss_stops_with_clear_error(tmp_path, tiny_dataset):
+    r = run_train(tmp_path, tiny_dataset, "train.lr=1e6", "train.warmup_steps=0", check=False)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: NonFiniteLossError: non-finite loss"), last
+    logged = losses(tmp_path)
+    assert not np.isfinite(logged[max(logged)])  # it stopped at the first non-finite step
+    saved = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+    assert all(np.isfinite(logged[s]) for s in saved)  # no checkpoint holds the bad state
+
+
+def test_restore_onto_other_meshes_gives_the_same_next_loss(tmp_path, tiny_dataset):
+    from llama_jax import sharding as shd, train_step as ts
+    from llama_jax.checkpoint import Checkpointer
+    from llama_jax.data.loader import Loader
+
+    cfg = small_cfg(tiny_dataset, "mesh.fsdp=8")
+    mesh = shd.make_mesh(cfg.mesh)
+    state, shardings = ts.create_train_state(cfg, mesh)
+    step = ts.make_train_step(cfg, mesh, shardings)
+    loader = Loader(tiny_dataset[0], "train", batch_size=8, seq_len=32, seed=0)
+    b0, b1 = next(loader), next(loader)
+    loader.close()
+    state, _ = step(state, b0)
+    ckpt = Checkpointer(str(tmp_path), cfg.checkpoint)
+    ckpt.save(1, state, {"step": 1})
+    ckpt.wait()
+    _, want = step(state, b1)
+    for data, fsdp, tensor, devices in [(1, 2, 4, jax.devices()), (1, 1, 1, jax.devices()[:1]),
+                                        (2, 1, 4, jax.devices())]:
+        c = ConfigDict(cfg.to_dict())
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
+        m = shd.make_mesh(c.mesh, devices)
+        abstract, sh = ts.abstract_train_state(c, m)
+        restored, meta = ckpt.restore(abstract)
+        assert meta["step"] == 1
+        _, got = ts.make_train_step(c, m, sh)(restored, b1)
+        np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-5)
+    ckpt.close()
+
+
+def test_export_then_load_gives_the_training_logits(tmp_path, tiny_dataset):
+    from launch.export import export
+    from llama_jax import params_io, sharding as shd, train_step as ts
+    from llama_jax.checkpoint import Checkpointer
+    from llama_jax.model import Llama
+
+    cfg = small_cfg(tiny_dataset)
+    mesh = shd.make_mesh(cfg.mesh)
+    state, _ = ts.create_train_state(cfg, mesh)
+    ckpt = Checkpointer(str(tmp_path / "run" / "checkpoints"), cfg.checkpoint)
+    ckpt.save(3, state, {"step": 3, "config": cfg.to_dict()})
+    ckpt.close()
+    export(str(tmp_path / "run"), str(tmp_path / "export"))
+    params, mc = params_io.load_params(str(tmp_path / "export"))
+    tokens = np.arange(24, dtype=np.int32).reshape(2, 12)
+    model = Llama(ts.model_config(cfg))
+    want = model.apply({"params": jax.device_get(state.params)}, tokens)
+    got = Llama(mc).apply({"params": params}, tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_two_processes_match_one_and_checkpoint_restores(tmp_path, tiny_dataset):
+    one = run_train(tmp_path / "one", tiny_dataset, "mesh.fsdp=4", devices=4)
+    assert one.returncode == 0
+    args = [f"--config.{o}" for o in [*SMALL, f"data.path={tiny_dataset[0]}", "mesh.fsdp=4"]]
+    r = subprocess.run(
+        [sys.executable, "-m", "launch.local_cluster", "--num-processes", "2",
+         "--devices-per-process", "2", "--", f"--config={ROOT}/configs/tiny.py",
+         f"--workdir={tmp_path / 'two'}", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-5000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == list(range(1, 17))
+    np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
+    # The 2-process checkpoint restores in one process on one device and trains on.
+    r = run_train(tmp_path / "two", tiny_dataset, "train.steps=18", "mesh.fsdp=1", devices=1)
+    assert "resumed from" in r.stderr and "step 16" in r.stderr
+    assert max(losses(tmp_path / "two")) == 18
