@@ -113,6 +113,7 @@ def generate(
     eos_id: int | None = None,
     pad_id: int = 0,
     on_token: Callable[[int, int], None] | None = None,
+    stop: Callable[[int, list[int]], bool] | None = None,
 ) -> list[list[int]]:
     """Continues each prompt (token ids, BOS included if wanted) by up to max_new_tokens.
 
@@ -121,6 +122,7 @@ def generate(
       prompts: B token-id lists, of any lengths.
       eos_id: a row stops when it samples this id (which is not returned).
       on_token: called as on_token(row, token_id) for each new token, as soon as it is known.
+      stop: stop(row, new_ids) -> True ends that row after its latest token (stop strings).
     Returns:
       B lists of new token ids.
     """
@@ -151,6 +153,8 @@ def generate(
             out[b].append(t)
             if on_token is not None:
                 on_token(int(b), t)
+            if stop is not None and stop(int(b), out[b]):
+                done[b] = True
         if done.all() or n + 1 == max_new_tokens:
             break
         token = nxt
