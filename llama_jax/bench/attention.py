@@ -5,12 +5,16 @@ python -m launch.benchmark attention [--seq 1024,2048,4096] [--attn-impls ...] [
 Rows per sequence length: each implementation (causal), plus "blockwise:noskip" (the same
 function computing and masking the tiles above the diagonal) and "blockwise:noncausal", with
 blockwise's time ratio against both. TFLOP/s always counts causal FLOPs (half the square),
-so work that the causal mask throws away shows up as lower achieved throughput.
+so work that the causal mask throws away shows up as lower achieved throughput. The timed
+runs of all variants at one T are interleaved, so load from other processes hits them alike.
+CPU defaults (B=1, N=8, H=64, f32, tiles 256, T 1024..4096) run in a couple of minutes on two
+cores; reference is timed only up to --attn-ref-max-seq (its memory is always reported).
 """
 
 from __future__ import annotations
 
 import functools
+import statistics
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +39,7 @@ def add_args(parser) -> None:
     g.add_argument("--attn-kv-heads", type=int, default=None, help="kv heads K; default N")
     g.add_argument("--attn-head-dim", type=int, default=None, help="H (cpu 64, gpu 128)")
     g.add_argument("--attn-dtype", default=None, help="float32 | bfloat16 (cpu float32, gpu bfloat16)")
-    g.add_argument("--attn-block", type=int, default=512, help="block_q = block_k of blockwise")
+    g.add_argument("--attn-block", type=int, default=None, help="block_q = block_k (cpu 256, gpu 512)")
     g.add_argument("--attn-repeats", type=int, default=5, help="timed runs; the median is reported")
     g.add_argument("--attn-ref-max-seq", type=int, default=None, help="time reference only up to this T")
 
@@ -53,9 +57,9 @@ def _settings(args) -> dict:
         K=getattr(args, "attn_kv_heads", None) or heads,
         H=getattr(args, "attn_head_dim", None) or (128 if gpu else 64),
         dtype=jnp.dtype(getattr(args, "attn_dtype", None) or ("bfloat16" if gpu else "float32")),
-        block=getattr(args, "attn_block", None) or 512,
+        block=getattr(args, "attn_block", None) or (512 if gpu else 256),
         repeats=getattr(args, "attn_repeats", None) or 5,
-        ref_max_seq=getattr(args, "attn_ref_max_seq", None) or (8192 if gpu else 4096),
+        ref_max_seq=getattr(args, "attn_ref_max_seq", None) or (8192 if gpu else 2048),
     )
 
 
@@ -93,35 +97,39 @@ def run(args) -> list[dict]:
         v = jax.random.normal(keys[2], (B, T, K, H), dt)
         ct = jax.random.normal(keys[3], (B, T, N, H), dt)
         flops = 3.5 * 2 * B * N * H * T * T  # causal: fwd 2 matmuls x 2*B*N*H*T*T/2, bwd 2.5x fwd
-        times = {}
+        base = {"T": T, "B": B, "N": N, "K": K, "H": H, "dtype": dt.name, "block": s["block"]}
+        t_rows, timed = [], {}
         for name, attn in _variants(s["impls"], s["block"]):
-            fn = _fwd_bwd(attn)
-            row = {"impl": name, "T": T, "B": B, "N": N, "K": K, "H": H, "dtype": dt.name}
+            row = {"impl": name, **base}
+            t_rows.append(row)
             try:
-                compiled = fn.lower(q, k, v, ct).compile()
+                compiled = _fwd_bwd(attn).lower(q, k, v, ct).compile()
             except Exception as e:  # e.g. cudnn on an unsupported shape: report, keep going
-                rows.append({**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"})
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
                 continue
             temp = compiled_memory(compiled)["temp_bytes"]
             row["temp_MiB"] = None if temp is None else temp / MiB
-            if name == "reference" and T > s["ref_max_seq"]:
-                rows.append(row)  # memory only: timing would need the T x T matrices
-                continue
-            t = time_fn(lambda: compiled(q, k, v, ct), warmup=1, repeats=s["repeats"])
-            times[name] = t["median"]
-            row.update(
-                ms=t["median"] * 1e3, ms_min=t["min"] * 1e3, ms_max=t["max"] * 1e3,
-                tflops=flops / t["median"] / 1e12,
-            )
-            rows.append(row)
-        ref_temp = next((r.get("temp_MiB") for r in rows if r["T"] == T and r["impl"] == "reference"), None)
-        for r in rows:
-            if r["T"] != T:
-                continue
-            if ref_temp and r.get("temp_MiB") is not None:
-                r["mem_vs_ref"] = r["temp_MiB"] / ref_temp
-            if r["impl"] == "blockwise" and "blockwise" in times:
+            if name != "reference" or T <= s["ref_max_seq"]:  # else memory only
+                timed[name] = functools.partial(compiled, q, k, v, ct)
+                jax.block_until_ready(timed[name]())  # warmup
+        # Interleave the timed runs so that load from other processes hits every variant alike.
+        samples = {name: [] for name in timed}
+        for _ in range(s["repeats"]):
+            for name, fn in timed.items():
+                samples[name].append(time_fn(fn, warmup=0, repeats=1)["median"])
+        med = {name: statistics.median(ts) for name, ts in samples.items()}
+        ref_temp = next((r.get("temp_MiB") for r in t_rows if r["impl"] == "reference"), None)
+        for row in t_rows:
+            name = row["impl"]
+            if name in med:
+                ts = samples[name]
+                row.update(ms=med[name] * 1e3, ms_min=min(ts) * 1e3, ms_max=max(ts) * 1e3)
+                row["tflops"] = flops / med[name] / 1e12
+            if ref_temp and row.get("temp_MiB") is not None:
+                row["mem_vs_ref"] = row["temp_MiB"] / ref_temp
+            if name == "blockwise" and name in med:
                 for other in ("noskip", "noncausal"):
-                    if f"blockwise:{other}" in times:
-                        r[f"time_vs_{other}"] = times["blockwise"] / times[f"blockwise:{other}"]
+                    if f"blockwise:{other}" in med:
+                        row[f"time_vs_{other}"] = med[name] / med[f"blockwise:{other}"]
+        rows += t_rows
     return rows
