@@ -19,6 +19,7 @@ import numpy as np
 
 from llama_jax.config import ModelConfig
 from llama_jax.model import Llama
+from llama_jax.sharding import model_context
 
 PAD_BUCKET = 16  # prompt batches are padded to a multiple of this, so lengths share compilations
 
@@ -114,6 +115,7 @@ def generate(
     pad_id: int = 0,
     on_token: Callable[[int, int], None] | None = None,
     stop: Callable[[int, list[int]], bool] | None = None,
+    mesh=None,
 ) -> list[list[int]]:
     """Continues each prompt (token ids, BOS included if wanted) by up to max_new_tokens.
 
@@ -123,16 +125,35 @@ def generate(
       eos_id: a row stops when it samples this id (which is not returned).
       on_token: called as on_token(row, token_id) for each new token, as soon as it is known.
       stop: stop(row, new_ids) -> True ends that row after its latest token (stop strings).
+      mesh: with a jax Mesh, the model's logical constraints bind to it (sharding.py's rules),
+        so the KV cache is sharded like the k/v activations (batch, kv heads).
     Returns:
       B lists of new token ids.
     """
     tokens, positions, segs = left_pad(prompts, pad_id)
-    B, P = tokens.shape
+    P = tokens.shape[1]
     if P + max_new_tokens > cfg.max_seq_len:  # RoPE runs on; the model was never trained there
         logging.getLogger(__name__).warning(
             "prompt + new tokens (%d) exceed max_seq_len %d", P + max_new_tokens, cfg.max_seq_len
         )
     prefill, step = _compiled(cfg, sampling)
+    with model_context(mesh):
+        return _decode_loop(
+            params,
+            cfg,
+            (prefill, step),
+            (tokens, positions, segs),
+            max_new_tokens,
+            seed,
+            eos_id,
+            on_token,
+            stop,
+        )
+
+
+def _decode_loop(params, cfg, fns, batch, max_new_tokens, seed, eos_id, on_token, stop):
+    (prefill, step), (tokens, positions, segs) = fns, batch
+    B, P = tokens.shape
     cache = init_cache(cfg, B, P + max_new_tokens)
     rng = jax.random.PRNGKey(seed)
     token, cache = prefill(params, cache, tokens, positions, segs, jax.random.fold_in(rng, 0))
@@ -140,11 +161,11 @@ def generate(
     out: list[list[int]] = [[] for _ in range(B)]
     done = np.zeros(B, bool)
     for n in range(max_new_tokens):
-        host = np.asarray(token)
-        # dispatch the next step before handing tokens out, so the device runs meanwhile
+        # dispatch the next step before reading this token back, so the device runs meanwhile
         if n + 1 < max_new_tokens:
             nxt, cache = step(params, cache, token, position, jax.random.fold_in(rng, n + 1))
             position = position + 1
+        host = np.asarray(token)
         for b in np.flatnonzero(~done):
             t = int(host[b])
             if eos_id is not None and t == eos_id:

@@ -174,3 +174,79 @@ def test_lm_eval_adapter_end_to_end(trained):
         ]
     )
     assert outs == [" meow", " buzz"]
+
+
+def test_launch_generate_and_eval(tiny_dataset, tmp_path, capsys):
+    """The command lines on a real sentencepiece tokenizer and a prepared dataset."""
+    import json
+
+    from launch.eval import main as eval_main
+    from launch.generate import main as generate_main
+    from llama_jax.params_io import save_params
+
+    data_dir, tok_path = tiny_dataset
+    cfg = ModelConfig(
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        vocab_size=512,
+        multiple_of=16,
+        max_seq_len=64,
+        dtype="float32",
+        attention_impl="reference",
+    )
+    shapes = jax.eval_shape(lambda: Llama(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), int)))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda s: 0.3 * rng.standard_normal(s.shape).astype(np.float32), nn.unbox(shapes)["params"]
+    )
+    save_params(str(tmp_path / "ckpt"), params, cfg)
+    common = ["--checkpoint", str(tmp_path / "ckpt"), "--tokenizer", tok_path]
+
+    generate_main([*common, "--prompt", "def main(", "--max-new-tokens", "5"])
+    out = capsys.readouterr().out
+    assert out.startswith("def main(") and len(out) > len("def main(\n")
+    generate_main(
+        [
+            *common,
+            "--prompt",
+            "import os",
+            "--prompt",
+            "x = 1",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "3",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "--- 'import os'\nimport os" in out and "--- 'x = 1'\nx = 1" in out
+
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(
+        "".join(
+            json.dumps({"context": f"x = {i}", "choices": [" + 1", " - 2"], "label": i % 2}) + "\n"
+            for i in range(4)
+        )
+    )
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"text": "def f(x):\n    return x\n"}) + "\n")
+    eval_main(
+        [
+            *common,
+            "--task",
+            data_dir,
+            "--max-tokens",
+            "300",
+            "--task",
+            str(mc),
+            "--num-fewshot",
+            "1",
+            "--task",
+            str(texts),
+        ]
+    )
+    ppl, choice, text = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert ppl["split"] == "val" and ppl["tokens"] == 299 and ppl["bits_per_byte"] > 0
+    assert choice["examples"] == 4 and 0 <= choice["acc_char"] <= 1
+    assert text["bytes"] == len("def f(x):\n    return x\n") and text["perplexity"] > 1

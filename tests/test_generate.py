@@ -1,5 +1,6 @@
 """KV-cache decoding against greedy decoding by repeated full forward passes."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,12 +28,13 @@ NEW = 10
 
 @pytest.fixture(scope="module")
 def params():
-    init = jax.jit(Llama(CFG).init)
+    """Random weights of the model's shapes (eval_shape: no init compilation)."""
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    shapes = jax.eval_shape(lambda: Llama(CFG).init(jax.random.PRNGKey(0), tokens))["params"]
+    rng = np.random.default_rng(0)
     return jax.tree.map(
-        np.asarray,
-        __import__("flax").linen.unbox(
-            init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
-        ),
+        lambda s: (CFG.init_std * rng.standard_normal(s.shape)).astype(np.float32),
+        nn.unbox(shapes),
     )
 
 

@@ -1,0 +1,109 @@
+"""python -m launch.generate --checkpoint DIR --tokenizer MODEL --prompt "..." [--prompt ...]
+    [--max-new-tokens N --temperature T --top-p P --top-k K --seed S] [--tensor N]
+
+DIR is a params checkpoint (launch.export or launch.convert --to ours). One prompt streams its
+tokens as they come; several are decoded as one batch and printed when done.
+"""
+
+import argparse
+import sys
+
+from llama_jax import cli
+
+
+def continuation(tokenizer, prompt_ids, new_ids) -> str:
+    """The text new_ids add after the prompt (decoded together: sentencepiece drops a leading
+    space of a text's first piece, which a continuation's first word needs)."""
+    return tokenizer.decode(prompt_ids + new_ids)[len(tokenizer.decode(prompt_ids)) :]
+
+
+class _Streamer:
+    """Prints one row's text as it grows; waits while the tail is a partial UTF-8 character."""
+
+    def __init__(self, tokenizer, prompt_ids):
+        self.tokenizer, self.prompt, self.ids, self.shown = tokenizer, prompt_ids, [], 0
+
+    def __call__(self, row: int, token: int):
+        self.ids.append(token)
+        text = continuation(self.tokenizer, self.prompt, self.ids)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[self.shown :])
+            sys.stdout.flush()
+            self.shown = len(text)
+
+
+def load(checkpoint: str, tokenizer_path: str, dtype: str | None, tensor: int):
+    """(params, ModelConfig, Tokenizer, mesh or None); params sharded over `tensor` devices."""
+    import jax
+
+    from llama_jax.data.tokenizer import Tokenizer, check_vocab
+    from llama_jax.params_io import load_config, load_params
+
+    tokenizer = Tokenizer(tokenizer_path)
+    cfg = load_config(checkpoint)
+    check_vocab(tokenizer, cfg.vocab_size)
+    if tensor <= 1:
+        params, cfg = load_params(checkpoint, dtype=dtype)
+        return params, cfg, tokenizer, None
+    import flax.linen as nn
+    from ml_collections import ConfigDict
+
+    from llama_jax.model import Llama
+    from llama_jax.sharding import logical_to_sharding, make_mesh
+
+    mesh = make_mesh(ConfigDict({"data": 1, "fsdp": 1, "tensor": tensor}), jax.devices()[:tensor])
+    tokens = jax.numpy.zeros((1, 8), jax.numpy.int32)
+    boxed = jax.eval_shape(lambda: Llama(cfg).init(jax.random.PRNGKey(0), tokens))["params"]
+    shardings = logical_to_sharding(nn.get_partition_spec(boxed), mesh, shapes=nn.unbox(boxed))
+    params, cfg = load_params(checkpoint, dtype=dtype, sharding=shardings)
+    return params, cfg, tokenizer, mesh
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m launch.generate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="params checkpoint directory")
+    p.add_argument("--tokenizer", required=True, help="sentencepiece .model")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling; 1 = off")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, help="cast params on load, e.g. bfloat16")
+    p.add_argument("--tensor", type=int, default=1, help="devices to shard heads/cache over")
+    a = p.parse_args(argv)
+    try:
+        from llama_jax.generate import Sampling, generate
+
+        params, cfg, tok, mesh = load(a.checkpoint, a.tokenizer, a.dtype, a.tensor)
+        prompts = [tok.encode(text, bos=True) for text in a.prompt]
+        sampling = Sampling(a.temperature, a.top_k, a.top_p)
+        stream = _Streamer(tok, prompts[0]) if len(prompts) == 1 else None
+        if stream:
+            sys.stdout.write(a.prompt[0])
+        outs = generate(
+            params,
+            cfg,
+            prompts,
+            a.max_new_tokens,
+            sampling=sampling,
+            seed=a.seed,
+            eos_id=tok.eos_id,
+            on_token=stream,
+            mesh=mesh,
+        )
+    except cli.USER_ERRORS as e:
+        cli.fail(e)
+    if stream:
+        print()
+        return
+    for prompt, ids, new in zip(a.prompt, prompts, outs):
+        print(f"--- {prompt!r}\n{prompt}{continuation(tok, ids, new)}")
+
+
+if __name__ == "__main__":
+    main()
