@@ -6,8 +6,9 @@ slurmctld, slurmd, no cgroups) started for this module and stopped after it.
 losses as one process with the same global batch and mesh.
 
 Needs root (to start the daemons) or an already running cluster that `sinfo` reaches. With
-CI=true the test fails when SLURM cannot be set up (the script installs the Debian packages when
-missing); elsewhere it is skipped when srun is not installed.
+CI=true the tests fail when SLURM cannot be set up (the script installs the Debian packages when
+missing). Elsewhere they are skipped when srun is not installed, or when no cluster answers and
+this is not root; a failing `local_cluster.sh up` as root fails them.
 """
 
 import json
@@ -56,7 +57,7 @@ def slurm_env():
     r = subprocess.run(["bash", CLUSTER, "up"], capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         subprocess.run(["bash", CLUSTER, "down"], capture_output=True, timeout=120)
-        _unavailable(f"{CLUSTER} up failed (exit {r.returncode}):\n{r.stdout}\n{r.stderr[-5000:]}")
+        pytest.fail(f"{CLUSTER} up failed (exit {r.returncode}):\n{r.stdout}\n{r.stderr[-5000:]}")
     export = [ln for ln in r.stdout.splitlines() if ln.startswith("export SLURM_CONF=")]
     env["SLURM_CONF"] = export[-1].split("=", 1)[1]
     try:
