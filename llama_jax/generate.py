@@ -16,10 +16,11 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from llama_jax.config import ModelConfig
-from llama_jax.model import Llama
-from llama_jax.sharding import model_context
+from llama_jax.model import BTKH, Llama
+from llama_jax.sharding import logical_to_sharding, model_context
 
 PAD_BUCKET = 16  # prompt batches are padded to a multiple of this, so lengths share compilations
 
@@ -52,14 +53,33 @@ def sample_logits(logits, rng, s: Sampling):
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int):
-    """A zero KV cache of `length` slots for `batch` rows (shapes from Llama.init, no compute)."""
+# Logical axes of the cache variables (Attention._cached), behind nn.scan's leading layer axis.
+CACHE_AXES = {
+    "k": ("layers", *BTKH),
+    "v": ("layers", *BTKH),
+    "segment_ids": ("layers", "batch", "length"),
+    "index": ("layers",),
+}
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, mesh=None):
+    """A zero KV cache of `length` slots for `batch` rows (shapes from Llama.init, no compute).
+
+    With a mesh, each array is created sharded like the activations it holds (CACHE_AXES
+    through sharding.py's rules), and the decode steps keep it so.
+    """
     model = Llama(cfg)
     tokens = jnp.zeros((batch, length), jnp.int32)
     shapes = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), tokens, tokens, decode=True)["cache"]
     )
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    if mesh is None:
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    specs = jax.tree_util.tree_map_with_path(
+        lambda path, s: PartitionSpec(*CACHE_AXES[path[-1].key]), shapes
+    )
+    shardings = logical_to_sharding(specs, mesh, shapes=shapes)
+    return jax.tree.map(lambda s, sh: jnp.zeros(s.shape, s.dtype, device=sh), shapes, shardings)
 
 
 @functools.lru_cache(maxsize=16)
@@ -138,9 +158,10 @@ def generate(
         )
     prefill, step = _compiled(cfg, sampling)
     with model_context(mesh):
+        cache = init_cache(cfg, tokens.shape[0], P + max_new_tokens, mesh)
         return _decode_loop(
             params,
-            cfg,
+            cache,
             (prefill, step),
             (tokens, positions, segs),
             max_new_tokens,
@@ -151,10 +172,9 @@ def generate(
         )
 
 
-def _decode_loop(params, cfg, fns, batch, max_new_tokens, seed, eos_id, on_token, stop):
+def _decode_loop(params, cache, fns, batch, max_new_tokens, seed, eos_id, on_token, stop):
     (prefill, step), (tokens, positions, segs) = fns, batch
-    B, P = tokens.shape
-    cache = init_cache(cfg, B, P + max_new_tokens)
+    B = tokens.shape[0]
     rng = jax.random.PRNGKey(seed)
     token, cache = prefill(params, cache, tokens, positions, segs, jax.random.fold_in(rng, 0))
     position = jnp.asarray(positions[:, -1] + 1)

@@ -51,8 +51,12 @@ def greedy_by_full_forward(params, prompt, n):
     return seq[len(prompt) :]
 
 
-def test_kv_cache_greedy_matches_full_forward(params):
-    want = [greedy_by_full_forward(params, p, NEW) for p in PROMPTS]
+@pytest.fixture(scope="module")
+def want(params):
+    return [greedy_by_full_forward(params, p, NEW) for p in PROMPTS]
+
+
+def test_kv_cache_greedy_matches_full_forward(params, want):
     assert len({tuple(w) for w in want}) == 3  # the rows differ, so a row mix-up would show
     streamed = []
     got = gen.generate(params, CFG, PROMPTS, NEW, on_token=lambda b, t: streamed.append((b, t)))
@@ -93,3 +97,16 @@ def test_sample_logits_filters():
     # top_p=0.7: 0.5 is short of it, 0.5 + 0.3 reaches it -> the first two tokens
     np.testing.assert_allclose(freq(gen.Sampling(1.0, top_p=0.7)), top2, atol=0.03)
     assert freq(gen.Sampling(0.0))[0] == 1.0
+
+
+def test_sharded_cache_same_tokens(params, want):
+    """On a mesh the cache is sharded like the k/v activations and the tokens do not change."""
+    from ml_collections import ConfigDict
+
+    from llama_jax.sharding import make_mesh
+
+    mesh = make_mesh(ConfigDict({"data": 1, "fsdp": 1, "tensor": 2}), jax.devices()[:2])
+    cache = gen.init_cache(CFG, 4, 32, mesh)
+    assert cache["layers"]["attention"]["k"].sharding.spec[3] == "tensor"  # [L, B, S, K, H]
+    got = gen.generate(params, CFG, PROMPTS, 4, mesh=mesh)
+    assert got == [w[:4] for w in want]  # greedy's first 4 tokens
