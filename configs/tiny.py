@@ -22,7 +22,7 @@ def get_config():
     c.train.lr = 3e-3
     c.train.warmup_steps = 30
     c.train.log_every = 10
-    c.train.eval_every = 100
+    c.train.eval_every = 50
     c.train.eval_batches = 4
     c.checkpoint.every_steps = 100
     c.checkpoint.keep = 2

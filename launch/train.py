@@ -24,7 +24,8 @@ _PID = flags.DEFINE_integer("process_id", None, "index of this process (multi-ho
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+    for noisy in ("absl", "jax"):  # orbax's per-save chatter, jax's backend probing
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from llama_jax import trainer  # after flag parsing: importing jax is slow
 
     cfg = _CONFIG.value

@@ -166,7 +166,6 @@ def plot_losses(workdir: str) -> str | None:
         ax.plot(*zip(*va), "o-", label="validation")
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
     out = os.path.join(workdir, "loss.png")
@@ -176,14 +175,18 @@ def plot_losses(workdir: str) -> str | None:
     return out
 
 
-def greedy_samples(params, cfg, mesh, tokenizer: Tokenizer, prompts, n_tokens: int) -> list[str]:
+def greedy_samples(params, cfg, tokenizer: Tokenizer, prompts, n_tokens: int) -> list[str]:
     """Greedy continuations of prompts, for a look at what the model learned."""
-    from llama_jax.generate import generate
+    from llama_jax.generate import Sampling, generate
 
     ids = [tokenizer.encode(p, bos=True) for p in prompts]
     room = int(cfg.model.max_seq_len) - max(len(i) for i in ids)
-    out = generate(params, ts.model_config(cfg), ids, max_new_tokens=max(1, min(n_tokens, room)),
-                   temperature=0.0, eos_id=tokenizer.eos_id, mesh=mesh)
+    # Sampling runs unsharded on each process (it is for small models; see train.samples).
+    if jax.process_count() > 1:
+        params = multihost_utils.process_allgather(params, tiled=True)
+    params = jax.device_get(params)
+    out = generate(params, ts.model_config(cfg), ids, max(1, min(n_tokens, room)),
+                   sampling=Sampling(temperature=0.0), eos_id=tokenizer.eos_id)
     return [p + tokenizer.decode(o) for p, o in zip(prompts, out)]
 
 
@@ -289,6 +292,9 @@ def train(cfg, workdir: str, *, config_diff: dict | None = None) -> dict:
     last, skipped, last_saved = {}, 0, (start if ckpt.latest_step() is not None else None)
     t_mark, tokens_mark = None, tokens_seen
     try:
+        if start == 0 and eval_every:  # the untrained model's loss: where the curve starts
+            val = evaluate(eval_fn, state.params, cfg, dataset_dir, batch_sharding, tokenizer.sha256)
+            writer.write({"step": 0, "tokens_seen": 0, "val_loss": val})
         for step in range(start, steps):
             if profile and step == profile[0]:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
@@ -358,9 +364,11 @@ def train(cfg, workdir: str, *, config_diff: dict | None = None) -> dict:
         png = plot_losses(workdir)
         if png:
             log.info("loss plot: %s", png)
-    if int(cfg.train.samples) > 0:
+    if int(cfg.train.samples) > 0 and n_params > 2e9:
+        log.info("no samples: %d parameters are too many to gather on one host", n_params)
+    elif int(cfg.train.samples) > 0:
         prompts = ["def ", "import ", "class ", "    return ", "# ", "for "][: int(cfg.train.samples)]
-        for text in greedy_samples(state.params, cfg, mesh, tokenizer, prompts,
+        for text in greedy_samples(state.params, cfg, tokenizer, prompts,
                                    int(cfg.train.sample_tokens)):
             if is_main:
                 print(f"--- sample ---\n{text}", flush=True)
