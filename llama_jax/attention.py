@@ -118,7 +118,7 @@ def _flash_fwd_impl(q, k, v, qseg, kseg, spec: _Spec):
 
     Returns o like q (q's dtype) and lse [nq, B, K, G, q] float32.
     """
-    nq, B, K, G, bq, H = q.shape
+    nq, bq = q.shape[0], q.shape[4]
     nk, bk = k.shape[0], k.shape[3]
 
     def query_tile(_, xs):
@@ -127,11 +127,15 @@ def _flash_fwd_impl(q, k, v, qseg, kseg, spec: _Spec):
         def step(j, carry, positional):
             m, l, acc = carry  # running max, running sum [B, K, G, q]; acc [B, K, G, q, H]
             kseg_j = None if kseg is None else kseg[j]
-            s = _scores(qi, k[j], _tile_mask(i, j, qsegi, kseg_j, bq, bk, spec, positional), spec.scale)
+            s = _scores(
+                qi, k[j], _tile_mask(i, j, qsegi, kseg_j, bq, bk, spec, positional), spec.scale
+            )
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])  # [B, K, G, q, k]
             alpha = jnp.exp(m - m_new)
-            pv = jnp.einsum("BKGqk,BKkH->BKGqH", p.astype(v.dtype), v[j], preferred_element_type=jnp.float32)
+            pv = jnp.einsum(
+                "BKGqk,BKkH->BKGqH", p.astype(v.dtype), v[j], preferred_element_type=jnp.float32
+            )
             return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
         # *_like keeps qi's sharding on the carries (needed with explicit mesh axes).
@@ -171,7 +175,7 @@ def _flash_bwd(spec, res, do):
     """FlashAttention-2 backward: per key tile, loop over the query tiles that see it,
     recomputing p = exp(s - lse); dk, dv accumulate in the loop, dq in a [nq, ...] carry."""
     q, k, v, qseg, kseg, o, lse = res
-    nq, B, K, G, bq, H = q.shape
+    nq, bq = q.shape[0], q.shape[4]
     nk, bk = k.shape[0], k.shape[3]
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1)  # [nq, B, K, G, q]
 
@@ -182,12 +186,18 @@ def _flash_bwd(spec, res, do):
             dq, dk, dv = carry
             qi, doi = q[i], do[i]
             qseg_i = None if qseg is None else qseg[i]
-            s = _scores(qi, kj, _tile_mask(i, j, qseg_i, ksegj, bq, bk, spec, positional), spec.scale)
+            s = _scores(
+                qi, kj, _tile_mask(i, j, qseg_i, ksegj, bq, bk, spec, positional), spec.scale
+            )
             p = jnp.exp(s - lse[i][..., None])  # [B, K, G, q, k]; masked and dead rows give 0
-            dv = dv + jnp.einsum("BKGqk,BKGqH->BKkH", p.astype(do.dtype), doi, preferred_element_type=jnp.float32)
+            dv = dv + jnp.einsum(
+                "BKGqk,BKGqH->BKkH", p.astype(do.dtype), doi, preferred_element_type=jnp.float32
+            )
             dp = jnp.einsum("BKGqH,BKkH->BKGqk", doi, vj, preferred_element_type=jnp.float32)
             ds = (p * (dp - delta[i][..., None])).astype(q.dtype)
-            dq = dq.at[i].add(jnp.einsum("BKGqk,BKkH->BKGqH", ds, kj, preferred_element_type=jnp.float32))
+            dq = dq.at[i].add(
+                jnp.einsum("BKGqk,BKkH->BKGqH", ds, kj, preferred_element_type=jnp.float32)
+            )
             dk = dk + jnp.einsum("BKGqk,BKGqH->BKkH", ds, qi, preferred_element_type=jnp.float32)
             return dq, dk, dv
 
@@ -268,7 +278,9 @@ def cudnn_attention(q, k, v, *, causal=True, segment_ids=None, **_):
     mask = None
     if segment_ids is not None:
         mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [B, 1, T, S]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=causal, implementation="cudnn"
+    )
 
 
 IMPLEMENTATIONS = {
@@ -279,7 +291,9 @@ IMPLEMENTATIONS = {
 VALID_IMPLS = sorted(IMPLEMENTATIONS) + ["auto"]
 
 
-def _resolve(impl: str, dtype, head_dim: int, has_segments: bool, backend: str | None) -> tuple[str, str]:
+def _resolve(
+    impl: str, dtype, head_dim: int, has_segments: bool, backend: str | None
+) -> tuple[str, str]:
     """(implementation, reason) for a name; "auto" decides from backend, dtype and shapes."""
     if impl not in VALID_IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; valid: {VALID_IMPLS}")
@@ -298,7 +312,9 @@ def _resolve(impl: str, dtype, head_dim: int, has_segments: bool, backend: str |
     return "cudnn", f"gpu, {dtype.name}, head_dim {head_dim}"
 
 
-def resolve_impl(impl: str, dtype, head_dim: int, has_segments: bool, *, backend: str | None = None) -> str:
+def resolve_impl(
+    impl: str, dtype, head_dim: int, has_segments: bool, *, backend: str | None = None
+) -> str:
     """The implementation dot_product_attention runs for these settings ("auto" resolved)."""
     return _resolve(impl, dtype, head_dim, has_segments, backend)[0]
 

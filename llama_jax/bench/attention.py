@@ -33,34 +33,46 @@ def add_args(parser) -> None:
     g = parser.add_argument_group("attention")
     if "--seq" not in parser._option_string_actions:  # another section may share it
         g.add_argument("--seq", default=None, help="comma-separated sequence lengths")
-    g.add_argument("--attn-impls", default=None, help="comma-separated; default reference,blockwise[,cudnn on gpu]")
+    g.add_argument(
+        "--attn-impls",
+        default=None,
+        help="comma-separated; default reference,blockwise[,cudnn on gpu]",
+    )
     g.add_argument("--attn-batch", type=int, default=1)
     g.add_argument("--attn-heads", type=int, default=None, help="query heads N (cpu 8, gpu 16)")
     g.add_argument("--attn-kv-heads", type=int, default=None, help="kv heads K; default N")
     g.add_argument("--attn-head-dim", type=int, default=None, help="H (cpu 64, gpu 128)")
-    g.add_argument("--attn-dtype", default=None, help="float32 | bfloat16 (cpu float32, gpu bfloat16)")
-    g.add_argument("--attn-block", type=int, default=None, help="block_q = block_k (cpu 256, gpu 512)")
+    g.add_argument(
+        "--attn-dtype", default=None, help="float32 | bfloat16 (cpu float32, gpu bfloat16)"
+    )
+    g.add_argument(
+        "--attn-block", type=int, default=None, help="block_q = block_k (cpu 256, gpu 512)"
+    )
     g.add_argument("--attn-repeats", type=int, default=5, help="timed runs; the median is reported")
-    g.add_argument("--attn-ref-max-seq", type=int, default=None, help="time reference only up to this T")
+    g.add_argument(
+        "--attn-ref-max-seq", type=int, default=None, help="time reference only up to this T"
+    )
 
 
 def _settings(args) -> dict:
     gpu = _on_gpu()
     seq = getattr(args, "seq", None) or ("2048,4096,8192,16384" if gpu else "1024,2048,4096")
-    impls = getattr(args, "attn_impls", None) or ("reference,blockwise,cudnn" if gpu else "reference,blockwise")
-    heads = getattr(args, "attn_heads", None) or (16 if gpu else 8)
-    return dict(
-        seqs=[int(s) for s in str(seq).split(",") if s],
-        impls=[s for s in impls.split(",") if s],
-        B=getattr(args, "attn_batch", None) or 1,
-        N=heads,
-        K=getattr(args, "attn_kv_heads", None) or heads,
-        H=getattr(args, "attn_head_dim", None) or (128 if gpu else 64),
-        dtype=jnp.dtype(getattr(args, "attn_dtype", None) or ("bfloat16" if gpu else "float32")),
-        block=getattr(args, "attn_block", None) or (512 if gpu else 256),
-        repeats=getattr(args, "attn_repeats", None) or 5,
-        ref_max_seq=getattr(args, "attn_ref_max_seq", None) or (8192 if gpu else 2048),
+    impls = getattr(args, "attn_impls", None) or (
+        "reference,blockwise,cudnn" if gpu else "reference,blockwise"
     )
+    heads = getattr(args, "attn_heads", None) or (16 if gpu else 8)
+    return {
+        "seqs": [int(s) for s in str(seq).split(",") if s],
+        "impls": [s for s in impls.split(",") if s],
+        "B": getattr(args, "attn_batch", None) or 1,
+        "N": heads,
+        "K": getattr(args, "attn_kv_heads", None) or heads,
+        "H": getattr(args, "attn_head_dim", None) or (128 if gpu else 64),
+        "dtype": jnp.dtype(getattr(args, "attn_dtype", None) or ("bfloat16" if gpu else "float32")),
+        "block": getattr(args, "attn_block", None) or (512 if gpu else 256),
+        "repeats": getattr(args, "attn_repeats", None) or 5,
+        "ref_max_seq": getattr(args, "attn_ref_max_seq", None) or (8192 if gpu else 2048),
+    }
 
 
 def _fwd_bwd(attn):
@@ -104,7 +116,8 @@ def run(args) -> list[dict]:
             t_rows.append(row)
             try:
                 compiled = _fwd_bwd(attn).lower(q, k, v, ct).compile()
-            except Exception as e:  # e.g. cudnn on an unsupported shape: report, keep going
+            except (ValueError, TypeError, RuntimeError, NotImplementedError) as e:
+                # e.g. cudnn on an unsupported shape or card: report it, keep going
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
                 continue
             temp = compiled_memory(compiled)["temp_bytes"]
