@@ -90,7 +90,9 @@ def test_hf_permutation_matters(tmp_path, monkeypatch):
     monkeypatch.setattr(convert, "hf_to_meta_rows", lambda w, n: w)
     tree, cfg = convert.read_hf(str(tmp_path / "hf"), overrides=F32)
     toks = tokens()
-    assert rel_err(our_logits(tree, cfg, toks), hf_logits(model, toks)) > 1e-2
+    err = rel_err(our_logits(tree, cfg, toks), hf_logits(model, toks))
+    print(f"hf->ours without the permutation: max rel err {err:.2e}")
+    assert err > 1e-2
 
 
 @pytest.mark.parametrize("attn", ["mha", "gqa"])
@@ -196,7 +198,7 @@ def write_meta_checkpoint(path, sd: dict, params: dict, shards: int):
 def test_meta_shards_match_unsharded_and_hf(tmp_path):
     model = hf_model(2, seed=5)
     sd = meta_state_dict(model)
-    # LLaMA-1's params.json: no n_kv_heads/rope_theta fields, vocab_size -1
+    # as Meta writes it: vocab_size -1 (the tokenizer's), no max_seq_len
     params_json = {
         "dim": 64,
         "n_layers": 2,
