@@ -69,9 +69,14 @@ def create_train_state(cfg, mesh: Mesh, rng: jax.Array | None = None):
     """
     model, tx = Llama(model_config(cfg)), make_optimizer(cfg.train)
     _, shardings = abstract_train_state(cfg, mesh)
-    rng = jax.random.key(int(cfg.train.seed)) if rng is None else rng
     init = functools.partial(_init_boxed, model, tx, seq_len=int(cfg.train.seq_len))
-    state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
+    if rng is None:  # built inside the jit: no host array to place on a multi-host mesh
+        seed = int(cfg.train.seed)
+        state = jax.jit(
+            lambda: nn.meta.unbox(init(jax.random.key(seed))), out_shardings=shardings
+        )()
+    else:
+        state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
     return state, shardings
 
 

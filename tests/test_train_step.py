@@ -14,7 +14,7 @@ from llama_jax import sharding as shd
 from llama_jax import train_step as ts
 from llama_jax.config import ModelConfig
 from llama_jax.model import REMAT_POLICIES, Llama
-from llama_jax.optim import decay_mask, make_schedule
+from llama_jax.optim import decay_mask, make_optimizer, make_schedule
 
 
 def tiny_config(**train):
@@ -48,6 +48,21 @@ def make_batch(cfg, seed=0, mask_rate=0.3):
     mask = (rng.random((B, T)) >= mask_rate).astype(np.float32)
     mask[0] = 0.0  # one row fully masked: microbatches then count different token numbers
     return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "loss_mask": mask}
+
+
+def random_state(cfg, mesh):
+    """A train state from numpy randoms put on the mesh (skips compiling the RNG init)."""
+    abstract, shardings = ts.abstract_train_state(cfg, mesh)
+    rng = np.random.default_rng(0)
+
+    def init(path, x):
+        w = 0.02 * rng.standard_normal(x.shape)
+        return (w + (path[-1].key == "scale")).astype(x.dtype)  # norm gains around 1
+
+    params = jax.tree_util.tree_map_with_path(init, abstract.params)
+    opt_state = make_optimizer(cfg.train).init(params)
+    state = ts.TrainState(step=np.zeros((), np.int32), params=params, opt_state=opt_state)
+    return jax.device_put(state, shardings), shardings
 
 
 def rel_err(a, b):
@@ -97,17 +112,16 @@ def test_decay_mask_is_exactly_the_multi_axis_params():
 # ---- gradient accumulation --------------------------------------------------------------
 
 
-def _one_step(cfg, mesh, batch):
-    state, shardings = ts.create_train_state(cfg, mesh)
-    state, metrics = ts.make_train_step(cfg, mesh, shardings)(state, batch)
-    return jax.tree.map(np.asarray, state.params), jax.tree.map(float, metrics)
-
-
 def test_grad_accumulation_matches_one_big_batch():
     mesh = mesh_of(2, 2, 2)
     batch = make_batch(tiny_config())
-    big_params, big = _one_step(tiny_config(), mesh, batch)
-    acc_params, acc = _one_step(tiny_config(grad_accum_steps=4), mesh, batch)
+    state, shardings = random_state(tiny_config(), mesh)
+    copy = jax.tree.map(jnp.copy, state)  # each step donates its input state
+    results = []
+    for cfg, s in ((tiny_config(), state), (tiny_config(grad_accum_steps=4), copy)):
+        s, metrics = ts.make_train_step(cfg, mesh, shardings)(s, batch)
+        results.append((jax.tree.map(np.asarray, s.params), jax.tree.map(float, metrics)))
+    (big_params, big), (acc_params, acc) = results
     assert rel_err(acc["loss"], big["loss"]) < 1e-5
     assert rel_err(acc["grad_norm"], big["grad_norm"]) < 1e-5
     assert acc["tokens"] == big["tokens"] == batch["loss_mask"].sum()
@@ -134,13 +148,11 @@ def test_remat_policies_same_grads_and_memory_order():
     cfg.model.update(n_layers=8, max_seq_len=128)
     mesh = mesh_of(1, 1, 1)
     batch = make_batch(cfg)
+    params = random_state(cfg, mesh)[0].params
     grads, temp = {}, {}
-    params = None
     for policy in sorted(REMAT_POLICIES):
         cfg.model.remat_policy = policy
         _, shardings = ts.abstract_train_state(cfg, mesh)
-        if params is None:
-            params = ts.create_train_state(cfg, mesh)[0].params
         fn = jax.jit(ts.make_loss_and_grads(cfg, mesh, shardings.params))
         compiled = fn.lower(params, batch).compile()
         temp[policy] = compiled.memory_analysis().temp_size_in_bytes
