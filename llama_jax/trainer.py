@@ -187,7 +187,7 @@ def greedy_samples(params, cfg, tokenizer: Tokenizer, prompts, n_tokens: int) ->
     params = jax.device_get(params)
     out = generate(params, ts.model_config(cfg), ids, max(1, min(n_tokens, room)),
                    sampling=Sampling(temperature=0.0), eos_id=tokenizer.eos_id)
-    return [p + tokenizer.decode(o) for p, o in zip(prompts, out)]
+    return [tokenizer.decode(i + o) for i, o in zip(ids, out)]  # decoded whole: keeps spaces
 
 
 def _log_startup(cfg, diff, mesh, mc, n_params, tokens_per_step, impl):
