@@ -116,6 +116,12 @@ def _split_microbatches(batch: Batch, n: int, mesh: Mesh) -> Batch:
     B = batch["targets"].shape[0]
     if B % n:
         raise ValueError(f"train.batch_size={B} is not divisible by train.grad_accum_steps={n}")
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (B // n) % shards:
+        raise ValueError(
+            f"a microbatch of train.batch_size/grad_accum_steps={B // n} rows does not split "
+            f"over the {shards} data x fsdp devices; make it a multiple of {shards}"
+        )
     spec = NamedSharding(mesh, P(None, shd.BATCH_AXES))
     out = {}
     for k, x in batch.items():

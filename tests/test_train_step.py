@@ -137,6 +137,11 @@ def test_grad_accumulation_rejects_uneven_split():
     state, shardings = ts.abstract_train_state(cfg, mesh)
     with pytest.raises(ValueError, match="not divisible by train.grad_accum_steps=3"):
         ts.make_train_step(cfg, mesh, shardings).lower(state, ts.abstract_batch(cfg, mesh))
+    cfg = tiny_config(grad_accum_steps=4)  # 16 / 4 = 4 rows per microbatch, 8 devices
+    mesh = mesh_of(8, 1, 1)
+    state, shardings = ts.abstract_train_state(cfg, mesh)
+    with pytest.raises(ValueError, match="4 rows does not split over the 8 data x fsdp"):
+        ts.make_train_step(cfg, mesh, shardings).lower(state, ts.abstract_batch(cfg, mesh))
 
 
 # ---- remat policies ---------------------------------------------------------------------
