@@ -34,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.batch_size = 2048  # global batch in sequences (2048 x 2048 = 4M tokens)
     t.seq_len = 2048  # tokens per training sequence
     t.seed = 0  # seed for init, data order and sampling
+    t.data_seed = -1  # seed of the data order alone; -1 = train.seed (ablations fix it)
     t.lr = 3e-4  # peak learning rate
     t.warmup_steps = 2000  # linear warmup steps
     t.min_lr_ratio = 0.1  # cosine decays to this fraction of the peak

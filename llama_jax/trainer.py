@@ -127,6 +127,12 @@ class MetricsWriter:
             self.tb.close()
 
 
+def data_seed(cfg) -> int:
+    """Seed of the data order: train.data_seed, or train.seed when that is -1 (or absent)."""
+    seed = int(cfg.train.get("data_seed", -1))
+    return int(cfg.train.seed) if seed < 0 else seed
+
+
 def evaluate(eval_fn, params, cfg, dataset_dir, sharding, tokenizer_sha) -> float | None:
     """Mean validation loss over train.eval_batches batches of the held-out split (always the
     same batches, so values are comparable across evaluations and runs)."""
@@ -134,7 +140,7 @@ def evaluate(eval_fn, params, cfg, dataset_dir, sharding, tokenizer_sha) -> floa
     if n <= 0:
         return None
     loader = Loader(dataset_dir, "val", batch_size=int(cfg.train.batch_size),
-                    seq_len=int(cfg.train.seq_len), seed=int(cfg.train.seed) + 1,
+                    seq_len=int(cfg.train.seq_len), seed=data_seed(cfg) + 1,
                     sharding=sharding, step=0, prefetch=1, expected_tokenizer_sha=tokenizer_sha)
     try:
         total, tokens = 0.0, 0.0
@@ -264,7 +270,7 @@ def train(cfg, workdir: str, *, config_diff: dict | None = None) -> dict:
         tokens_seen = 0
     start = int(state.step)
     batch_sharding = shd.batch_sharding(mesh)
-    loader = Loader(dataset_dir, "train", batch_size=B, seq_len=T, seed=int(cfg.train.seed),
+    loader = Loader(dataset_dir, "train", batch_size=B, seq_len=T, seed=data_seed(cfg),
                     sharding=batch_sharding, step=start, prefetch=int(cfg.data.prefetch),
                     expected_vocab_size=mc.vocab_size, expected_tokenizer_sha=tokenizer.sha256)
     eval_every = int(cfg.train.eval_every)
