@@ -20,8 +20,9 @@ from llama_jax.model import Block, Llama, Norm
 
 
 def cfg_of(**kw) -> ModelConfig:
-    base = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, multiple_of=16,
-                dtype="float32", attention_impl="reference", max_seq_len=32, remat_policy="none")
+    base = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 61,
+            "multiple_of": 16, "dtype": "float32", "attention_impl": "reference",
+            "max_seq_len": 32, "remat_policy": "none"}
     return ModelConfig(**{**base, **kw})
 
 
@@ -75,44 +76,45 @@ def np_gelu(g):  # the tanh form of GELU (GPT-2, BERT); flax's nn.gelu default
     return 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))
 
 
+def np_attention(h, a, cfg):  # causal softmax attention of one layer, GQA by repeating k/v
+    T = len(h)
+    q = np.einsum("td,dnh->tnh", h, a["wq"])
+    k = np.einsum("td,dkh->tkh", h, a["wk"])
+    v = np.einsum("td,dkh->tkh", h, a["wv"])
+    if cfg.position == "rope":
+        q, k = np_rope(q, cfg.rope_theta), np_rope(k, cfg.rope_theta)
+    rep = cfg.n_heads // cfg.n_kv_heads
+    k, v = np.repeat(k, rep, 1), np.repeat(v, rep, 1)
+    s = np.einsum("tnh,snh->nts", q, k) / np.sqrt(cfg.head_dim)
+    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    return np.einsum("tnh,nhd->td", np.einsum("nts,snh->tnh", w, v), a["wo"])
+
+
+def np_mlp(h, f, cfg):
+    g = h @ f["w1"]
+    if cfg.mlp == "swiglu":
+        return (g / (1 + np.exp(-g)) * (h @ f["w3"])) @ f["w2"]
+    return np_gelu(g) @ f["w2"]
+
+
 def np_forward(p, tokens, cfg):
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
     out = []
     for seq in np.asarray(tokens):
-        T = len(seq)
         x = p["tok_embeddings"][seq]
         if cfg.position == "learned":
-            x = x + p["pos_embeddings"][:T]
+            x = x + p["pos_embeddings"][: len(seq)]
         for i in range(cfg.n_layers):
-            L = jax.tree.map(lambda a: a[i], p["layers"])
+            L = jax.tree.map(lambda a, i=i: a[i], p["layers"])
             a, f = L["attention"], L["feed_forward"]
-
-            def attn(h):
-                q = np.einsum("td,dnh->tnh", h, a["wq"])
-                k = np.einsum("td,dkh->tkh", h, a["wk"])
-                v = np.einsum("td,dkh->tkh", h, a["wv"])
-                if cfg.position == "rope":
-                    q, k = np_rope(q, cfg.rope_theta), np_rope(k, cfg.rope_theta)
-                rep = cfg.n_heads // cfg.n_kv_heads
-                k, v = np.repeat(k, rep, 1), np.repeat(v, rep, 1)
-                s = np.einsum("tnh,snh->nts", q, k) / np.sqrt(cfg.head_dim)
-                s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
-                w = np.exp(s - s.max(-1, keepdims=True))
-                w /= w.sum(-1, keepdims=True)
-                return np.einsum("tnh,nhd->td", np.einsum("nts,snh->tnh", w, v), a["wo"])
-
-            def mlp(h):
-                g = h @ f["w1"]
-                if cfg.mlp == "swiglu":
-                    return (g / (1 + np.exp(-g)) * (h @ f["w3"])) @ f["w2"]
-                return np_gelu(g) @ f["w2"]
-
             if cfg.norm_placement == "pre":  # GPT-2 / LLaMA: normalize each sublayer's input
-                x = x + attn(np_norm(x, L["attention_norm"], cfg))
-                x = x + mlp(np_norm(x, L["ffn_norm"], cfg))
+                x = x + np_attention(np_norm(x, L["attention_norm"], cfg), a, cfg)
+                x = x + np_mlp(np_norm(x, L["ffn_norm"], cfg), f, cfg)
             else:  # Vaswani et al.: normalize after each residual addition
-                x = np_norm(x + attn(x), L["attention_norm"], cfg)
-                x = np_norm(x + mlp(x), L["ffn_norm"], cfg)
+                x = np_norm(x + np_attention(x, a, cfg), L["attention_norm"], cfg)
+                x = np_norm(x + np_mlp(x, f, cfg), L["ffn_norm"], cfg)
         out.append(np_norm(x, p["norm"], cfg) @ p["output"])
     return np.stack(out)
 
@@ -182,7 +184,8 @@ def test_post_norm_block_outputs_a_normalized_stream(norm):
     rms, rng = {}, np.random.default_rng(0)
     for placement in ("pre", "post"):
         cfg = cfg_of(norm=norm, norm_placement=placement)
-        shapes = jax.eval_shape(lambda: nn.unbox(Block(cfg).init(jax.random.key(1), x, pos, None)))
+        shapes = jax.eval_shape(
+            lambda cfg=cfg: nn.unbox(Block(cfg).init(jax.random.key(1), x, pos, None)))
         params = jax.tree_util.tree_map_with_path(  # unit gains, zero biases, random weights
             lambda path, s: (np.ones if "scale" in jax.tree_util.keystr(path) else np.zeros)(s.shape)
             if "norm" in jax.tree_util.keystr(path) else 0.2 * rng.standard_normal(s.shape), shapes)
@@ -206,8 +209,10 @@ def test_gelu_parameter_count_matches_swiglu(name):
     assert set(shapes) == {"w1", "w2"}  # no gate: a plain two-matrix MLP
     assert shapes["w1"].shape[-1] == gelu.mlp_dim > swiglu.hidden_dim
     # the MLP itself (the only part that differs) matches to within 1% as well
-    mlp = lambda c: sum(np.prod(s.shape) for s in jax.tree.leaves(  # noqa: E731
-        stats.param_shapes(c)["layers"]["feed_forward"]))
+    def mlp(c):
+        return sum(np.prod(s.shape) for s in jax.tree.leaves(
+            stats.param_shapes(c)["layers"]["feed_forward"]))
+
     assert abs(mlp(gelu) - mlp(swiglu)) <= 0.01 * mlp(swiglu)
 
 
