@@ -1,0 +1,232 @@
+"""Will it fit? Per-device bytes of the real training step, compiled ahead of time.
+
+`analyze(cfg, mesh)` compiles the jitted step (train_step.compile_train_step) against abstract
+inputs for each remat policy and splits XLA's memory_analysis() into the parts a user can act
+on, next to the analytic estimate (16 bytes/param + activations):
+
+  params      float32 master weights, this device's shard (exact, from the shardings)
+  optimizer   AdamW moments mu, nu + counters: compiled argument bytes - params - batch
+  gradients   float32, sharded like the params; they live inside XLA's temporaries, so this
+              is the analytic shard size (the reduce-scattered gradient every device holds)
+  activations XLA's temp bytes - gradients: saved activations, the recompute working set,
+              logits and all-gathered weights
+  peak        arguments + temps + outputs not aliased to (donated) arguments
+
+Nothing is allocated, so a 65B config's numbers come from a laptop: launch.inspect --memory
+simulates the mesh's devices on the CPU. Caveat: XLA:CPU computes bfloat16 ops in float32
+(its float-normalization pass), so for a bf16 model the compiled activations on simulated CPU
+devices are up to ~2x what a GPU compile needs; the analytic column counts bf16.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import numpy as np
+
+from llama_jax import sharding as shd
+from llama_jax import stats
+from llama_jax import train_step as ts
+from llama_jax.config import ModelConfig
+from llama_jax.model import REMAT_POLICIES
+
+# Activation elements saved per token per layer (in units of the compute dtype) for each
+# remat policy, from the checkpoint_name tags of model.py: D model dim, F ffn hidden, KH kv width.
+# "none" keeps every intermediate: norms, q/k/v before and after rope, attention output,
+# o_proj, residuals, gate/up/silu/product, down (a rough count; XLA fuses some away).
+_SAVED = {
+    "none": lambda D, F, KH: 10 * D + 3 * KH + 4 * F,
+    "full": lambda D, F, KH: D,  # the block input (the scan carry)
+    "save_linear": lambda D, F, KH: (
+        4 * D + 2 * KH + 2 * F
+    ),  # input, q, o, down + k, v + gate, up
+    "save_qkv_attn": lambda D, F, KH: 3 * D + 2 * KH,  # input, q, attn_out + k, v
+    "offload_linear": lambda D, F, KH: D,  # linear outputs go to pinned host memory
+}
+
+
+def _shard_bytes(tree) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs that carry NamedShardings."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shape) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def rows_per_device(cfg, mesh) -> int:
+    """Sequences of one microbatch each device processes (batch over data x fsdp)."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    return max(
+        1, int(cfg.train.batch_size) // int(cfg.train.grad_accum_steps) // shards
+    )
+
+
+def analytic_activations(
+    mc: ModelConfig, policy: str, rows: int, seq_len: int, tensor: int = 1
+):
+    """Estimated activation bytes per device for one microbatch under `policy`.
+
+    Saved per layer (see _SAVED) for all layers, plus one layer's full working set while it
+    is recomputed in the backward pass, plus the float32 logits, their softmax and gradient.
+    Tensor parallelism splits the head/mlp/vocab parts; counted as an even split here.
+    """
+    D, F, KH = mc.dim, mc.mlp_dim, mc.n_kv_heads * mc.head_dim
+    item = np.dtype(mc.compute_dtype).itemsize
+    tokens = rows * seq_len
+    saved = _SAVED[policy](D, F, KH) * tokens * item * mc.n_layers
+    working = _SAVED["none"](D, F, KH) * tokens * item if policy != "none" else 0
+    logits = 3 * tokens * mc.vocab_size * 4 // tensor
+    return saved // (tensor if policy != "full" else 1) + working // tensor + logits
+
+
+def analyze(cfg, mesh, policies=None, log=None) -> dict:
+    """Compiles the step per remat policy; returns per-device bytes, compiled and analytic.
+
+    Returns {"config": {...}, "policies": [{"policy", "params", "optimizer", "gradients",
+    "activations", "peak", "analytic_state", "analytic_activations", ...}, ...]}: all bytes
+    per device. Policies default to every entry of model.REMAT_POLICIES.
+    """
+    policies = list(policies or REMAT_POLICIES)
+    for p in policies:
+        if p not in REMAT_POLICIES:
+            raise ValueError(
+                f"unknown remat policy {p!r}; valid: {sorted(REMAT_POLICIES)}"
+            )
+    mc = ModelConfig.from_config(cfg.model)
+    n = stats.count_params(mc)
+    state, _ = ts.abstract_train_state(cfg, mesh)
+    batch = ts.abstract_batch(cfg, mesh)
+    params_b = _shard_bytes(state.params)
+    opt_b = _shard_bytes(state.opt_state)
+    batch_b = _shard_bytes(batch)
+    step_b = _shard_bytes(state.step)
+    param_shards = (
+        round(n * np.dtype(mc.weight_dtype).itemsize / params_b) if params_b else 1
+    )
+    rows, T = rows_per_device(cfg, mesh), int(cfg.train.seq_len)
+    out = {
+        "config": {
+            "parameters": n,
+            "devices": int(mesh.devices.size),
+            "mesh": {a: int(mesh.shape[a]) for a in shd.MESH_AXES},
+            "batch_size": int(cfg.train.batch_size),
+            "grad_accum_steps": int(cfg.train.grad_accum_steps),
+            "seq_len": T,
+            "rows_per_device": rows,
+            "dtype": mc.dtype,
+            "param_dtype": mc.param_dtype,
+            "backend": jax.default_backend(),
+            # 4 x 4-byte copies of every weight: master, mu, nu, gradient
+            "analytic_16_bytes_per_param": 16 * n / param_shards,
+        },
+        "policies": [],
+    }
+    for policy in policies:
+        cfg.model.remat_policy = (
+            policy  # an existing field: allowed on a locked ConfigDict
+        )
+        t0 = time.perf_counter()
+        compiled = ts.compile_train_step(cfg, mesh)
+        seconds = time.perf_counter() - t0
+        m = compiled.memory_analysis()
+        arg, temp = int(m.argument_size_in_bytes), int(m.temp_size_in_bytes)
+        outb, alias = int(m.output_size_in_bytes), int(m.alias_size_in_bytes)
+        grads = params_b  # float32 gradients, sharded like the params
+        row = {
+            "policy": policy,
+            "params": params_b,
+            "optimizer": arg - params_b - batch_b - step_b if arg else opt_b,
+            "gradients": grads,
+            "state_total": params_b + (arg - params_b - batch_b - step_b) + grads,
+            "activations": temp - grads,
+            "batch": batch_b,
+            "compiled_argument": arg,
+            "compiled_temp": temp,
+            "compiled_output": outb,
+            "compiled_alias": alias,
+            "peak": arg + temp + outb - alias,
+            "analytic_state": 16 * n / param_shards,
+            "analytic_activations": analytic_activations(
+                mc, policy, rows, T, int(mesh.shape["tensor"])
+            ),
+            "compile_s": seconds,
+        }
+        row["analytic_peak"] = row["analytic_state"] + row["analytic_activations"]
+        out["policies"].append(row)
+        if log:
+            log(row)
+    return out
+
+
+GiB = 2**30
+
+
+def format_report(result: dict, device_bytes: float | None = None) -> str:
+    """A text table of analyze()'s result; device_bytes marks which policies fit."""
+    c = result["config"]
+    mesh = "x".join(str(c["mesh"][a]) for a in shd.MESH_AXES)
+    lines = [
+        f"will it fit? per-device bytes of the compiled train step on {c['devices']} "
+        f"{c['backend']} device(s), mesh (data,fsdp,tensor)={mesh}",
+        f"  {c['parameters']:,} parameters ({c['param_dtype']} master, AdamW), compute "
+        f"{c['dtype']}; activations for global batch {c['batch_size']} x seq {c['seq_len']} "
+        f"(grad_accum {c['grad_accum_steps']}: {c['rows_per_device']} sequence(s) per device "
+        "per microbatch); they scale with rows per device",
+        f"  analytic state: 16 bytes/param / shards = {c['analytic_16_bytes_per_param'] / GiB:.2f} GiB",
+    ]
+    cols = [
+        "policy",
+        "params",
+        "optimizer",
+        "gradients",
+        "state",
+        "vs 16B/p",
+        "activations",
+        "analytic act",
+        "peak",
+        "compile_s",
+    ]
+    table = []
+    for r in result["policies"]:
+        table.append(
+            [
+                r["policy"],
+                f"{r['params'] / GiB:.2f}",
+                f"{r['optimizer'] / GiB:.2f}",
+                f"{r['gradients'] / GiB:.2f}",
+                f"{r['state_total'] / GiB:.2f}",
+                f"{r['state_total'] / r['analytic_state']:.3f}",
+                f"{r['activations'] / GiB:.2f}",
+                f"{r['analytic_activations'] / GiB:.2f}",
+                f"{r['peak'] / GiB:.2f}"
+                + (
+                    ""
+                    if device_bytes is None
+                    else (" fits" if r["peak"] <= device_bytes else " OOM")
+                ),
+                f"{r['compile_s']:.1f}",
+            ]
+        )
+    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(cols)]
+    lines.append("")
+    lines.append(
+        "  ".join(h.ljust(w) for h, w in zip(cols, widths)) + "   (GiB per device)"
+    )
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(t, widths)) for t in table]
+    lines += [
+        "",
+        "params/optimizer: XLA's argument bytes (optimizer = arguments - params - batch).",
+        "gradients: float32 shards like the params; XLA keeps them among its temporaries, so",
+        "  activations = temp bytes - gradients (saved activations, recompute working set,",
+        "  logits, gathered weights). peak = arguments + temps + non-donated outputs.",
+    ]
+    if c["backend"] == "cpu" and c["dtype"] != "float32":
+        lines.append(
+            f"note: XLA:CPU computes {c['dtype']} ops in float32, so compiled activations here "
+            "can be up to ~2x a GPU's; compare the analytic column."
+        )
+    return "\n".join(lines)
