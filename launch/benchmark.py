@@ -1,25 +1,108 @@
-"""python -m launch.benchmark {attention,step,data,compile,all} [--config ...] [--json]"""
+"""python -m launch.benchmark {attention,step,data,compile,all} [...] [--config ...] [--json]
 
-import argparse
-import importlib
+One table format for every section (or one JSON object per section with --json); each timed
+figure is a median over repeated runs after a warm-up, with min and max, and each section
+ends with its physical limit (a matmul in the same dtype, host memcpy, ...). Several sections
+may be named at once; --set a.b=value overrides config fields; --summary ends with one table
+of the headline numbers (what launch/gpu_check.sh prints last). --json-out writes every row.
+"""
 
-from llama_jax.bench import SECTIONS
-from llama_jax.bench.common import print_table
+from llama_jax import xla_flags  # before jax is imported: XLA reads XLA_FLAGS once
+
+xla_flags.setup()
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+
+from llama_jax.bench import SECTIONS  # noqa: E402
+from llama_jax.bench.common import print_table  # noqa: E402
+
+# Columns of the --summary table per section (those a row has).
+SUMMARY_COLUMNS = {
+    "attention": (
+        "impl",
+        "T",
+        "dtype",
+        "ms",
+        "tflops",
+        "of_matmul",
+        "temp_MiB",
+        "error",
+    ),
+    "step": (
+        "policy",
+        "batch",
+        "seq",
+        "step_s",
+        "tokens/s",
+        "model_TFLOP/s/dev",
+        "MFU_6n",
+        "MFU_causal",
+        "of_matmul",
+        "mem_GiB",
+        "hwm_GiB",
+        "error",
+    ),
+    "data": ("what", "detail", "tokens/s"),
+    "compile": ("layers", "compile_s", "vs_first"),
+}
+
+
+def summary_rows(results: dict[str, list[dict]]) -> list[dict]:
+    """One row per benchmark row, a 'section' column first and the headline columns after."""
+    out = []
+    for name, rows in results.items():
+        for r in rows:
+            item = {"section": name, "what": ""}
+            keys = [k for k in SUMMARY_COLUMNS.get(name, ()) if k in r]
+            item["what"] = " ".join(str(r[k]) for k in keys[:1])
+            for k in keys[1:]:
+                item[k] = r[k]
+            out.append(item)
+    return out
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m launch.benchmark", description=__doc__)
-    parser.add_argument("section", choices=[*SECTIONS, "all"])
-    parser.add_argument("--config", default="configs/tiny.py", help="config file for model sections")
-    parser.add_argument("--json", action="store_true", help="one JSON object per section")
-    section = parser.parse_known_args(argv)[0].section
-    names = list(SECTIONS) if section == "all" else [section]
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.benchmark", description=__doc__
+    )
+    parser.add_argument("section", nargs="+", choices=[*SECTIONS, "all"])
+    parser.add_argument(
+        "--config", default="configs/tiny.py", help="config file for model sections"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="config override, e.g. --set model.n_layers=2 (repeatable)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON object per section"
+    )
+    parser.add_argument(
+        "--summary", action="store_true", help="end with one summary table"
+    )
+    parser.add_argument(
+        "--json-out", default="", help="write all rows to this JSON file"
+    )
+    sections = parser.parse_known_args(argv)[0].section
+    names = list(SECTIONS) if "all" in sections else list(dict.fromkeys(sections))
     modules = [importlib.import_module(SECTIONS[name]) for name in names]
     for module in modules:
         module.add_args(parser)
     args = parser.parse_args(argv)
+    results = {}
     for name, module in zip(names, modules):
-        print_table(name, module.run(args), as_json=args.json)
+        results[name] = module.run(args)
+        print_table(name, results[name], as_json=args.json)
+    if args.summary:
+        print_table("summary", summary_rows(results), as_json=args.json)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    return results
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ under SLURM it finds its peers by itself; elsewhere pass --coordinator host:port
 --num-processes N --process-id i (or use python -m launch.local_cluster).
 """
 
+from llama_jax import xla_flags  # before jax is imported: XLA reads XLA_FLAGS once
+xla_flags.setup()
 import logging
 import os
 

@@ -9,6 +9,8 @@ so work that the causal mask throws away shows up as lower achieved throughput. 
 runs of all variants at one T are interleaved, so load from other processes hits them alike.
 CPU defaults (B=1, N=8, H=64, f32, tiles 256, T 1024..4096) run in a couple of minutes on two
 cores; reference is timed only up to --attn-ref-max-seq (its memory is always reported).
+The last row is the physical limit, a square matmul in the same dtype; "of_matmul" is each
+row's causal TFLOP/s as a fraction of it.
 """
 
 from __future__ import annotations
@@ -39,24 +41,48 @@ def add_args(parser) -> None:
         help="comma-separated; default reference,blockwise[,cudnn on gpu]",
     )
     g.add_argument("--attn-batch", type=int, default=1)
-    g.add_argument("--attn-heads", type=int, default=None, help="query heads N (cpu 8, gpu 16)")
-    g.add_argument("--attn-kv-heads", type=int, default=None, help="kv heads K; default N")
-    g.add_argument("--attn-head-dim", type=int, default=None, help="H (cpu 64, gpu 128)")
     g.add_argument(
-        "--attn-dtype", default=None, help="float32 | bfloat16 (cpu float32, gpu bfloat16)"
+        "--attn-heads", type=int, default=None, help="query heads N (cpu 8, gpu 16)"
     )
     g.add_argument(
-        "--attn-block", type=int, default=None, help="block_q = block_k (cpu 256, gpu 512)"
+        "--attn-kv-heads", type=int, default=None, help="kv heads K; default N"
     )
-    g.add_argument("--attn-repeats", type=int, default=5, help="timed runs; the median is reported")
     g.add_argument(
-        "--attn-ref-max-seq", type=int, default=None, help="time reference only up to this T"
+        "--attn-head-dim", type=int, default=None, help="H (cpu 64, gpu 128)"
+    )
+    g.add_argument(
+        "--attn-dtype",
+        default=None,
+        help="float32 | bfloat16 (cpu float32, gpu bfloat16)",
+    )
+    g.add_argument(
+        "--attn-block",
+        type=int,
+        default=None,
+        help="block_q = block_k (cpu 256, gpu 512)",
+    )
+    g.add_argument(
+        "--attn-repeats", type=int, default=5, help="timed runs; the median is reported"
+    )
+    g.add_argument(
+        "--attn-ref-max-seq",
+        type=int,
+        default=None,
+        help="time reference only up to this T",
+    )
+    g.add_argument(
+        "--attn-ablations",
+        type=int,
+        default=1,
+        help="1: also time blockwise:noskip and :noncausal; 0: implementations only",
     )
 
 
 def _settings(args) -> dict:
     gpu = _on_gpu()
-    seq = getattr(args, "seq", None) or ("2048,4096,8192,16384" if gpu else "1024,2048,4096")
+    seq = getattr(args, "seq", None) or (
+        "2048,4096,8192,16384" if gpu else "1024,2048,4096"
+    )
     impls = getattr(args, "attn_impls", None) or (
         "reference,blockwise,cudnn" if gpu else "reference,blockwise"
     )
@@ -68,10 +94,14 @@ def _settings(args) -> dict:
         "N": heads,
         "K": getattr(args, "attn_kv_heads", None) or heads,
         "H": getattr(args, "attn_head_dim", None) or (128 if gpu else 64),
-        "dtype": jnp.dtype(getattr(args, "attn_dtype", None) or ("bfloat16" if gpu else "float32")),
+        "dtype": jnp.dtype(
+            getattr(args, "attn_dtype", None) or ("bfloat16" if gpu else "float32")
+        ),
         "block": getattr(args, "attn_block", None) or (512 if gpu else 256),
         "repeats": getattr(args, "attn_repeats", None) or 5,
-        "ref_max_seq": getattr(args, "attn_ref_max_seq", None) or (8192 if gpu else 2048),
+        "ref_max_seq": getattr(args, "attn_ref_max_seq", None)
+        or (8192 if gpu else 2048),
+        "ablations": bool(getattr(args, "attn_ablations", 1)),
     }
 
 
@@ -85,13 +115,17 @@ def _fwd_bwd(attn):
     return jax.jit(f)
 
 
-def _variants(impls, block):
+def _variants(impls, block, ablations=True):
     for name in impls:
         if name not in IMPLEMENTATIONS:
-            raise ValueError(f"unknown attention impl {name!r}; valid: {sorted(IMPLEMENTATIONS)}")
+            raise ValueError(
+                f"unknown attention impl {name!r}; valid: {sorted(IMPLEMENTATIONS)}"
+            )
         if name == "blockwise":
             bw = functools.partial(blockwise_attention, block_q=block, block_k=block)
             yield "blockwise", bw
+            if not ablations:
+                continue
             yield "blockwise:noskip", functools.partial(bw, skip_masked_blocks=False)
             yield "blockwise:noncausal", functools.partial(bw, causal=False)
         else:
@@ -108,10 +142,20 @@ def run(args) -> list[dict]:
         k = jax.random.normal(keys[1], (B, T, K, H), dt)
         v = jax.random.normal(keys[2], (B, T, K, H), dt)
         ct = jax.random.normal(keys[3], (B, T, N, H), dt)
-        flops = 3.5 * 2 * B * N * H * T * T  # causal: fwd 2 matmuls x 2*B*N*H*T*T/2, bwd 2.5x fwd
-        base = {"T": T, "B": B, "N": N, "K": K, "H": H, "dtype": dt.name, "block": s["block"]}
+        flops = (
+            3.5 * 2 * B * N * H * T * T
+        )  # causal: fwd 2 matmuls x 2*B*N*H*T*T/2, bwd 2.5x fwd
+        base = {
+            "T": T,
+            "B": B,
+            "N": N,
+            "K": K,
+            "H": H,
+            "dtype": dt.name,
+            "block": s["block"],
+        }
         t_rows, timed = [], {}
-        for name, attn in _variants(s["impls"], s["block"]):
+        for name, attn in _variants(s["impls"], s["block"], s["ablations"]):
             row = {"impl": name, **base}
             t_rows.append(row)
             try:
@@ -131,12 +175,16 @@ def run(args) -> list[dict]:
             for name, fn in timed.items():
                 samples[name].append(time_fn(fn, warmup=0, repeats=1)["median"])
         med = {name: statistics.median(ts) for name, ts in samples.items()}
-        ref_temp = next((r.get("temp_MiB") for r in t_rows if r["impl"] == "reference"), None)
+        ref_temp = next(
+            (r.get("temp_MiB") for r in t_rows if r["impl"] == "reference"), None
+        )
         for row in t_rows:
             name = row["impl"]
             if name in med:
                 ts = samples[name]
-                row.update(ms=med[name] * 1e3, ms_min=min(ts) * 1e3, ms_max=max(ts) * 1e3)
+                row.update(
+                    ms=med[name] * 1e3, ms_min=min(ts) * 1e3, ms_max=max(ts) * 1e3
+                )
                 row["tflops"] = flops / med[name] / 1e12
             if ref_temp and row.get("temp_MiB") is not None:
                 row["mem_vs_ref"] = row["temp_MiB"] / ref_temp
@@ -145,4 +193,20 @@ def run(args) -> list[dict]:
                     if f"blockwise:{other}" in med:
                         row[f"time_vs_{other}"] = med[name] / med[f"blockwise:{other}"]
         rows += t_rows
+    # The physical limit: the device's own matmul rate in the same dtype.
+    from llama_jax.bench.step import matmul_flops
+
+    n = 8192 if _on_gpu() else 2048
+    rate = matmul_flops(n, dt)
+    for row in rows:
+        if row.get("tflops") is not None:
+            row["of_matmul"] = row["tflops"] * 1e12 / rate["median"]
+    rows.append(
+        {
+            "impl": f"limit: matmul {n}^3",
+            "dtype": dt.name,
+            "tflops": rate["median"] / 1e12,
+            "of_matmul": 1.0,
+        }
+    )
     return rows

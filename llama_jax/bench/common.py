@@ -34,6 +34,16 @@ def compiled_memory(compiled) -> dict:
     }
 
 
+def load_config(args):
+    """The section's config: --config with the --set a.b=value overrides applied."""
+    from llama_jax.config import load_config_file
+
+    return load_config_file(
+        getattr(args, "config", None) or "configs/tiny.py",
+        getattr(args, "set", None) or (),
+    )
+
+
 def device_description() -> str:
     d = jax.devices()[0]
     return f"{len(jax.devices())} x {d.device_kind} ({d.platform})"
@@ -52,7 +62,9 @@ def fmt(v) -> str:
 def print_table(title: str, rows: list[dict], *, as_json: bool = False) -> None:
     """Prints rows as one aligned text table (or one JSON object per section with --json)."""
     if as_json:
-        print(json.dumps({"section": title, "device": device_description(), "rows": rows}))
+        print(
+            json.dumps({"section": title, "device": device_description(), "rows": rows})
+        )
         return
     print(f"\n## {title}  [{device_description()}]")
     if not rows:

@@ -9,10 +9,18 @@ import time
 
 
 def add_args(parser) -> None:
-    parser.add_argument("--data-path", default="", help="dataset to load; '' = the default corpus")
-    parser.add_argument("--data-batches", type=int, default=300, help="loader batches timed")
-    parser.add_argument("--data-prepare-mb", type=float, default=4.0, help="stdlib MB to prepare")
-    parser.add_argument("--data-workers", type=int, default=0, help="prepare workers; 0 = all CPUs")
+    parser.add_argument(
+        "--data-path", default="", help="dataset to load; '' = the default corpus"
+    )
+    parser.add_argument(
+        "--data-batches", type=int, default=300, help="loader batches timed"
+    )
+    parser.add_argument(
+        "--data-prepare-mb", type=float, default=4.0, help="stdlib MB to prepare"
+    )
+    parser.add_argument(
+        "--data-workers", type=int, default=0, help="prepare workers; 0 = all CPUs"
+    )
 
 
 def run(args) -> list[dict]:
@@ -21,7 +29,7 @@ def run(args) -> list[dict]:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from llama_jax.config import load_config_file
+    from llama_jax.bench.common import load_config
     from llama_jax.data.default_corpus import (
         default_dataset_dir,
         ensure_default_dataset,
@@ -30,7 +38,7 @@ def run(args) -> list[dict]:
     from llama_jax.data.loader import Loader
     from llama_jax.data.prepare import prepare
 
-    cfg = load_config_file(getattr(args, "config", None) or "configs/tiny.py")
+    cfg = load_config(args)
     B, T = cfg.train.batch_size, cfg.train.seq_len
     vocab = cfg.model.vocab_size
     rows = []
@@ -38,7 +46,9 @@ def run(args) -> list[dict]:
     path = getattr(args, "data_path", "")
     tok_path = None
     if not path:
-        cached = os.path.exists(os.path.join(default_dataset_dir(vocab), "metadata.json"))
+        cached = os.path.exists(
+            os.path.join(default_dataset_dir(vocab), "metadata.json")
+        )
         t0 = time.perf_counter()
         path, tok_path = ensure_default_dataset(vocab, verbose=False)
         build = time.perf_counter() - t0
@@ -50,7 +60,8 @@ def run(args) -> list[dict]:
                 "what": "default corpus",
                 "detail": f"{meta['text_bytes'] / 1e6:.1f} MB stdlib, {meta['documents']} docs"
                 + (" (cached)" if cached else ""),
-                "tokens": meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"],
+                "tokens": meta["splits"]["train"]["tokens"]
+                + meta["splits"]["val"]["tokens"],
                 "seconds": None if cached else build,
             }
         )
@@ -119,4 +130,17 @@ def run(args) -> list[dict]:
                     "tokens/s": n * B * T / dt,
                 }
             )
+    # The physical limit: host memory bandwidth, as int32 tokens copied per second.
+    from llama_jax.bench.common import time_fn
+
+    src = np.arange(16 << 20, dtype=np.int32)  # 64 MiB
+    dst = np.empty_like(src)
+    t = time_fn(lambda: np.copyto(dst, src), warmup=1, repeats=5)
+    rows.append(
+        {
+            "what": "limit: memcpy",
+            "detail": "host copy of 64 MiB int32 (median of 5)",
+            "tokens/s": src.size / t["median"],
+        }
+    )
     return rows

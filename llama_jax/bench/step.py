@@ -1,17 +1,23 @@
-"""Training-step benchmark: per remat policy, compiled memory per device, step time, tokens/s, MFU.
+"""Training-step benchmark: per remat policy and batch, memory per device, step time, tokens/s, MFU.
 
 python -m launch.benchmark step --config configs/tiny.py [--step-policies full,save_linear]
-    [--step-compile-only] [--json]
+    [--step-batch 8] [--step-extra-batches 4,16] [--step-compile-only] [--json]
 
-The first row is the device's own matmul rate (a square matmul in the step's dtype); every
-policy row reports the step's model FLOP/s as a fraction of it, so CPUs and unknown GPUs get a
-meaningful utilization even where MFU (against the vendor's peak) is n/a. Model FLOPs per token
-come from stats.flops_per_token (6N + causal attention). --step-compile-only compiles against
-abstract shapes only, so a 65B config's memory can be read on simulated CPU devices.
+The last row is the device's own matmul rate (a square matmul in the step's dtype), the
+physical limit: every step row reports its model FLOP/s (6N + causal attention) as a fraction
+of it ("of_matmul"), so CPUs and unknown GPUs get a meaningful utilization where MFU against
+the vendor's peak is n/a. MFU is given on both bases: "MFU_6n" (the paper's 6 FLOPs per
+parameter per token) and "MFU_causal" (plus causal attention: half the score matrix, never
+the full square). step_s is the median of --step-repeats timed steps after a warm-up step,
+with min and max. mem_GiB is XLA's compiled peak (arguments + temporaries + non-donated
+outputs); on GPU, hwm_GiB is the allocator's high-water mark of the whole process so far.
+An out-of-memory compile or step becomes an "OOM" row instead of ending the run.
+--step-extra-batches re-runs the fastest policy at more batch sizes.
 """
 
 from __future__ import annotations
 
+import gc
 import time
 
 import jax
@@ -20,11 +26,11 @@ import numpy as np
 from llama_jax import sharding as shd
 from llama_jax import stats
 from llama_jax import train_step as ts
-from llama_jax.bench.common import compiled_memory, time_fn
-from llama_jax.config import ModelConfig, load_config_file
+from llama_jax.bench.common import compiled_memory, load_config, time_fn
+from llama_jax.config import ModelConfig
 from llama_jax.model import REMAT_POLICIES
 
-MiB = 2**20
+GiB = 2**30
 
 
 def add_args(parser):
@@ -33,90 +39,195 @@ def add_args(parser):
         default=",".join(REMAT_POLICIES),
         help=f"comma-separated remat policies to compare; valid: {','.join(REMAT_POLICIES)}",
     )
-    parser.add_argument("--step-repeats", type=int, default=5, help="timed steps per policy")
     parser.add_argument(
-        "--step-compile-only", action="store_true", help="only compile and report memory"
+        "--step-repeats", type=int, default=5, help="timed steps per row"
     )
-    parser.add_argument("--step-batch", type=int, default=0, help="global batch; 0 = config's")
-    parser.add_argument("--step-seq-len", type=int, default=0, help="sequence length; 0 = config's")
     parser.add_argument(
-        "--step-matmul", type=int, default=0, help="matmul size N (N^3); 0 = 2048 CPU, 8192 GPU"
+        "--step-compile-only",
+        action="store_true",
+        help="only compile and report memory",
+    )
+    parser.add_argument(
+        "--step-batch", type=int, default=0, help="global batch; 0 = config's"
+    )
+    parser.add_argument(
+        "--step-extra-batches",
+        default="",
+        help="more batch sizes for the fastest policy",
+    )
+    parser.add_argument(
+        "--step-seq-len", type=int, default=0, help="sequence length; 0 = config's"
+    )
+    parser.add_argument(
+        "--step-matmul",
+        type=int,
+        default=0,
+        help="matmul size N (N^3); 0 = 2048 CPU, 8192 GPU",
+    )
+    parser.add_argument(
+        "--step-dtype", default="", help="compute dtype override (float32 | bfloat16)"
     )
 
 
-def matmul_flops(n: int, dtype, repeats: int = 5) -> float:
-    """FLOP/s of one device on an [n, n] x [n, n] matmul in `dtype` (median of repeats)."""
+def matmul_flops(n: int, dtype, repeats: int = 5) -> dict:
+    """FLOP/s of one device on an [n, n] x [n, n] matmul in `dtype`: median, min, max."""
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     f = jax.jit(lambda x, y: x @ y)
-    return 2 * n**3 / time_fn(lambda: f(a, b), warmup=1, repeats=repeats)["median"]
+    t = time_fn(lambda: f(a, b), warmup=1, repeats=repeats)
+    return {k: 2 * n**3 / t[k] for k in ("median", "min", "max")}
 
 
 def _random_batch(cfg, mesh):
     B, T = int(cfg.train.batch_size), int(cfg.train.seq_len)
-    toks = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (B, T + 1), dtype=np.int32)
+    toks = np.random.default_rng(0).integers(
+        0, cfg.model.vocab_size, (B, T + 1), dtype=np.int32
+    )
     host = {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
     return jax.device_put(host, shd.batch_sharding(mesh))
 
 
+def is_oom(e: BaseException) -> bool:
+    msg = str(e)
+    return any(
+        s in msg
+        for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM")
+    )
+
+
+def _hwm_bytes():
+    try:
+        s = jax.devices()[0].memory_stats()
+    except Exception:  # CPU, or a plugin without memory stats
+        return None
+    return None if not s else s.get("peak_bytes_in_use")
+
+
+def _one_row(
+    cfg, mesh, policy, repeats, compile_only, flops, peak, matmul_rate
+) -> dict:
+    cfg.model.remat_policy = policy
+    B, T = int(cfg.train.batch_size), int(cfg.train.seq_len)
+    n_dev = mesh.devices.size
+    mesh_desc = "x".join(str(mesh.shape[a]) for a in shd.MESH_AXES)
+    row = {"policy": policy, "batch": B, "seq": T, "mesh(d,f,t)": mesh_desc}
+    try:
+        t0 = time.perf_counter()
+        compiled = ts.compile_train_step(cfg, mesh)
+        row["compile_s"] = time.perf_counter() - t0
+        mem = compiled_memory(compiled)
+        if mem["temp_bytes"] is not None:
+            m = compiled.memory_analysis()
+            row["mem_GiB"] = (
+                mem["argument_bytes"]
+                + mem["temp_bytes"]
+                + mem["output_bytes"]
+                - int(m.alias_size_in_bytes)
+            ) / GiB
+            row["temp_GiB"] = mem["temp_bytes"] / GiB
+        if compile_only:
+            return row
+        state, _ = ts.create_train_state(cfg, mesh)
+        batch = _random_batch(cfg, mesh)
+        holder = [state]
+        del state
+
+        def one_step():
+            holder[0], metrics = compiled(holder[0], batch)
+            return metrics
+
+        t = time_fn(one_step, warmup=1, repeats=repeats)
+        achieved = (
+            flops["total"] * B * T / t["median"] / n_dev
+        )  # model FLOP/s per device
+        achieved_6n = flops["6n"] * B * T / t["median"] / n_dev
+        row.update(
+            {
+                "step_s": t["median"],
+                "step_s_min": t["min"],
+                "step_s_max": t["max"],
+                "tokens/s": B * T / t["median"],
+                "tokens/s/dev": B * T / t["median"] / n_dev,
+                "model_TFLOP/s/dev": achieved / 1e12,
+                "MFU_6n": None if peak is None else achieved_6n / peak,
+                "MFU_causal": None if peak is None else achieved / peak,
+                "of_matmul": achieved / matmul_rate,
+            }
+        )
+        hwm = _hwm_bytes()
+        if hwm is not None:
+            row["hwm_GiB"] = hwm / GiB
+        holder.clear()
+    except Exception as e:  # an OOM is a result (a row), anything else a bug
+        if not is_oom(e):
+            raise
+        row["error"] = "OOM: " + str(e).splitlines()[0][:60]
+    finally:
+        gc.collect()
+    return row
+
+
 def run(args) -> list[dict]:
-    cfg = load_config_file(getattr(args, "config", "configs/tiny.py"))
+    cfg = load_config(args)
     if getattr(args, "step_batch", 0):
         cfg.train.batch_size = args.step_batch
     if getattr(args, "step_seq_len", 0):
         cfg.train.seq_len = args.step_seq_len
-    policies = [p for p in str(getattr(args, "step_policies", "save_linear")).split(",") if p]
+    if getattr(args, "step_dtype", ""):
+        cfg.model.dtype = args.step_dtype
+    cfg.train.grad_accum_steps = 1
+    policies = [
+        p for p in str(getattr(args, "step_policies", "save_linear")).split(",") if p
+    ]
+    extra = [
+        int(b)
+        for b in str(getattr(args, "step_extra_batches", "") or "").split(",")
+        if b
+    ]
     compile_only = bool(getattr(args, "step_compile_only", False))
     repeats = int(getattr(args, "step_repeats", 5))
 
     mesh = shd.make_mesh(cfg.mesh)
     mc = ModelConfig.from_config(cfg.model)
-    n_dev = mesh.devices.size
-    B, T = int(cfg.train.batch_size), int(cfg.train.seq_len)
-    flops_per_token = stats.flops_per_token(mc, T)["total"]
+    flops = stats.flops_per_token(mc, int(cfg.train.seq_len))
     peak = stats.device_peak_flops()
     on_cpu = jax.default_backend() == "cpu"
-    mesh_desc = "x".join(str(mesh.shape[a]) for a in shd.MESH_AXES)
 
     rows, matmul_row, matmul_rate = [], None, None
     if not compile_only:
         n = int(getattr(args, "step_matmul", 0)) or (2048 if on_cpu else 8192)
-        matmul_rate = matmul_flops(n, mc.compute_dtype)
+        mm = matmul_flops(n, mc.compute_dtype)
+        matmul_rate = mm["median"]
         matmul_row = {
-            "policy": f"matmul {n}^3 {mc.dtype}",
+            "policy": f"limit: matmul {n}^3 {mc.dtype}",
             "model_TFLOP/s/dev": matmul_rate / 1e12,
-            "MFU": None if peak is None else matmul_rate / peak,
+            "MFU_causal": None if peak is None else matmul_rate / peak,
             "of_matmul": 1.0,
+            "matmul_TFLOP/s_min": mm["min"] / 1e12,
+            "matmul_TFLOP/s_max": mm["max"] / 1e12,
         }
 
     for policy in policies:
-        cfg.model.remat_policy = policy
-        t0 = time.perf_counter()
-        compiled = ts.compile_train_step(cfg, mesh)
-        row = {"policy": policy, "mesh(d,f,t)": mesh_desc, "compile_s": time.perf_counter() - t0}
-        mem = compiled_memory(compiled)
-        for k in ("temp_bytes", "argument_bytes", "output_bytes"):
-            row[k.replace("_bytes", "_MiB/dev")] = None if mem[k] is None else mem[k] / MiB
-        if not compile_only:
-            state, _ = ts.create_train_state(cfg, mesh)
-            batch = _random_batch(cfg, mesh)
-            holder = [state]
-
-            def one_step(holder=holder, batch=batch, compiled=compiled):
-                holder[0], metrics = compiled(holder[0], batch)
-                return metrics
-
-            seconds = time_fn(one_step, warmup=1, repeats=repeats)["median"]
-            achieved = flops_per_token * B * T / seconds / n_dev  # model FLOP/s per device
-            row.update(
-                {
-                    "step_s": seconds,
-                    "tokens/s": B * T / seconds,
-                    "model_TFLOP/s/dev": achieved / 1e12,
-                    "MFU": None if peak is None else achieved / peak,
-                    "of_matmul": achieved / matmul_rate,
-                }
+        rows.append(
+            _one_row(cfg, mesh, policy, repeats, compile_only, flops, peak, matmul_rate)
+        )
+    timed = [r for r in rows if "step_s" in r]
+    if extra and timed:
+        best = max(timed, key=lambda r: r["tokens/s"])
+        for b in extra:
+            if b == best["batch"]:
+                continue
+            cfg.train.batch_size = b
+            rows.append(
+                _one_row(
+                    cfg,
+                    mesh,
+                    best["policy"],
+                    repeats,
+                    compile_only,
+                    flops,
+                    peak,
+                    matmul_rate,
+                )
             )
-            del holder[0], state
-        rows.append(row)
     return rows + ([matmul_row] if matmul_row else [])
