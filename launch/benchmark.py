@@ -100,9 +100,20 @@ def main(argv=None):
     if args.summary:
         print_table("summary", summary_rows(results), as_json=args.json)
     if args.json_out:
+        from llama_jax.bench.common import device_description
+
         with open(args.json_out, "w") as f:
-            json.dump(results, f, indent=1, default=str)
+            json.dump(
+                {"device": device_description(), "results": results}, f, default=str
+            )
     return results
+
+
+def print_summary_file(path: str) -> None:
+    """The --summary table again, from a --json-out file (no jax backend is started)."""
+    with open(path) as f:
+        saved = json.load(f)
+    print_table("summary", summary_rows(saved["results"]), device=saved["device"])
 
 
 if __name__ == "__main__":

@@ -59,14 +59,15 @@ def fmt(v) -> str:
     return str(v)
 
 
-def print_table(title: str, rows: list[dict], *, as_json: bool = False) -> None:
+def print_table(
+    title: str, rows: list[dict], *, as_json: bool = False, device: str | None = None
+) -> None:
     """Prints rows as one aligned text table (or one JSON object per section with --json)."""
+    device = device or device_description()
     if as_json:
-        print(
-            json.dumps({"section": title, "device": device_description(), "rows": rows})
-        )
+        print(json.dumps({"section": title, "device": device, "rows": rows}))
         return
-    print(f"\n## {title}  [{device_description()}]")
+    print(f"\n## {title}  [{device}]")
     if not rows:
         print("(no rows)")
         return
