@@ -11,12 +11,12 @@ from llama_jax import xla_flags  # before jax is imported: XLA reads XLA_FLAGS o
 
 xla_flags.setup()
 
-import argparse  # noqa: E402
-import importlib  # noqa: E402
-import json  # noqa: E402
+import argparse
+import importlib
+import json
 
-from llama_jax.bench import SECTIONS  # noqa: E402
-from llama_jax.bench.common import print_table  # noqa: E402
+from llama_jax.bench import SECTIONS
+from llama_jax.bench.common import print_table
 
 # Columns of the --summary table per section (those a row has).
 SUMMARY_COLUMNS = {

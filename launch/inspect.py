@@ -56,13 +56,13 @@ def _simulate_devices(n: int) -> None:
 if __name__ == "__main__" and ("--memory" in sys.argv or "--memory=true" in sys.argv):
     _simulate_devices(simulated_devices(sys.argv))
 
-import json  # noqa: E402
+import json
 
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import flags
+from ml_collections import config_flags
 
-from llama_jax import cli, stats  # noqa: E402
-from llama_jax.config import ModelConfig  # noqa: E402
+from llama_jax import cli, stats
+from llama_jax.config import ModelConfig
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "config file", lock_config=True

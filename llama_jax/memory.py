@@ -169,12 +169,16 @@ def format_report(result: dict, device_bytes: float | None = None) -> str:
     c = result["config"]
     mesh = "x".join(str(c["mesh"][a]) for a in shd.MESH_AXES)
     lines = [
-        f"will it fit? per-device bytes of the compiled train step on {c['devices']} "
-        f"{c['backend']} device(s), mesh (data,fsdp,tensor)={mesh}",
-        f"  {c['parameters']:,} parameters ({c['param_dtype']} master, AdamW), compute "
-        f"{c['dtype']}; activations for global batch {c['batch_size']} x seq {c['seq_len']} "
-        f"(grad_accum {c['grad_accum_steps']}: {c['rows_per_device']} sequence(s) per device "
-        "per microbatch); they scale with rows per device",
+        (
+            f"will it fit? per-device bytes of the compiled train step on {c['devices']} "
+            f"{c['backend']} device(s), mesh (data,fsdp,tensor)={mesh}"
+        ),
+        (
+            f"  {c['parameters']:,} parameters ({c['param_dtype']} master, AdamW), compute "
+            f"{c['dtype']}; activations for global batch {c['batch_size']} x seq {c['seq_len']} "
+            f"(grad_accum {c['grad_accum_steps']}: {c['rows_per_device']} sequence(s) per device "
+            "per microbatch); they scale with rows per device"
+        ),
         f"  analytic state: 16 bytes/param / shards = {c['analytic_16_bytes_per_param'] / GiB:.2f} GiB",
     ]
     cols = [

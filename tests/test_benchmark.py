@@ -76,7 +76,7 @@ def test_gpu_check_dry_run(tmp_path):
     """launch/gpu_check.sh --dry-run: tests (skipped off GPU), attention per implementation,
     the step per remat policy + an extra batch for the fastest, and the summary table last."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    r = subprocess.run(
+    r = subprocess.run(  # noqa: PLW1510 - rc checked below
         ["bash", "launch/gpu_check.sh", "--dry-run"],
         cwd=ROOT,
         timeout=400,
@@ -89,9 +89,9 @@ def test_gpu_check_dry_run(tmp_path):
     for policy in ("save_linear", "full", "none"):
         assert f"step       {policy}" in tail
     assert (
-        "skipped" in open(tmp_path / "pytest.txt").read()
+        "skipped" in (tmp_path / "pytest.txt").read_text()
     )  # not passed: there is no GPU
-    saved = json.load(open(tmp_path / "bench.json"))
+    saved = json.loads((tmp_path / "bench.json").read_text())
     steps = [s for s in saved["results"]["step"] if "tokens/s" in s]
     assert {s["policy"] for s in steps} == {"save_linear", "full", "none"}
     assert sorted({s["batch"] for s in steps}) == [4, 8]
@@ -110,7 +110,6 @@ def test_is_oom_recognizes_xla_messages():
 
 def test_profile_steps_write_a_trace(tmp_path, tiny_dataset):
     from llama_jax import trainer
-
     from tests.test_train import SMALL  # the training tests' small float32 model
 
     cfg = load_config_file(
@@ -153,7 +152,7 @@ def test_xla_flags_are_accepted_by_this_jaxlib():
     """An unknown flag aborts XLA at start-up; every default must start a backend."""
     env = {}
     xla_flags.setup(env, force=True)
-    r = subprocess.run(
+    r = subprocess.run(  # noqa: PLW1510 - rc checked below
         [sys.executable, "-c", "import jax; print(jax.numpy.ones(2).sum())"],
         env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
         capture_output=True,

@@ -98,7 +98,7 @@ def is_oom(e: BaseException) -> bool:
 def _hwm_bytes():
     try:
         s = jax.devices()[0].memory_stats()
-    except Exception:  # CPU, or a plugin without memory stats
+    except Exception:  # noqa: BLE001 - CPU, or a plugin without memory stats
         return None
     return None if not s else s.get("peak_bytes_in_use")
 
