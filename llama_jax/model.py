@@ -225,6 +225,9 @@ class Llama(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         emb = _param(self, "tok_embeddings", (c.vocab_size, c.dim), ("vocab", "embed"), c)
+        # Gather the table over the FSDP axis first: a lookup into a table split along embed
+        # forces XLA to rematerialize the whole table on every device instead.
+        emb = nn.with_logical_constraint(emb, ("vocab", None))
         x = jnp.take(emb, tokens, axis=0).astype(c.compute_dtype)  # [B, T, D]
         if c.position == "learned":
             pos = _param(self, "pos_embeddings", (c.max_seq_len, c.dim), (None, "embed"), c)
