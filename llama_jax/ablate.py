@@ -102,18 +102,19 @@ def make_variants(base_cfg, axes, grid: bool = False) -> list[Variant]:
             parsed.append((v, _get(probe, key)))
         typed.append((key, base_value, parsed))
     if grid:
-        combos = itertools.product(*[[(key, v, p != b) for v, p in parsed]
+        combos = itertools.product(*[[(key, v, p, p != b) for v, p in parsed]
                                      for key, b, parsed in typed])
-        changesets = [tuple((k, v) for k, v, differs in combo if differs) for combo in combos]
+        changesets = [tuple((k, v, p) for k, v, p, differs in combo if differs) for combo in combos]
     else:
-        changesets = [()] + [((key, v),) for key, b, parsed in typed for v, p in parsed if p != b]
+        changesets = [()] + [((key, v, p),) for key, b, parsed in typed for v, p in parsed if p != b]
     out, seen = [], set()
     for changes in changesets:
-        if changes in seen:
+        same = tuple((k, repr(p)) for k, _, p in changes)
+        if same in seen:
             continue
-        seen.add(changes)
-        name = "+".join(_label(k, v) for k, v in changes) or "baseline"
-        out.append(Variant(name, changes))
+        seen.add(same)
+        name = "+".join(_label(k, v) for k, v, _ in changes) or "baseline"
+        out.append(Variant(name, tuple((k, v) for k, v, _ in changes)))
     return out
 
 
@@ -309,12 +310,11 @@ def write_tables(rows, workdir: str, *, tokens: int, seeds, grid: bool = False) 
 
 def plot(workdir: str, variants, seeds) -> str | None:
     """ablation.png: validation loss vs tokens, the mean over seeds per variant, min-max shaded."""
-    import matplotlib
+    # The Figure API, not pyplot: a notebook's plotting backend is left as it was.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     drawn = 0
     for v in variants:
         curves = [read_run(os.path.join(workdir, v.name, f"seed{s}"))["curve"] for s in seeds
@@ -331,7 +331,6 @@ def plot(workdir: str, variants, seeds) -> str | None:
             ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
         drawn += 1
     if not drawn:
-        plt.close(fig)
         return None
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation loss (nats/token)")
@@ -341,5 +340,4 @@ def plot(workdir: str, variants, seeds) -> str | None:
     out = os.path.join(workdir, "ablation.png")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
-    plt.close(fig)
     return out

@@ -38,7 +38,7 @@ def test_parse_vary_and_tokens():
 def test_one_factor_at_a_time_and_grid():
     cfg = tiny_cfg()
     axes = [("model.norm", ["rmsnorm", "layernorm"]), ("model.position", ["rope", "learned", "none"]),
-            ("train.lr", ["3e-3", "1e-3"])]  # 3e-3 is tiny's value, spelled differently
+            ("train.lr", ["3e-3", "1e-3", "0.001"])]  # 3e-3 is tiny's value; 0.001 a repeat
     ofat = ablate.make_variants(cfg, axes)
     assert [v.name for v in ofat] == [
         "baseline", "norm=layernorm", "position=learned", "position=none", "train.lr=1e-3"]
