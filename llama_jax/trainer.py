@@ -157,13 +157,11 @@ def plot_losses(workdir: str) -> str | None:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
 
     rows = [json.loads(line) for line in open(path) if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     tr = [(r["tokens_seen"], r["loss"]) for r in rows if "loss" in r]
     va = [(r["tokens_seen"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
     if tr:
@@ -177,7 +175,6 @@ def plot_losses(workdir: str) -> str | None:
     out = os.path.join(workdir, "loss.png")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
-    plt.close(fig)
     return out
 
 
