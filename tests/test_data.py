@@ -34,11 +34,13 @@ def tok(tmp_path_factory):
 
 
 def split_docs(meta_dir, split, tok):
-    """Decodes a split's token stream back into its documents (EOS-terminated)."""
+    """Decodes a split's token stream back into its documents (BOS ... EOS each)."""
     tokens = prep.open_split(str(meta_dir), split).read().result().astype(np.int64)
     assert tokens.size == 0 or tokens[-1] == tok.eos_id
     cuts = np.flatnonzero(tokens == tok.eos_id)
-    return [tok.decode(p) for p in np.split(tokens, cuts + 1)[:-1]]
+    docs = np.split(tokens, cuts + 1)[:-1]
+    assert all(d[0] == tok.bos_id and tok.bos_id not in d[1:] for d in docs)
+    return [tok.decode(d[1:]) for d in docs]
 
 
 def write_inputs(d, docs):
@@ -81,7 +83,7 @@ def test_prepare_all_formats_round_trip(tok, tmp_path):
     assert 20 <= len(val) <= 65  # ~10% of 400
     s = meta["splits"]
     assert (s["train"]["documents"], s["val"]["documents"]) == (len(train), len(val))
-    assert s["train"]["tokens"] == sum(len(tok.encode(t)) + 1 for t in train)
+    assert s["train"]["tokens"] == sum(len(tok.encode(t)) + 2 for t in train)  # + BOS, EOS
     assert (
         meta["dtype"] == "uint16"
         and meta["vocab_size"] == 300
@@ -240,7 +242,7 @@ def test_val_never_silently_empty(tok, tmp_path):
             split_docs(tmp_path / name, "val", tok),
         )
         assert len(val) == 1 and sorted(train + val) == sorted(docs) and "val_fallback" in meta
-        assert meta["splits"]["val"]["tokens"] == len(tok.encode(val[0])) + 1
+        assert meta["splits"]["val"]["tokens"] == len(tok.encode(val[0])) + 2  # + BOS, EOS
         runs.append(val)
     assert runs[0] == runs[1]
 

@@ -17,7 +17,7 @@ import sysconfig
 import tempfile
 import time
 
-from llama_jax.data.prepare import prepare
+from llama_jax.data.prepare import FORMAT, prepare
 from llama_jax.data.tokenizer import train_tokenizer
 
 MAX_BYTES = 16 << 20
@@ -54,7 +54,8 @@ def default_dataset_dir(
     vocab_size: int, cache_dir: str | None = None, max_bytes: int = MAX_BYTES
 ) -> str:
     """Where ensure_default_dataset keeps (or will keep) this corpus."""
-    name = f"default_corpus_v{vocab_size}_py{sys.version_info[0]}{sys.version_info[1]}"
+    fmt = FORMAT.rsplit("/", 1)[-1]  # a new dataset format builds a new cache entry
+    name = f"default_corpus_v{vocab_size}_py{sys.version_info[0]}{sys.version_info[1]}_f{fmt}"
     if max_bytes != MAX_BYTES:
         name += f"_{max_bytes}"
     return os.path.join(cache_dir or default_cache_dir(), name)

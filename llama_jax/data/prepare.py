@@ -42,7 +42,7 @@ import numpy as np
 
 from llama_jax.data.tokenizer import Tokenizer
 
-FORMAT = "llama_jax.tokens/1"
+FORMAT = "llama_jax.tokens/2"  # /2: each document is BOS + tokens + EOS, as LLaMA trained
 SPLITS = ("train", "val")
 REFUSED_EXTENSIONS = (".gz", ".bz2", ".xz", ".zst", ".zip", ".tar", ".json", ".npy", ".arrow")
 SHARD_BYTES = 32 << 20  # input bytes per work unit: small enough to spread over workers
@@ -260,6 +260,7 @@ def _tokenize_shard(job: tuple[int, list]) -> dict:
     index, units = job
     w = _worker
     eos = w["tok"].eos_id
+    bos = [w["tok"].bos_id] if w["tok"].bos_id >= 0 else []  # inference prompts start with BOS
     tokens = {s: [] for s in SPLITS}
     summary = {
         "index": index,
@@ -278,11 +279,12 @@ def _tokenize_shard(job: tuple[int, list]) -> dict:
     def flush():
         nonlocal train_tokens
         for ids, (split, h) in zip(w["tok"].encode_batch(texts), splits):
-            tokens[split].append(np.asarray(ids + [eos], dtype=w["dtype"]))
+            doc = bos + ids + [eos]
+            tokens[split].append(np.asarray(doc, dtype=w["dtype"]))
             if split == "train":
                 if h < first["hash"]:
-                    first.update(hash=h, offset=train_tokens, length=len(ids) + 1)
-                train_tokens += len(ids) + 1
+                    first.update(hash=h, offset=train_tokens, length=len(doc))
+                train_tokens += len(doc)
         texts.clear()
         splits.clear()
 
@@ -417,7 +419,7 @@ def read_metadata(dataset_dir: str) -> dict:
         result = kv.read("metadata.json").result()
         if result.state != "value":
             raise FileNotFoundError(f"no prepared dataset at {dataset_dir} (metadata.json missing)")
-        return json.loads(bytes(result.value))
+        return _check_format(dataset_dir, json.loads(bytes(result.value)))
     path = os.path.join(dataset_dir.removeprefix("file://"), "metadata.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -425,7 +427,16 @@ def read_metadata(dataset_dir: str) -> dict:
             "run python -m launch.prepare_data"
         )
     with open(path) as f:
-        return json.load(f)
+        return _check_format(dataset_dir, json.load(f))
+
+
+def _check_format(dataset_dir: str, meta: dict) -> dict:
+    if meta.get("format") != FORMAT:
+        raise ValueError(
+            f"{dataset_dir} holds dataset format {meta.get('format')!r}, this version reads "
+            f"{FORMAT!r}: re-run python -m launch.prepare_data"
+        )
+    return meta
 
 
 def open_split(dataset_dir: str, split: str):
