@@ -275,6 +275,11 @@ def cudnn_attention(q, k, v, *, causal=True, segment_ids=None, **_):
     With segment_ids the mask is passed as a [B, 1, T, S] boolean array: O(T^2) memory,
     which is why "auto" picks blockwise for packed documents.
     """
+    if causal and q.shape[1] != k.shape[1]:
+        # cuDNN aligns the causal mask top-left, every other impl bottom-right: refuse rather
+        # than silently change which keys a query sees.
+        raise ValueError(f"cudnn attention needs T == S when causal, got T={q.shape[1]}, "
+                         f"S={k.shape[1]}; use impl='blockwise'")
     mask = None
     if segment_ids is not None:
         mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [B, 1, T, S]

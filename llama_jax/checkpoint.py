@@ -1,7 +1,8 @@
 """Orbax checkpoints of the whole train state: async saves, retention, resume, re-sharding.
 
-A checkpoint step directory holds `state` (params, optimizer state, step, rng) and `meta`
-(the config and loop counters as JSON). Orbax writes each step into a temporary directory and
+A checkpoint step directory holds `state` (params, optimizer state, step) and `meta` (the
+config, which holds the seeds, and loop counters as JSON). Training draws no random numbers
+after init: the data order is a function of (data seed, step). Orbax writes each step into a temporary directory and
 renames it only once complete, so an interrupted write is never picked up by latest_step().
 """
 
@@ -16,7 +17,7 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
-class CorruptCheckpointError(RuntimeError):
+class CorruptCheckpointError(RuntimeError):  # noqa: N818
     pass
 
 

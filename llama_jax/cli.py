@@ -7,9 +7,10 @@ import sys
 
 from absl import app, flags
 
-# Errors a user can cause (bad config field, missing file, vocab mismatch, NaN loss, ...) are
-# printed as one line; set LLAMA_JAX_TRACEBACK=1 to see the traceback instead.
-USER_ERRORS = (ValueError, KeyError, OSError, AttributeError, RuntimeError)
+# Errors a user can cause (bad config field, missing file, vocab mismatch, NaN loss, corrupt
+# checkpoint, out of memory, ...) are printed as one line; set LLAMA_JAX_TRACEBACK=1 to see the
+# traceback instead. AttributeError and the like stay tracebacks: those are our bugs.
+USER_ERRORS = (ValueError, KeyError, OSError, RuntimeError)
 
 
 def _one_line(e: BaseException) -> str:

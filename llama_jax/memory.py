@@ -24,6 +24,7 @@ import math
 import time
 
 import jax
+from ml_collections import ConfigDict
 import numpy as np
 
 from llama_jax import sharding as shd
@@ -124,10 +125,9 @@ def analyze(cfg, mesh, policies=None, log=None) -> dict:
         },
         "policies": [],
     }
+    cfg = ConfigDict(cfg.to_dict())  # a copy: the caller's remat_policy stays as it was
     for policy in policies:
-        cfg.model.remat_policy = (
-            policy  # an existing field: allowed on a locked ConfigDict
-        )
+        cfg.model.remat_policy = policy
         t0 = time.perf_counter()
         compiled = ts.compile_train_step(cfg, mesh)
         seconds = time.perf_counter() - t0

@@ -227,8 +227,9 @@ class Llama(nn.Module):
         emb = _param(self, "tok_embeddings", (c.vocab_size, c.dim), ("vocab", "embed"), c)
         # Gather the table over the FSDP axis first: a lookup into a table split along embed
         # forces XLA to rematerialize the whole table on every device instead.
-        emb = nn.with_logical_constraint(emb, ("vocab", None))
-        x = jnp.take(emb, tokens, axis=0).astype(c.compute_dtype)  # [B, T, D]
+        # Cast first, so the gather moves compute-dtype bytes.
+        emb = nn.with_logical_constraint(emb.astype(c.compute_dtype), ("vocab", None))
+        x = jnp.take(emb, tokens, axis=0)  # [B, T, D]
         if c.position == "learned":
             pos = _param(self, "pos_embeddings", (c.max_seq_len, c.dim), (None, "embed"), c)
             x = x + jnp.take(pos, positions, axis=0).astype(c.compute_dtype)
@@ -250,5 +251,7 @@ class Llama(nn.Module):
 
         x = Norm(c, name="norm")(x)
         out = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), c)
-        logits = jnp.einsum("BTD,DV->BTV", x, out.astype(c.compute_dtype))
+        # float32 accumulation and output: bf16 logits would round the loss and its gradient.
+        logits = jnp.einsum("BTD,DV->BTV", x, out.astype(c.compute_dtype),
+                            preferred_element_type=jnp.float32)
         return nn.with_logical_constraint(logits, BTV).astype(jnp.float32)

@@ -35,7 +35,7 @@ class TrainState:
 
 
 def model_config(cfg) -> ModelConfig:
-    """The ModelConfig the step uses; host offload falls back to save_linear on CPU."""
+    """The ModelConfig the step uses (the remat policy name checked)."""
     mc = ModelConfig.from_config(cfg.model)
     remat_policy(mc.remat_policy)  # unknown name -> ValueError listing the valid ones
     return mc

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from ml_collections import ConfigDict
 
 from llama_jax import distributed, stats
 from llama_jax import sharding as shd
@@ -85,9 +86,20 @@ def resolve_data(cfg) -> tuple[str, str]:
         if not os.path.exists(tokenizer):
             raise FileNotFoundError(f"tokenizer not found: {tokenizer!r}; set data.tokenizer")
         return path, tokenizer
+    if cfg.data.tokenizer:
+        raise ValueError("data.tokenizer is set but data.path is not: the built-in default corpus "
+                         "has its own tokenizer; prepare a dataset with yours (launch.prepare_data)")
     from llama_jax.data.default_corpus import ensure_default_dataset
 
     return ensure_default_dataset(vocab_size=int(cfg.model.vocab_size))
+
+
+def _record_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a line torn by a killed process (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class MetricsWriter:
@@ -102,7 +114,7 @@ class MetricsWriter:
         # Steps after the checkpoint we resume from were lost: drop their records.
         if os.path.exists(self.path):
             with open(self.path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+                keep = [line for line in f if _record_step(line) <= resume_step]
             with open(self.path, "w") as f:
                 f.writelines(keep)
         try:
@@ -133,23 +145,38 @@ def data_seed(cfg) -> int:
     return int(cfg.train.seed) if seed < 0 else seed
 
 
-def evaluate(eval_fn, params, cfg, dataset_dir, sharding, tokenizer_sha) -> float | None:
-    """Mean validation loss over train.eval_batches batches of the held-out split (always the
-    same batches, so values are comparable across evaluations and runs)."""
-    n = int(cfg.train.eval_batches)
-    if n <= 0:
-        return None
-    loader = Loader(dataset_dir, "val", batch_size=int(cfg.train.batch_size),
-                    seq_len=int(cfg.train.seq_len), seed=data_seed(cfg) + 1,
-                    sharding=sharding, step=0, prefetch=1, expected_tokenizer_sha=tokenizer_sha)
-    try:
+class Evaluator:
+    """Validation loss over the same train.eval_batches global batches of the held-out split
+    at every evaluation (comparable across evaluations and runs).
+
+    Batches are split like training microbatches (train.grad_accum_steps), so evaluation
+    never needs more activation memory than a training step.
+    """
+
+    def __init__(self, eval_fn, cfg, dataset_dir, sharding, tokenizer_sha):
+        accum = max(1, int(cfg.train.grad_accum_steps))
+        self.eval_fn, self.n = eval_fn, int(cfg.train.eval_batches) * accum
+        self.loader = Loader(dataset_dir, "val", batch_size=int(cfg.train.batch_size) // accum,
+                             seq_len=int(cfg.train.seq_len), seed=data_seed(cfg) + 1,
+                             sharding=sharding, prefetch=0, expected_tokenizer_sha=tokenizer_sha)
+
+    def __call__(self, params) -> float:
         total, tokens = 0.0, 0.0
-        for _ in range(n):
-            m = jax.device_get(eval_fn(params, next(loader)))
+        for i in range(self.n):
+            m = jax.device_get(self.eval_fn(params, self.loader.batch(i)))
             total, tokens = total + float(m["loss_sum"]), tokens + float(m["tokens"])
-    finally:
-        loader.close()
-    return total / max(tokens, 1.0)
+        return total / max(tokens, 1.0)
+
+    def close(self):
+        self.loader.close()
+
+
+@jax.jit
+def _track(acc, metrics, step):
+    """Counts skipped steps and remembers the first non-finite loss, on device, every step."""
+    bad = ~jnp.isfinite(metrics["loss"])
+    first = jnp.where((acc["first_bad"] < 0) & bad, step, acc["first_bad"])
+    return {"skipped": acc["skipped"] + metrics["skipped"], "first_bad": first}
 
 
 def plot_losses(workdir: str) -> str | None:
@@ -207,13 +234,34 @@ def _log_startup(cfg, diff, mesh, mc, n_params, tokens_per_step, impl):
 
 
 def _attention_impl(mc) -> str:
-    from llama_jax import attention
+    from llama_jax.attention import resolve_impl
 
-    resolve = getattr(attention, "resolve_impl", None)
-    if resolve is None:
-        return mc.attention_impl
-    picked = resolve(mc.attention_impl, mc.compute_dtype, mc.head_dim, False)
+    picked = resolve_impl(mc.attention_impl, mc.compute_dtype, mc.head_dim, False)
     return picked if picked == mc.attention_impl else f"{mc.attention_impl} -> {picked}"
+
+
+# Fields that fix which tokens each step sees: changing them on resume would silently skip or
+# repeat data. Schedule fields may change (extending a run), with a warning.
+RESUME_FIXED = ("train.batch_size", "train.seq_len", "data.path")
+RESUME_WARN = ("train.steps", "train.lr", "train.warmup_steps", "train.min_lr_ratio")
+
+
+def check_resume_config(saved: dict, cfg) -> None:
+    """Raises when the run's data order would differ from the checkpoint's; warns on schedule."""
+    if not saved:
+        return
+    old, new = _flatten(saved), _flatten(cfg.to_dict())
+    bad = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in RESUME_FIXED if old.get(k) != new.get(k)]
+    old_seed = data_seed(ConfigDict(saved))
+    if old_seed != data_seed(cfg):
+        bad.append(f"data seed: {old_seed} -> {data_seed(cfg)}")
+    if bad:
+        raise ValueError("resuming with a different data order than the checkpoint ("
+                         + "; ".join(bad) + "): use the original values or a new --workdir")
+    for k in RESUME_WARN:
+        if old.get(k) != new.get(k):
+            log.warning("resuming with %s changed: %r -> %r (the schedule changes)", k, old.get(k),
+                        new.get(k))
 
 
 def _inject_fault(step: int) -> None:
@@ -228,7 +276,19 @@ def _profile_range(spec: str) -> tuple[int, int] | None:
     if not spec:
         return None
     a, _, b = str(spec).partition(",")
-    return int(a), int(b or a)
+    a, b = int(a), int(b or a)
+    if not 0 <= a <= b:
+        raise ValueError(f"train.profile_steps={spec!r}: want 'a,b' with 0 <= a <= b")
+    return a, b
+
+
+def last_record(workdir: str) -> dict:
+    """The last complete line of metrics.jsonl (counters carry over on resume)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return {}
+    rows = [line for line in open(path) if math.isfinite(_record_step(line))]
+    return json.loads(rows[-1]) if rows else {}
 
 
 def train(cfg, workdir: str, *, config_diff: dict | None = None) -> dict:
@@ -260,6 +320,7 @@ def train(cfg, workdir: str, *, config_diff: dict | None = None) -> dict:
     abstract, shardings = ts.abstract_train_state(cfg, mesh)
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore(abstract)
+        check_resume_config(meta.get("config"), cfg)
         log.info("resumed from %s step %d", ckpt.directory, int(state.step))
         tokens_seen = int(meta.get("tokens_seen", int(state.step) * B * T))
     else:
@@ -270,21 +331,25 @@ def train(cfg, workdir: str, *, config_diff: dict | None = None) -> dict:
     loader = Loader(dataset_dir, "train", batch_size=B, seq_len=T, seed=data_seed(cfg),
                     sharding=batch_sharding, step=start, prefetch=int(cfg.data.prefetch),
                     expected_vocab_size=mc.vocab_size, expected_tokenizer_sha=tokenizer.sha256)
-    eval_every = int(cfg.train.eval_every)
-    if eval_every:
+    step_fn = ts.make_train_step(cfg, mesh, shardings)
+    eval_every, evaluate = int(cfg.train.eval_every), None
+    if eval_every and int(cfg.train.eval_batches) > 0:
         try:
-            Loader(dataset_dir, "val", batch_size=B, seq_len=T, prefetch=0).close()
+            evaluate = Evaluator(ts.make_eval_step(cfg, mesh, shardings), cfg, dataset_dir,
+                                 batch_sharding, tokenizer.sha256)
         except ValueError as e:
             log.warning("validation disabled: %s", e)
-            eval_every = 0
-    step_fn = ts.make_train_step(cfg, mesh, shardings)
-    eval_fn = ts.make_eval_step(cfg, mesh, shardings)
+    if evaluate is None:
+        eval_every = 0
     writer = MetricsWriter(workdir, start, is_main)
     stop = _StopFlag()
     stop.install()
     log_every = max(1, int(cfg.train.log_every))
     every = int(cfg.checkpoint.every_steps)
-    profile = _profile_range(cfg.train.profile_steps)
+    profile, profiling = _profile_range(cfg.train.profile_steps), False
+    # Every process must stop at the same step; across hosts agreeing costs a collective and a
+    # host sync, so multi-process jobs ask every few steps rather than every step.
+    stop_every = 1 if jax.process_count() == 1 else max(1, min(log_every, 10))
 
     def meta(step):
         return {"step": step, "tokens_seen": tokens_seen, "config": cfg.to_dict()}
@@ -292,48 +357,52 @@ def train(cfg, workdir: str, *, config_diff: dict | None = None) -> dict:
     from tqdm import tqdm
 
     bar = tqdm(total=steps, initial=start, disable=not is_main, unit="step", dynamic_ncols=True)
-    last, skipped, last_saved = {}, 0, (start if ckpt.latest_step() is not None else None)
+    last, last_saved = {}, (start if ckpt.latest_step() is not None else None)
+    acc = {"skipped": jnp.zeros((), jnp.int32), "first_bad": jnp.full((), -1, jnp.int32)}
+    skipped_before = int(last_record(workdir).get("skipped_steps", 0)) if start else 0
     t_mark, tokens_mark = None, tokens_seen
     try:
         if start == 0 and eval_every:  # the untrained model's loss: where the curve starts
-            val = evaluate(eval_fn, state.params, cfg, dataset_dir, batch_sharding, tokenizer.sha256)
-            writer.write({"step": 0, "tokens_seen": 0, "val_loss": val})
+            writer.write({"step": 0, "tokens_seen": 0, "val_loss": evaluate(state.params)})
         for step in range(start, steps):
             if profile and step == profile[0]:
-                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                jax.profiler.start_trace(os.path.join(workdir, "profile", f"process_{jax.process_index()}"))
+                profiling = True
             state, metrics = step_fn(state, next(loader))
-            if profile and step == profile[1]:
+            acc = _track(acc, metrics, step + 1)
+            if profiling and step == profile[1]:
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
+                profiling = False
             tokens_seen += B * T
             done = step + 1
             _inject_fault(done)
-            stopping = stop.any_process()
+            stopping = done % stop_every == 0 and stop.any_process()
             save_now = done == steps or stopping or (every and done % every == 0)
             log_now = done % log_every == 0 or save_now or (eval_every and done % eval_every == 0)
             if not log_now:
                 continue
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            skipped += int(m.pop("skipped", 0))
+            a = {k: int(v) for k, v in jax.device_get(acc).items()}
             now = time.perf_counter()
             rate = None
             if t_mark is not None:  # the first interval holds compilation: not a rate
                 rate = (tokens_seen - tokens_mark) / (now - t_mark)
-            t_mark, tokens_mark = now, tokens_seen
             record = {"step": done, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-                      "tokens_seen": tokens_seen, "tokens_per_sec": rate, "skipped_steps": skipped}
+                      "tokens_seen": tokens_seen, "tokens_per_sec": rate,
+                      "skipped_steps": skipped_before + a["skipped"]}
             if rate is not None and peak:
                 record["mfu"] = rate * flops_per_token["6n"] / (jax.device_count() * peak)
             if eval_every and (done % eval_every == 0 or done == steps):
-                record["val_loss"] = evaluate(eval_fn, state.params, cfg, dataset_dir,
-                                              batch_sharding, tokenizer.sha256)
+                record["val_loss"] = evaluate(state.params)
             writer.write(record)
             last = record
-            if not math.isfinite(m["loss"]) and not cfg.train.skip_nonfinite:
+            if a["first_bad"] >= 0 and not cfg.train.skip_nonfinite:
                 raise NonFiniteLossError(
-                    f"non-finite loss {m['loss']} at step {done} (grad norm {m['grad_norm']}); "
-                    f"last good checkpoint: step {last_saved} in {ckpt.directory}. Lower train.lr, "
-                    "or set train.skip_nonfinite=true to skip such steps")
+                    f"non-finite loss at step {a['first_bad']} (step {done}: loss {m['loss']}, grad "
+                    f"norm {m['grad_norm']}); last good checkpoint: step {last_saved} in "
+                    f"{ckpt.directory}. Lower train.lr, or set train.skip_nonfinite=true to skip "
+                    "such steps")
             bar.update(done - bar.n)
             post = {"loss": f"{m['loss']:.3f}", "lr": f"{m['lr']:.2e}", "gnorm": f"{m['grad_norm']:.2f}"}
             if rate is not None:
@@ -346,6 +415,8 @@ def train(cfg, workdir: str, *, config_diff: dict | None = None) -> dict:
             if save_now:
                 ckpt.save(done, state, meta(done))
                 last_saved = done
+            # Evaluation and saving are not training time: the next rate starts here.
+            t_mark, tokens_mark = time.perf_counter(), tokens_seen
             if stopping:
                 ckpt.wait()
                 msg = (f"{stop.signal or 'signal'} received: saved step {done} to {ckpt.directory}; "
@@ -357,9 +428,13 @@ def train(cfg, workdir: str, *, config_diff: dict | None = None) -> dict:
                 return last
         ckpt.wait()
     finally:
+        if profiling:
+            jax.profiler.stop_trace()
         bar.close()
         stop.restore()
         loader.close()
+        if evaluate is not None:
+            evaluate.close()
         writer.close()
         ckpt.close()
 

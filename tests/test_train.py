@@ -88,6 +88,8 @@ def test_resume_after_sigkill_is_exact(tmp_path, tiny_dataset, async_save, kill_
                   env={"LLAMA_JAX_SIGNAL_AT_STEP": f"9:{kill_at}"}, check=False)
     assert r.returncode == -signal.SIGKILL
     assert max(losses(tmp_path / "killed")) == kill_at - 1  # killed before logging kill_at
+    with open(tmp_path / "killed" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 12, "lo')  # a line torn by the kill must not block the resume
     resumed = run_train(tmp_path / "killed", tiny_dataset, opt)
     if resume_from:
         assert f"resumed from {tmp_path / 'killed' / 'checkpoints'} step {resume_from}" in resumed.stderr
@@ -103,6 +105,11 @@ def test_sigterm_saves_and_next_run_continues(tmp_path, tiny_dataset):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "SIGTERM received: saved step 5" in r.stdout
     assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [5]
+    # Resuming with another batch size would silently change the data order: refused.
+    r = run_train(tmp_path, tiny_dataset, "train.batch_size=16", check=False)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ValueError: resuming with a "
+                                                        "different data order")
     r = run_train(tmp_path, tiny_dataset)
     assert "resumed from" in r.stderr and "step 5" in r.stderr
     assert sorted(losses(tmp_path)) == list(range(1, 17))
