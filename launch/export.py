@@ -14,7 +14,8 @@ def export(workdir: str, output: str, step: int | None = None, dtype: str | None
     import jax
     from ml_collections import ConfigDict
 
-    from llama_jax import params_io, train_step as ts
+    from llama_jax import params_io
+    from llama_jax import train_step as ts
     from llama_jax.checkpoint import Checkpointer
     from llama_jax.sharding import make_mesh
 

@@ -6,6 +6,7 @@ under SLURM it finds its peers by itself; elsewhere pass --coordinator host:port
 """
 
 from llama_jax import xla_flags  # before jax is imported: XLA reads XLA_FLAGS once
+
 xla_flags.setup()
 import logging
 import os

@@ -59,7 +59,7 @@ class ModelConfig:
                 raise ValueError(f"model.{name}={getattr(self, name)!r}; valid: {list(valid)}")
 
     @classmethod
-    def from_config(cls, model_cfg) -> "ModelConfig":
+    def from_config(cls, model_cfg) -> ModelConfig:
         """Builds from a ConfigDict (or dict); an unknown field is an error naming it."""
         d = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
         known = {f.name for f in dataclasses.fields(cls)}

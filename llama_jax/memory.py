@@ -24,8 +24,8 @@ import math
 import time
 
 import jax
-from ml_collections import ConfigDict
 import numpy as np
+from ml_collections import ConfigDict
 
 from llama_jax import sharding as shd
 from llama_jax import stats

@@ -9,9 +9,9 @@ Parameters and activations carry logical axis names only; sharding.py maps them 
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.attention import dot_product_attention

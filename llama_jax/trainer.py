@@ -366,7 +366,8 @@ def train(cfg, workdir: str, *, config_diff: dict | None = None) -> dict:
             writer.write({"step": 0, "tokens_seen": 0, "val_loss": evaluate(state.params)})
         for step in range(start, steps):
             if profile and step == profile[0]:
-                jax.profiler.start_trace(os.path.join(workdir, "profile", f"process_{jax.process_index()}"))
+                trace_dir = os.path.join(workdir, "profile", f"process_{jax.process_index()}")
+                jax.profiler.start_trace(trace_dir)
                 profiling = True
             state, metrics = step_fn(state, next(loader))
             acc = _track(acc, metrics, step + 1)

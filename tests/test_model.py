@@ -56,7 +56,7 @@ def np_llama(p, tokens, cfg):
         T = len(seq)
         mask = np.tril(np.ones((T, T), bool))
         for i in range(cfg.n_layers):
-            L = jax.tree.map(lambda a: a[i], p["layers"])
+            L = jax.tree.map(lambda a: a[i], p["layers"])  # noqa: B023 (used at once)
             a = L["attention"]
             h = np_rmsnorm(x, L["attention_norm"]["scale"], cfg.norm_eps)
             q = np_rotary(np.einsum("td,dnh->tnh", h, a["wq"]), cfg.rope_theta)

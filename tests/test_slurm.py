@@ -20,7 +20,6 @@ import time
 
 import numpy as np
 import pytest
-
 from test_train import ROOT, SMALL, losses, run_train
 
 CLUSTER = os.path.join(ROOT, "launch", "slurm", "local_cluster.sh")

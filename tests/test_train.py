@@ -127,7 +127,8 @@ def test_nonfinite_loss_stops_with_clear_error(tmp_path, tiny_dataset):
 
 
 def test_restore_onto_other_meshes_gives_the_same_next_loss(tmp_path, tiny_dataset):
-    from llama_jax import sharding as shd, train_step as ts
+    from llama_jax import sharding as shd
+    from llama_jax import train_step as ts
     from llama_jax.checkpoint import Checkpointer
     from llama_jax.data.loader import Loader
 
@@ -158,7 +159,9 @@ def test_restore_onto_other_meshes_gives_the_same_next_loss(tmp_path, tiny_datas
 
 def test_export_then_load_gives_the_training_logits(tmp_path, tiny_dataset):
     from launch.export import export
-    from llama_jax import params_io, sharding as shd, train_step as ts
+    from llama_jax import params_io
+    from llama_jax import sharding as shd
+    from llama_jax import train_step as ts
     from llama_jax.checkpoint import Checkpointer
     from llama_jax.model import Llama
 
