@@ -73,3 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.num_processes = 0  # processes in the job; 0 = auto
     c.distributed.process_id = -1  # this process's index; -1 = auto
     return c
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The schema's defaults as a config file of their own (launch.convert's overrides)."""
+    return base_config()

@@ -1,9 +1,11 @@
-"""Orbax checkpoints of the whole train state: async saves, retention, resume, re-sharding.
+"""Orbax checkpoints of the whole train state: async saves, retention, resume, re-sharding,
+and the checks that a resumed run continues the run it resumes.
 
 A checkpoint step directory holds `state` (params, optimizer state, step) and `meta` (the
 config, which holds the seeds, and loop counters as JSON). Training draws no random numbers
-after init: the data order is a function of (data seed, step). Orbax writes each step into a temporary directory and
-renames it only once complete, so an interrupted write is never picked up by latest_step().
+after init: the data order is a function of (data seed, step). Orbax writes each step into a
+temporary directory and renames it only once complete, so an interrupted write is never picked
+up by latest_step().
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from llama_jax.config import RunConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -22,12 +26,24 @@ class CorruptCheckpointError(RuntimeError):  # noqa: N818
 
 
 class Checkpointer:
-    def __init__(self, directory: str, ckpt_cfg, *, read_only: bool = False):
+    """Args: keep the most recent checkpoints kept; keep_period also keeps every step
+    divisible by it (0 = none); async_save writes in the background; read_only never writes
+    (export, inspection)."""
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        keep: int = 3,
+        keep_period: int = 0,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max(1, ckpt_cfg.keep),
-            keep_period=ckpt_cfg.keep_period or None,
-            enable_async_checkpointing=bool(ckpt_cfg.async_save),
+            max_to_keep=max(1, keep),
+            keep_period=keep_period or None,
+            enable_async_checkpointing=async_save,
             create=not read_only,
             cleanup_tmp_directories=not read_only,  # partial writes of a killed run
             read_only=read_only,
@@ -83,8 +99,28 @@ class Checkpointer:
         self.manager.close()
 
 
-def abstract_like(tree, shardings):
-    """ShapeDtypeStructs with the given shardings: the restore target for any mesh."""
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-    )
+# Fields that fix which tokens each step sees: changing them on resume would silently skip or
+# repeat data. Schedule fields may change (extending a run), with a warning.
+RESUME_FIXED = ("train.batch_size", "train.seq_len", "data.path")
+RESUME_WARN = ("train.steps", "train.lr", "train.warmup_steps", "train.min_lr_ratio")
+
+
+def check_resume(saved: dict | None, run: RunConfig) -> None:
+    """Raises when run's data order differs from the checkpoint's (saved: its config dict);
+    warns when the schedule changes."""
+    if not saved:
+        return
+    before = RunConfig.from_dict(saved)
+    old, new = before.flat(), run.flat()
+    bad = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in RESUME_FIXED if old[k] != new[k]]
+    if before.train.data_order_seed != run.train.data_order_seed:
+        bad.append(f"data seed: {before.train.data_order_seed} -> {run.train.data_order_seed}")
+    if bad:
+        raise ValueError(
+            "resuming with a different data order than the checkpoint ("
+            + "; ".join(bad)
+            + "): use the original values or a new --workdir"
+        )
+    for k in RESUME_WARN:
+        if old[k] != new[k]:
+            log.warning("resuming with %s changed: %r -> %r (the schedule changes)", k, old[k], new[k])

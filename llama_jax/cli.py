@@ -1,16 +1,22 @@
-"""Shared plumbing of the launch/ entry points: absl + ml_collections flags, one-line errors."""
+"""Shared plumbing of the launch/ entry points: one config style, one error path.
+
+Every tool that takes a config reads `--config FILE` and `--config.group.field=value`
+overrides (also `--config.group.field value`), the style of ml_collections' config_flags,
+next to its own argparse flags. A misspelt field, a bad value, a missing file, and any other
+error a user can cause (vocab mismatch, NaN loss, corrupt checkpoint, ...) is printed as one
+line `error: <Type>: <message>` with exit status 2; set LLAMA_JAX_TRACEBACK=1 to see the
+traceback instead. AttributeError and the like stay tracebacks: those are our bugs.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+from typing import Any, NamedTuple
 
-from absl import app, flags
-
-# Errors a user can cause (bad config field, missing file, vocab mismatch, NaN loss, corrupt
-# checkpoint, out of memory, ...) are printed as one line; set LLAMA_JAX_TRACEBACK=1 to see the
-# traceback instead. AttributeError and the like stay tracebacks: those are our bugs.
 USER_ERRORS = (ValueError, KeyError, OSError, RuntimeError)
+USAGE_EXIT = 2
 
 
 def _one_line(e: BaseException) -> str:
@@ -19,46 +25,94 @@ def _one_line(e: BaseException) -> str:
 
 
 def fail(e: BaseException) -> None:
+    """Prints e as one line and exits with USAGE_EXIT (or re-raises: LLAMA_JAX_TRACEBACK=1)."""
     if os.environ.get("LLAMA_JAX_TRACEBACK"):
         raise e
     print(f"error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(USAGE_EXIT)
 
 
-def _config_path(argv) -> str | None:
-    for i, a in enumerate(argv):
+class Command(NamedTuple):
+    args: argparse.Namespace  # the tool's own flags
+    run: Any  # config.RunConfig, or None for a tool whose config is optional and not given
+    overrides: dict[str, Any]  # {"group.field": typed value} as given on the command line
+    diff: dict[str, tuple[Any, Any]]  # {"group.field": (file's value, value)} where they differ
+    config_path: str | None
+
+
+def split_config_args(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
+    """(config file, ["group.field=value", ...], the other arguments)."""
+    path, overrides, rest, i = None, [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config" or a.startswith("--config."):
+            # "--config FILE" / "--config.a.b VALUE": the value is the next argument
+            if "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                a, i = f"{a}={argv[i + 1]}", i + 1
+            elif "=" not in a:
+                fail(ValueError(f"{a} needs a value"))
         if a.startswith("--config="):
-            return a.split("=", 1)[1]
-        if a == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
+            path = a.split("=", 1)[1]
+        elif a.startswith("--config."):
+            overrides.append(a.removeprefix("--config."))
+        else:
+            rest.append(a)
+        i += 1
+    return path, overrides, rest
 
 
-def _parse_flags(argv):
-    path = _config_path(argv)
-    if path is not None and not os.path.isfile(path.split(":")[0]):
-        print(f"error: config file not found: {path}", file=sys.stderr)
-        sys.exit(2)
+def add_config_help(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    g = parser.add_argument_group("config")
+    g.add_argument(
+        "--config", metavar="FILE", required=False,
+        help="config file, e.g. configs/tiny.py" + ("" if required else " (optional)"),
+    )
+    g.add_argument(
+        "--config.GROUP.FIELD", metavar="VALUE", dest="_override_help",
+        help="override one field (repeatable); every field is documented in configs/base.py",
+    )
+
+
+def parse(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None = None,
+    *,
+    config: str = "required",
+    default_config: str | None = None,
+) -> Command:
+    """Parses argv into the tool's flags and the typed RunConfig.
+
+    Args:
+      config: "required" (--config FILE must be given), "optional" (run is None without it,
+        unless default_config names a file to use).
+    """
+    from llama_jax import config as cfgmod
+
+    add_config_help(parser, required=config == "required")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    path, overrides, rest = split_config_args(argv)
+    args = parser.parse_args(rest)  # argparse's own usage errors exit 2 too
+    path = path or default_config
+    if path is None:
+        if config == "required":
+            fail(cfgmod.ConfigError("--config FILE is required (e.g. --config configs/tiny.py)"))
+        if overrides:
+            fail(cfgmod.ConfigError("--config.* overrides need --config FILE"))
+        return Command(args, None, {}, {}, None)
     try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as e:  # config_flags raises plain errors for unknown fields or files
-        cause = e.__cause__ or e.__context__ or e
-        if isinstance(e, AttributeError) or isinstance(cause, KeyError):
-            print(f"error: unknown config field: {_one_line(e)}", file=sys.stderr)
-            sys.exit(2)
+        from_file = cfgmod.load_file(path)
+        run = from_file.replace(overrides)
+    except cfgmod.ConfigError as e:
         fail(e)
+    flat = run.flat()
+    given = {item.partition("=")[0]: flat[item.partition("=")[0]] for item in overrides}
+    return Command(args, run, given, from_file.diff(run), path)
 
 
-def run(main) -> None:
-    """app.run(main) with flag and user errors reported as one line (exit status 2)."""
-
-    def guarded(argv):
-        try:
-            return main(argv)
-        except USER_ERRORS as e:
-            fail(e)
-
-    app.run(guarded, flags_parser=_parse_flags)
+def run(main, parser: argparse.ArgumentParser, argv=None, **kw) -> None:
+    """parse(), then main(command) with user errors reported as one line (exit status 2)."""
+    command = parse(parser, argv, **kw)
+    try:
+        return main(command)
+    except USER_ERRORS as e:
+        fail(e)

@@ -1,25 +1,106 @@
-"""The frozen model config, built once from the ConfigDict and passed whole to the model."""
+"""The typed run config: one frozen dataclass per group, built once at the entry point.
+
+configs/<name>.py files return an ml_collections ConfigDict (configs/base.py is the schema
+users read, one comment per field). `load(path, overrides)` applies `group.field=value`
+overrides to it with ml_collections' config_flags and turns it into a `RunConfig`, validated
+field by field; below the entry points every function takes a RunConfig (or one of its
+groups, or plain arguments), never a ConfigDict. This is the only library module that
+imports ml_collections.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
+from llama_jax.attention import VALID_IMPLS
+from llama_jax.remat import REMAT_POLICIES
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-CHOICES = {
-    "norm": ("rmsnorm", "layernorm"),
-    "norm_placement": ("pre", "post"),
-    "mlp": ("swiglu", "gelu"),
-    "position": ("rope", "learned", "none"),
+# Choice-valued fields of each group -> the valid names, each from the table that implements it.
+# field -> (what it names, valid names)
+MODEL_CHOICES = {
+    "dtype": ("dtype", tuple(DTYPES)),
+    "param_dtype": ("dtype", tuple(DTYPES)),
+    "attention_impl": ("attention impl", tuple(VALID_IMPLS)),
+    "remat_policy": ("remat policy", tuple(REMAT_POLICIES)),
+    # The ablation switches (model.py branches on them).
+    "norm": ("norm", ("rmsnorm", "layernorm")),
+    "norm_placement": ("norm placement", ("pre", "post")),
+    "mlp": ("mlp", ("swiglu", "gelu")),
+    "position": ("position", ("rope", "learned", "none")),
 }
 
 
+def dtype_name(dtype) -> str:
+    """The DTYPES name of a dtype (a jnp/np dtype, a type, or a name)."""
+    for name, dt in DTYPES.items():
+        if jnp.dtype(dt) == jnp.dtype(dtype):
+            return name
+    raise ValueError(f"dtype {dtype} has no name in config.DTYPES {sorted(DTYPES)}")
+
+
+class ConfigError(ValueError):
+    """A config field that holds a bad value, or does not exist; the message names it."""
+
+    def __str__(self) -> str:  # plain, also for UnknownFieldError (KeyError would quote it)
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownFieldError(ConfigError, KeyError):
+    """A config field or group that does not exist (a KeyError too, as for a dict)."""
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _checked(group: str, f: dataclasses.Field, value):
+    """value, type-checked against the field's annotation (an int is accepted as a float)."""
+    want = _TYPES[f.type]
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise ConfigError(f"{group}.{f.name}={value!r} is a {type(value).__name__}; want {f.type}")
+    return value
+
+
+def _check_choices(group: str, obj, choices: Mapping[str, tuple]) -> None:
+    for name, (what, valid) in choices.items():
+        if getattr(obj, name) not in valid:
+            raise ConfigError(
+                f"unknown {what}: {group}.{name}={getattr(obj, name)!r}; valid: {list(valid)}"
+            )
+
+
+class _Group:
+    """Shared construction of the config groups: from a dict, strictly."""
+
+    GROUP = ""
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        """Builds from a dict (or ConfigDict); an unknown field is an error naming it and the
+        valid ones; a missing field takes its default (configs saved by older versions)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise UnknownFieldError(
+                f"unknown {cls.GROUP} config field(s): {unknown}; valid: {sorted(fields)}"
+            )
+        return cls(**{k: _checked(cls.GROUP, fields[k], v) for k, v in d.items()})
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Group):
     """Model hyper-parameters; field names follow the reference LLaMA ModelArgs."""
 
+    GROUP = "model"
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
@@ -46,27 +127,15 @@ class ModelConfig:
         if self.n_kv_heads in (-1, 0, None):
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         if self.dim % self.n_heads:
-            raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}"
+            raise ConfigError(
+                f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}"
             )
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"model.{name}={getattr(self, name)!r}; valid: {sorted(DTYPES)}")
-        for name, valid in CHOICES.items():
-            if getattr(self, name) not in valid:
-                raise ValueError(f"model.{name}={getattr(self, name)!r}; valid: {list(valid)}")
-
-    @classmethod
-    def from_config(cls, model_cfg) -> ModelConfig:
-        """Builds from a ConfigDict (or dict); an unknown field is an error naming it."""
-        d = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model config field(s): {unknown}; valid: {sorted(known)}")
-        return cls(**d)
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model.n_heads={self.n_heads} is not a multiple of "
+                f"model.n_kv_heads={self.n_kv_heads}"
+            )
+        _check_choices("model", self, MODEL_CHOICES)
 
     @property
     def head_dim(self) -> int:
@@ -94,49 +163,238 @@ class ModelConfig:
         return DTYPES[self.param_dtype]
 
 
-def load_config_file(path: str, overrides=()):
-    """Loads configs/<name>.py's get_config() and applies "a.b=value" overrides.
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(_Group):
+    """The optimization run: steps, batch, optimizer, schedule, logging cadence."""
 
-    For tools that do not use absl flags (benchmarks, notebooks); launch.train uses
-    ml_collections.config_flags, which behaves the same. An unknown field is an error naming it.
+    GROUP = "train"
+    steps: int = 250_000
+    batch_size: int = 2048
+    seq_len: int = 2048
+    seed: int = 0
+    data_seed: int = -1
+    lr: float = 3e-4
+    warmup_steps: int = 2000
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    grad_accum_steps: int = 1
+    log_every: int = 10
+    eval_every: int = 500
+    eval_batches: int = 8
+    skip_nonfinite: bool = False
+    profile_steps: str = ""
+    samples: int = 3
+    sample_tokens: int = 64
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} is not divisible by "
+                f"train.grad_accum_steps={self.grad_accum_steps}"
+            )
+        self.profile_range  # noqa: B018 - parses (and so validates) profile_steps
+
+    @property
+    def data_order_seed(self) -> int:
+        """Seed of the data order: data_seed, or seed when data_seed is -1."""
+        return self.seed if self.data_seed < 0 else self.data_seed
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def microbatch_size(self) -> int:
+        return self.batch_size // self.grad_accum_steps
+
+    @property
+    def profile_range(self) -> tuple[int, int] | None:
+        """profile_steps "a,b" (or "a") as (a, b); None when empty."""
+        if not self.profile_steps:
+            return None
+        a, _, b = self.profile_steps.partition(",")
+        try:
+            lo, hi = int(a), int(b or a)
+        except ValueError:
+            lo, hi = -1, -1
+        if not 0 <= lo <= hi:
+            raise ConfigError(
+                f"train.profile_steps={self.profile_steps!r}: want 'a,b' with 0 <= a <= b"
+            )
+        return lo, hi
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig(_Group):
+    """Device mesh sizes; one of them may be -1 (all devices left over)."""
+
+    GROUP = "mesh"
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        """(data, fsdp, tensor), the argument order of sharding.make_mesh."""
+        return self.data, self.fsdp, self.tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(_Group):
+    GROUP = "data"
+    path: str = ""
+    tokenizer: str = ""
+    prefetch: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig(_Group):
+    GROUP = "checkpoint"
+    every_steps: int = 1000
+    keep: int = 3
+    keep_period: int = 0
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig(_Group):
+    GROUP = "distributed"
+    coordinator: str = ""
+    num_processes: int = 0
+    process_id: int = -1
+
+
+# Group name -> class; the groups later features add (fine-tuning, data mixtures, fault
+# tolerance) go here and into RunConfig.
+GROUPS: dict[str, type[_Group]] = {
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "mesh": MeshConfig,
+    "data": DataConfig,
+    "checkpoint": CheckpointConfig,
+    "distributed": DistributedConfig,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs, one frozen group per concern (see configs/base.py)."""
+
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+    data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    distributed: DistributedConfig = DistributedConfig()
+
+    def __post_init__(self):
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"train.seq_len={self.train.seq_len} exceeds "
+                f"model.max_seq_len={self.model.max_seq_len}"
+            )
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Mapping[str, Any]]) -> RunConfig:
+        """From a nested dict or ConfigDict (a config file, or one saved in a checkpoint)."""
+        d = d.to_dict() if hasattr(d, "to_dict") else d
+        unknown = sorted(set(d) - set(GROUPS))
+        if unknown:
+            raise UnknownFieldError(f"unknown config group(s): {unknown}; valid: {sorted(GROUPS)}")
+        return cls(**{name: GROUPS[name].from_dict(d[name]) for name in d})
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in GROUPS}
+
+    def flat(self) -> dict[str, Any]:
+        """{"group.field": value} for every field."""
+        return {f"{g}.{k}": v for g, fields in self.to_dict().items() for k, v in fields.items()}
+
+    def diff(self, other: RunConfig) -> dict[str, tuple[Any, Any]]:
+        """{field: (value here, value in other)} for every field that differs."""
+        a, b = self.flat(), other.flat()
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+    def replace(self, changes: Mapping[str, Any] | Iterable[str]) -> RunConfig:
+        """A copy with changes applied: {"group.field": value} or ["group.field=value", ...];
+        string values are parsed to the field's type."""
+        if not isinstance(changes, Mapping):
+            changes = dict(_split_override(item) for item in changes)
+        d = self.to_dict()
+        for key, value in changes.items():
+            group, field = _resolve_field(key)
+            if isinstance(value, str) and _field(group, field).type != "str":
+                value = parse_value(key, value)
+            d[group][field] = value
+        return RunConfig.from_dict(d)
+
+
+def _split_override(item: str) -> tuple[str, str]:
+    key, sep, value = item.removeprefix("--").removeprefix("config.").partition("=")
+    if not sep:
+        raise ConfigError(f"config override {item!r}: expected group.field=value")
+    return key, value
+
+
+def _field(group: str, name: str) -> dataclasses.Field:
+    return {f.name: f for f in dataclasses.fields(GROUPS[group])}[name]
+
+
+def _resolve_field(key: str) -> tuple[str, str]:
+    """"group.field" -> (group, field); an unknown one is an error listing the valid names."""
+    group, _, field = key.partition(".")
+    if group not in GROUPS:
+        raise UnknownFieldError(f"unknown config field {key!r}; valid groups: {sorted(GROUPS)}")
+    names = sorted(f.name for f in dataclasses.fields(GROUPS[group]))
+    if field not in names:
+        raise UnknownFieldError(f"unknown config field {key!r}; valid in {group}: {names}")
+    return group, field
+
+
+def parse_value(key: str, text: str):
+    """A command-line string parsed to the type of field "group.field"."""
+    group, field = _resolve_field(key)
+    kind = _field(group, field).type
+    try:
+        if kind == "bool":
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"want true/false, got {text!r}")
+            return text.lower() in ("true", "1")
+        return _TYPES[kind](text)
+    except ValueError as e:
+        raise ConfigError(f"config field {key}: {e}") from None
+
+
+def load(path: str, overrides: Mapping[str, Any] | Iterable[str] = ()) -> RunConfig:
+    """configs/<name>.py's get_config() as a RunConfig, with overrides applied
+    ({"group.field": value} or ["group.field=value", ...], optionally prefixed "--config.").
+
+    A missing file, an unknown field or a bad value is a ConfigError naming it.
     """
-    import importlib.util
-    import os
-    import sys
+    return load_file(path).replace(overrides)
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+
+def load_file(path: str) -> RunConfig:
+    """The config file as a RunConfig; read by ml_collections' config_flags, so a
+    "file.py:arg" config string works as with absl."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    path = os.path.abspath(path.split(":")[0]) + (":" + path.split(":", 1)[1] if ":" in path else "")
+    if not os.path.isfile(path.split(":")[0]):
+        raise ConfigError(f"config file not found: {path}")
+    root = os.path.dirname(os.path.dirname(path.split(":")[0]))
     if root not in sys.path:  # so "from configs.base import ..." resolves next to the file
         sys.path.insert(0, root)
-    spec = importlib.util.spec_from_file_location("_llama_jax_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config()
-    for item in overrides:
-        key, _, value = item.lstrip("-").removeprefix("config.").partition("=")
-        set_field(cfg, key, value)
-    return cfg
-
-
-def set_field(cfg, dotted: str, value: str):
-    """Sets cfg.<dotted> from a string, parsed to the field's current type."""
-    *parents, leaf = dotted.split(".")
-    node = cfg
-    for p in parents:
-        if p not in node:
-            raise KeyError(f"unknown config field {dotted!r} ({p!r} does not exist)")
-        node = node[p]
-    if leaf not in node:
-        raise KeyError(f"unknown config field {dotted!r}; valid in this group: {sorted(node.keys())}")
-    old = node[leaf]
-    if isinstance(old, bool):
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"config field {dotted!r} needs true/false, got {value!r}")
-        node[leaf] = value.lower() in ("true", "1")
-    elif isinstance(old, int):
-        node[leaf] = int(value)
-    elif isinstance(old, float):
-        node[leaf] = float(value)
-    else:
-        node[leaf] = value
+    argv = ["llama_jax", f"--config={path}"]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=fv, sys_argv=argv)
+    fv(argv)
+    return RunConfig.from_dict(fv["config"].value)

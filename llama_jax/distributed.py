@@ -14,27 +14,27 @@ def in_slurm_job() -> bool:
     return "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
-def initialize(dist_cfg) -> None:
+def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
     """Calls jax.distributed.initialize when the job has several processes.
 
     One process per node with all its GPUs is the documented mode. Explicit
     coordinator/num_processes/process_id win; otherwise SLURM is detected from its environment
     (jax's own cluster detection reads SLURM_* variables). CPU processes use gloo collectives.
     """
-    explicit = bool(dist_cfg.coordinator)
+    explicit = bool(coordinator)
     if not explicit and not in_slurm_job():
         return
     if jax.distributed.is_initialized():
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit:
-        if dist_cfg.num_processes < 1 or dist_cfg.process_id < 0:
+        if num_processes < 1 or process_id < 0:
             raise ValueError(
                 "distributed.coordinator is set: also set distributed.num_processes and "
                 "distributed.process_id (or launch under SLURM)"
             )
         jax.distributed.initialize(
-            dist_cfg.coordinator, num_processes=dist_cfg.num_processes, process_id=dist_cfg.process_id
+            coordinator, num_processes=num_processes, process_id=process_id
         )
     else:
         jax.distributed.initialize()

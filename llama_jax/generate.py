@@ -200,3 +200,22 @@ def _decode_loop(params, cache, fns, batch, max_new_tokens, seed, eos_id, on_tok
             break
         token = nxt
     return out
+
+
+def sample_texts(
+    params, cfg: ModelConfig, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+    *, sampling: Sampling = Sampling(temperature=0.8, top_k=40), seed: int = 0,
+) -> list[str]:
+    """Prompt + continuation texts, for a look at what a (small) model learned.
+
+    Runs unsharded on each process: on several processes the params are gathered first.
+    """
+    from jax.experimental import multihost_utils
+
+    room = cfg.max_seq_len - max(len(p) for p in prompts)
+    if jax.process_count() > 1:
+        params = multihost_utils.process_allgather(params, tiled=True)
+    params = jax.device_get(params)
+    out = generate(params, cfg, prompts, max(1, min(max_new_tokens, room)), sampling=sampling,
+                   seed=seed, eos_id=tokenizer.eos_id)
+    return [tokenizer.decode(list(p) + o) for p, o in zip(prompts, out)]  # whole: keeps spaces

@@ -1,6 +1,6 @@
 """Will it fit? Per-device bytes of the real training step, compiled ahead of time.
 
-`analyze(cfg, mesh)` compiles the jitted step (train_step.compile_train_step) against abstract
+`analyze(run, mesh)` compiles the jitted step (train_step.compile_train_step) against abstract
 inputs for each remat policy and splits XLA's memory_analysis() into the parts a user can act
 on, next to the analytic estimate (16 bytes/param + activations):
 
@@ -25,28 +25,12 @@ import time
 
 import jax
 import numpy as np
-from ml_collections import ConfigDict
 
+from llama_jax import remat, stats
 from llama_jax import sharding as shd
-from llama_jax import stats
 from llama_jax import train_step as ts
-from llama_jax.config import ModelConfig
-from llama_jax.model import REMAT_POLICIES
-
-# Activation elements saved per token per layer (in units of the compute dtype) for each
-# remat policy, from the checkpoint_name tags of model.py: D model dim, F ffn hidden, KH kv width.
-# "none" keeps every intermediate: norms, q/k/v before and after rope, attention output,
-# o_proj, residuals, gate/up/silu/product, down (a rough count; XLA fuses some away).
-_SAVED = {
-    "none": lambda D, F, KH: 10 * D + 3 * KH + 4 * F,
-    "full": lambda D, F, KH: D,  # the block input (the scan carry)
-    "save_linear": lambda D, F, KH: (
-        4 * D + 2 * KH + 2 * F
-    ),  # input, q, o, down + k, v + gate, up
-    "save_qkv_attn": lambda D, F, KH: 3 * D + 2 * KH,  # input, q, attn_out + k, v
-    "offload_linear": lambda D, F, KH: D,  # linear outputs go to pinned host memory
-}
-
+from llama_jax.config import ModelConfig, RunConfig
+from llama_jax.remat import REMAT_POLICIES
 
 def _shard_bytes(tree) -> int:
     """Bytes one device holds of a tree of ShapeDtypeStructs that carry NamedShardings."""
@@ -57,12 +41,9 @@ def _shard_bytes(tree) -> int:
     return total
 
 
-def rows_per_device(cfg, mesh) -> int:
+def rows_per_device(run: RunConfig, mesh) -> int:
     """Sequences of one microbatch each device processes (batch over data x fsdp)."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    return max(
-        1, int(cfg.train.batch_size) // int(cfg.train.grad_accum_steps) // shards
-    )
+    return max(1, run.train.microbatch_size // shd.batch_shards(mesh))
 
 
 def analytic_activations(
@@ -70,36 +51,31 @@ def analytic_activations(
 ):
     """Estimated activation bytes per device for one microbatch under `policy`.
 
-    Saved per layer (see _SAVED) for all layers, plus one layer's full working set while it
+    Saved per layer (remat.REMAT_POLICIES[policy].saved) for all layers, plus one layer's full working set while it
     is recomputed in the backward pass, plus the float32 logits, their softmax and gradient.
     Tensor parallelism splits the head/mlp/vocab parts; counted as an even split here.
     """
     D, F, KH = mc.dim, mc.mlp_dim, mc.n_kv_heads * mc.head_dim
     item = np.dtype(mc.compute_dtype).itemsize
     tokens = rows * seq_len
-    saved = _SAVED[policy](D, F, KH) * tokens * item * mc.n_layers
-    working = _SAVED["none"](D, F, KH) * tokens * item if policy != "none" else 0
+    saved = REMAT_POLICIES[policy].saved(D, F, KH) * tokens * item * mc.n_layers
+    working = REMAT_POLICIES["none"].saved(D, F, KH) * tokens * item if policy != "none" else 0
     logits = 3 * tokens * mc.vocab_size * 4 // tensor
     return saved // (tensor if policy != "full" else 1) + working // tensor + logits
 
 
-def analyze(cfg, mesh, policies=None, log=None) -> dict:
+def analyze(run: RunConfig, mesh, policies=None, log=None) -> dict:
     """Compiles the step per remat policy; returns per-device bytes, compiled and analytic.
 
     Returns {"config": {...}, "policies": [{"policy", "params", "optimizer", "gradients",
     "activations", "peak", "analytic_state", "analytic_activations", ...}, ...]}: all bytes
-    per device. Policies default to every entry of model.REMAT_POLICIES.
+    per device. Policies default to every entry of remat.REMAT_POLICIES.
     """
-    policies = list(policies or REMAT_POLICIES)
-    for p in policies:
-        if p not in REMAT_POLICIES:
-            raise ValueError(
-                f"unknown remat policy {p!r}; valid: {sorted(REMAT_POLICIES)}"
-            )
-    mc = ModelConfig.from_config(cfg.model)
+    policies = [remat.check(p) for p in policies or REMAT_POLICIES]
+    mc = run.model
     n = stats.count_params(mc)
-    state, _ = ts.abstract_train_state(cfg, mesh)
-    batch = ts.abstract_batch(cfg, mesh)
+    state, _ = ts.abstract_train_state(run, mesh)
+    batch = ts.abstract_batch(run, mesh)
     params_b = _shard_bytes(state.params)
     opt_b = _shard_bytes(state.opt_state)
     batch_b = _shard_bytes(batch)
@@ -107,14 +83,14 @@ def analyze(cfg, mesh, policies=None, log=None) -> dict:
     param_shards = (
         round(n * np.dtype(mc.weight_dtype).itemsize / params_b) if params_b else 1
     )
-    rows, T = rows_per_device(cfg, mesh), int(cfg.train.seq_len)
+    rows, T = rows_per_device(run, mesh), run.train.seq_len
     out = {
         "config": {
             "parameters": n,
             "devices": int(mesh.devices.size),
             "mesh": {a: int(mesh.shape[a]) for a in shd.MESH_AXES},
-            "batch_size": int(cfg.train.batch_size),
-            "grad_accum_steps": int(cfg.train.grad_accum_steps),
+            "batch_size": run.train.batch_size,
+            "grad_accum_steps": run.train.grad_accum_steps,
             "seq_len": T,
             "rows_per_device": rows,
             "dtype": mc.dtype,
@@ -125,11 +101,9 @@ def analyze(cfg, mesh, policies=None, log=None) -> dict:
         },
         "policies": [],
     }
-    cfg = ConfigDict(cfg.to_dict())  # a copy: the caller's remat_policy stays as it was
     for policy in policies:
-        cfg.model.remat_policy = policy
         t0 = time.perf_counter()
-        compiled = ts.compile_train_step(cfg, mesh)
+        compiled = ts.compile_train_step(run.replace({"model.remat_policy": policy}), mesh)
         seconds = time.perf_counter() - t0
         m = compiled.memory_analysis()
         arg, temp = int(m.argument_size_in_bytes), int(m.temp_size_in_bytes)

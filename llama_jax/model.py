@@ -16,6 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.attention import dot_product_attention
 from llama_jax.config import ModelConfig
+from llama_jax.remat import remat_policy
 
 # Logical layouts of activations, constrained at block boundaries.
 BTD = ("batch", "length", "embed")
@@ -23,30 +24,6 @@ BTNH = ("batch", "length", "heads", "head_dim")
 BTKH = ("batch", "length", "kv_heads", "head_dim")
 BTF = ("batch", "length", "mlp")
 BTV = ("batch", "length", "vocab")
-
-_cp = jax.checkpoint_policies
-# What each scanned block keeps for the backward pass; everything else is recomputed.
-# Names refer to the checkpoint_name tags in the math below.
-LINEAR_OUTPUTS = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_gate", "mlp_up", "mlp_down")
-REMAT_POLICIES = {
-    "none": None,  # no remat: save every intermediate
-    "full": _cp.nothing_saveable,  # save only the block input
-    "save_linear": _cp.save_only_these_names(*LINEAR_OUTPUTS),  # the paper's choice
-    "save_qkv_attn": _cp.save_only_these_names("q_proj", "k_proj", "v_proj", "attn_out"),
-    "offload_linear": _cp.save_and_offload_only_these_names(
-        names_which_can_be_saved=(),
-        names_which_can_be_offloaded=LINEAR_OUTPUTS,
-        offload_src="device",
-        offload_dst="pinned_host",
-    ),
-}
-
-
-def remat_policy(name: str):
-    if name not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {name!r}; valid: {sorted(REMAT_POLICIES)}")
-    return REMAT_POLICIES[name]
-
 
 def _param(module, name, shape, axes, cfg: ModelConfig, init=None):
     init = init or nn.initializers.normal(cfg.init_std)
@@ -255,3 +232,10 @@ class Llama(nn.Module):
         logits = jnp.einsum("BTD,DV->BTV", x, out.astype(c.compute_dtype),
                             preferred_element_type=jnp.float32)
         return nn.with_logical_constraint(logits, BTV).astype(jnp.float32)
+
+
+def abstract_params(cfg: ModelConfig):
+    """The parameter tree as ShapeDtypeStructs still boxed with their logical axis names
+    (jax.eval_shape of init: nothing is allocated); sharding.tree_shardings maps it to a mesh."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0), tokens))["params"]

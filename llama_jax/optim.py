@@ -8,19 +8,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llama_jax.config import TrainConfig
+
 # Parameters with these leaf names are norm scales and biases: no weight decay. model.py
 # names every RMSNorm/LayerNorm gain "scale" and every bias "bias"; the test checks that
 # this picks exactly the parameters whose logical axes are one-dimensional per layer.
 NO_DECAY_NAMES = ("scale", "bias")
 
 
-def make_schedule(train_cfg) -> optax.Schedule:
+def make_schedule(train: TrainConfig) -> optax.Schedule:
     """Linear warmup from 0 to train.lr over warmup_steps, then cosine down to
     min_lr_ratio * lr at train.steps (held there afterwards)."""
-    peak = float(train_cfg.lr)
-    warmup = int(train_cfg.warmup_steps)
-    total = int(train_cfg.steps)
-    end = peak * float(train_cfg.min_lr_ratio)
+    peak, warmup, total = train.lr, train.warmup_steps, train.steps
+    end = peak * train.min_lr_ratio
     decay_steps = max(total - warmup, 1)
 
     def schedule(step):
@@ -43,16 +43,16 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(train_cfg) -> optax.GradientTransformation:
+def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
     """clip_by_global_norm(clip_norm) then AdamW(schedule, b1, b2, eps, weight_decay, mask)."""
     return optax.chain(
-        optax.clip_by_global_norm(float(train_cfg.clip_norm)),
+        optax.clip_by_global_norm(train.clip_norm),
         optax.adamw(
-            learning_rate=make_schedule(train_cfg),
-            b1=float(train_cfg.b1),
-            b2=float(train_cfg.b2),
-            eps=float(train_cfg.eps),
-            weight_decay=float(train_cfg.weight_decay),
+            learning_rate=make_schedule(train),
+            b1=train.b1,
+            b2=train.b2,
+            eps=train.eps,
+            weight_decay=train.weight_decay,
             mask=decay_mask,
         ),
     )

@@ -36,16 +36,18 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
     """Builds the ("data", "fsdp", "tensor") mesh over all devices of all processes.
 
     Args:
-      mesh_cfg: the config's mesh group (fields data, fsdp, tensor; one may be -1 = the rest).
+      data, fsdp, tensor: axis sizes; one may be -1 (the devices left over).
       devices: defaults to jax.devices() (every process's devices).
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
-    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+    sizes = [data, fsdp, tensor]
     described = ", ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
     free = [i for i, s in enumerate(sizes) if s == -1]
     if len(free) > 1 or any(s == 0 or s < -1 for s in sizes):
@@ -101,6 +103,19 @@ def _fit(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
             axes.pop()
         out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
     return P(*out)
+
+
+def tree_shardings(boxed, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """(shapes, shardings) of a tree still boxed in nn.Partitioned (e.g. jax.eval_shape of a
+    model's init): the one recipe from logical names to NamedShardings on `mesh`."""
+    shapes = nn.meta.unbox(boxed)
+    specs = nn.get_partition_spec(boxed)
+    return shapes, logical_to_sharding(specs, mesh, rules, shapes=shapes)
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """Devices a batch's rows are split over (data x fsdp)."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -9,14 +9,12 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.config import ModelConfig
-from llama_jax.model import Llama
+from llama_jax.model import abstract_params
 
 
 def param_shapes(cfg: ModelConfig):
-    """The parameter tree as jax.ShapeDtypeStructs, via jax.eval_shape of the model's init."""
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    boxed = jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0), jnp.zeros(tokens.shape, jnp.int32)))
-    return nn.unbox(boxed)["params"]
+    """The parameter tree as jax.ShapeDtypeStructs (nothing allocated)."""
+    return nn.unbox(abstract_params(cfg))
 
 
 def count_params(cfg: ModelConfig) -> int:

@@ -2,7 +2,8 @@
 
 One jitted function runs unchanged on one CPU, simulated devices, a GPU or a multi-host
 pod: the mesh and the logical axis rules (sharding.py) decide the layout, XLA inserts the
-collectives. The remat policy is the model's (model.REMAT_POLICIES, by name).
+collectives. The remat policy is the model's (remat.REMAT_POLICIES, by name). Every
+function takes the typed RunConfig (config.py) and reads the groups it needs.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from llama_jax import sharding as shd
-from llama_jax.config import ModelConfig
-from llama_jax.model import Llama, remat_policy
+from llama_jax.config import RunConfig
+from llama_jax.model import Llama
 from llama_jax.optim import make_optimizer, make_schedule
 
 Batch = dict[str, jax.Array]  # inputs, targets: int32 [B, T]; optional loss_mask float32 [B, T]
@@ -34,44 +35,38 @@ class TrainState:
     opt_state: Any  # optax state of make_optimizer
 
 
-def model_config(cfg) -> ModelConfig:
-    """The ModelConfig the step uses (the remat policy name checked)."""
-    mc = ModelConfig.from_config(cfg.model)
-    remat_policy(mc.remat_policy)  # unknown name -> ValueError listing the valid ones
-    return mc
-
-
 def _init_boxed(model: Llama, tx: optax.GradientTransformation, rng, seq_len: int) -> TrainState:
     """Params and optimizer state still wrapped in nn.Partitioned (carrying logical names)."""
     params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def abstract_train_state(cfg, mesh: Mesh):
+def _init_fn(run: RunConfig):
+    model, tx = Llama(run.model), make_optimizer(run.train)
+    return functools.partial(_init_boxed, model, tx, seq_len=run.train.seq_len)
+
+
+def abstract_train_state(run: RunConfig, mesh: Mesh):
     """(state of ShapeDtypeStructs carrying their shardings, state_shardings); allocates nothing."""
-    model, tx = Llama(model_config(cfg)), make_optimizer(cfg.train)
-    init = functools.partial(_init_boxed, model, tx, seq_len=int(cfg.train.seq_len))
-    boxed = jax.eval_shape(init, jax.random.key(0))
+    boxed = jax.eval_shape(_init_fn(run), jax.random.key(0))
     # Optimizer moments inherit their parameter's box, hence its logical names and sharding.
-    shapes = nn.meta.unbox(boxed)
-    shardings = shd.logical_to_sharding(nn.get_partition_spec(boxed), mesh, shapes=shapes)
+    shapes, shardings = shd.tree_shardings(boxed, mesh)
     abstract = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
     )
     return abstract, shardings
 
 
-def create_train_state(cfg, mesh: Mesh, rng: jax.Array | None = None):
+def create_train_state(run: RunConfig, mesh: Mesh, rng: jax.Array | None = None):
     """Initializes params (float32 master) and AdamW state sharded from the start.
 
     Everything is created inside one jit whose out_shardings are the final layout, so no
     device ever materializes the full model. Returns (state, state_shardings).
     """
-    model, tx = Llama(model_config(cfg)), make_optimizer(cfg.train)
-    _, shardings = abstract_train_state(cfg, mesh)
-    init = functools.partial(_init_boxed, model, tx, seq_len=int(cfg.train.seq_len))
+    _, shardings = abstract_train_state(run, mesh)
+    init = _init_fn(run)
     if rng is None:  # built inside the jit: no host array to place on a multi-host mesh
-        seed = int(cfg.train.seed)
+        seed = run.train.seed
         state = jax.jit(
             lambda: nn.meta.unbox(init(jax.random.key(seed))), out_shardings=shardings
         )()
@@ -116,7 +111,7 @@ def _split_microbatches(batch: Batch, n: int, mesh: Mesh) -> Batch:
     B = batch["targets"].shape[0]
     if B % n:
         raise ValueError(f"train.batch_size={B} is not divisible by train.grad_accum_steps={n}")
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = shd.batch_shards(mesh)
     if (B // n) % shards:
         raise ValueError(
             f"a microbatch of train.batch_size/grad_accum_steps={B // n} rows does not split "
@@ -130,14 +125,14 @@ def _split_microbatches(batch: Batch, n: int, mesh: Mesh) -> Batch:
     return out
 
 
-def make_loss_and_grads(cfg, mesh: Mesh, param_shardings):
+def make_loss_and_grads(run: RunConfig, mesh: Mesh, param_shardings):
     """fn(params, batch) -> (mean loss, grads, tokens), accumulating over microbatches.
 
     The loss of every microbatch is divided by the token count of the whole batch, so the
     accumulated gradient is exactly that of one big batch whatever the split.
     """
-    model = Llama(model_config(cfg))
-    n_micro = int(cfg.train.grad_accum_steps)
+    model = Llama(run.model)
+    n_micro = run.train.grad_accum_steps
 
     def loss_fn(params, mb, total):
         s, _ = cross_entropy(_apply(model, params, mb), mb["targets"], mb["loss_mask"])
@@ -169,16 +164,16 @@ def make_loss_and_grads(cfg, mesh: Mesh, param_shardings):
     return loss_and_grads
 
 
-def make_train_step(cfg, mesh: Mesh, state_shardings):
+def make_train_step(run: RunConfig, mesh: Mesh, state_shardings):
     """Returns the jitted step_fn(state, batch) -> (new_state, metrics); the state is donated.
 
     metrics: scalars loss (mean over counted tokens), grad_norm (before clipping), lr (the
     schedule at this step), tokens (counted tokens), skipped (1 if a non-finite step was
     skipped under train.skip_nonfinite).
     """
-    tx, schedule = make_optimizer(cfg.train), make_schedule(cfg.train)
-    loss_and_grads = make_loss_and_grads(cfg, mesh, state_shardings.params)
-    skip_nonfinite = bool(cfg.train.get("skip_nonfinite", False))
+    tx, schedule = make_optimizer(run.train), make_schedule(run.train)
+    loss_and_grads = make_loss_and_grads(run, mesh, state_shardings.params)
+    skip_nonfinite = run.train.skip_nonfinite
 
     def step_fn(state: TrainState, batch: Batch):
         with shd.model_context(mesh):
@@ -212,9 +207,9 @@ def make_train_step(cfg, mesh: Mesh, state_shardings):
     )
 
 
-def make_eval_step(cfg, mesh: Mesh, state_shardings):
+def make_eval_step(run: RunConfig, mesh: Mesh, state_shardings):
     """Returns the jitted fn(params, batch) -> {"loss": mean, "loss_sum", "tokens"}."""
-    model = Llama(model_config(cfg))
+    model = Llama(run.model)
 
     def eval_fn(params, batch):
         batch = _with_mask(batch)
@@ -231,9 +226,9 @@ def make_eval_step(cfg, mesh: Mesh, state_shardings):
     )
 
 
-def abstract_batch(cfg, mesh: Mesh, *, loss_mask: bool = False) -> Batch:
+def abstract_batch(run: RunConfig, mesh: Mesh, *, loss_mask: bool = False) -> Batch:
     """ShapeDtypeStructs of one global batch [train.batch_size, train.seq_len], sharded."""
-    shape, sharding = (int(cfg.train.batch_size), int(cfg.train.seq_len)), shd.batch_sharding(mesh)
+    shape, sharding = (run.train.batch_size, run.train.seq_len), shd.batch_sharding(mesh)
     batch = {
         k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding) for k in ("inputs", "targets")
     }
@@ -242,8 +237,8 @@ def abstract_batch(cfg, mesh: Mesh, *, loss_mask: bool = False) -> Batch:
     return batch
 
 
-def compile_train_step(cfg, mesh: Mesh) -> jax.stages.Compiled:
+def compile_train_step(run: RunConfig, mesh: Mesh) -> jax.stages.Compiled:
     """Lowers and compiles the step against abstract shapes only: nothing is allocated, so
     memory_analysis() of a 65B config can be read on simulated CPU devices."""
-    state, shardings = abstract_train_state(cfg, mesh)
-    return make_train_step(cfg, mesh, shardings).lower(state, abstract_batch(cfg, mesh)).compile()
+    state, shardings = abstract_train_state(run, mesh)
+    return make_train_step(run, mesh, shardings).lower(state, abstract_batch(run, mesh)).compile()
