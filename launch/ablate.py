@@ -1,5 +1,6 @@
 """python -m launch.ablate --config configs/<name>.py --vary model.norm=rmsnorm,layernorm
-    [--vary ...] --tokens 2M [--seeds 2] --workdir DIR [--grid] [--evals 8] [--set field=value]
+    [--vary ...] --tokens 2M [--seeds 2] --workdir DIR [--grid] [--evals 8]
+    [--config.group.field=value ...]
 
 Trains the base config and its variants on the same data in the same order for the same token
 budget, once per init seed, and writes DIR/results.csv, results.md and ablation.png. Each
@@ -15,38 +16,39 @@ import logging
 from llama_jax import cli
 
 
-def main(argv=None):
+def run(c: cli.Command):
+    a = c.args
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+    from llama_jax import ablate
+
+    try:
+        axes = [ablate.parse_vary(v) for v in a.vary]
+        ablate.sweep(c.run, axes, tokens=ablate.parse_tokens(a.tokens), seeds=a.seeds,
+                     workdir=a.workdir, grid=a.grid, evals=a.evals)
+    except ablate.SweepInterrupted as e:  # like launch.train: saved, exit 0, rerun resumes
+        print(f"interrupted: {e}", flush=True)
+        return
+    with open(f"{a.workdir}/results.md") as f:
+        print(f.read(), end="")
+    print(f"wrote {a.workdir}/results.csv, results.md, ablation.png", flush=True)
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m launch.ablate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="base config file, e.g. configs/tiny.py")
     p.add_argument("--vary", action="append", required=True,
-                   help="field=value[,value...]: one axis of the sweep (repeatable)")
+                   help="group.field=value[,value...]: one axis of the sweep (repeatable)")
     p.add_argument("--tokens", required=True, help="training tokens per run, e.g. 2M, 500k, 1e6")
     p.add_argument("--seeds", type=int, default=2, help="init seeds per variant (default 2)")
     p.add_argument("--workdir", required=True, help="sweep directory (runs and results)")
     p.add_argument("--grid", action="store_true", help="every combination of the axes")
     p.add_argument("--evals", type=int, default=8, help="validation points per run (default 8)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override of the base config, e.g. data.path=DIR (repeatable)")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
-    from llama_jax import ablate
-    from llama_jax.config import load_config_file
+    return p
 
-    try:
-        cfg = load_config_file(a.config, a.set)
-        axes = [ablate.parse_vary(v) for v in a.vary]
-        ablate.sweep(cfg, axes, tokens=ablate.parse_tokens(a.tokens), seeds=a.seeds,
-                     workdir=a.workdir, grid=a.grid, evals=a.evals)
-    except ablate.SweepInterrupted as e:  # like launch.train: saved, exit 0, rerun resumes
-        print(f"interrupted: {e}", flush=True)
-        return
-    except cli.USER_ERRORS as e:
-        cli.fail(e)
-    with open(f"{a.workdir}/results.md") as f:
-        print(f.read(), end="")
-    print(f"wrote {a.workdir}/results.csv, results.md, ablation.png", flush=True)
+
+def main(argv=None):
+    cli.run(run, parser(), argv)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""python -m launch.benchmark {attention,step,data,compile,all} [...] [--config ...] [--json]
+"""python -m launch.benchmark {attention,step,data,compile,all} [...] [--config FILE]
+    [--config.group.field=value ...] [--json]
 
 One table format for every section (or one JSON object per section with --json); each timed
 figure is a median over repeated runs after a warm-up, with min and max, and each section
 ends with its physical limit (a matmul in the same dtype, host memcpy, ...). Several sections
-may be named at once; --set a.b=value overrides config fields; --summary ends with one table
-of the headline numbers (what launch/gpu_check.sh prints last). --json-out writes every row.
+may be named at once; the model sections use --config (default configs/tiny.py) with
+--config.group.field=value overrides; --summary ends with one table of the headline numbers
+(what launch/gpu_check.sh prints last). --json-out writes every row.
 """
 
 from llama_jax import xla_flags  # before jax is imported: XLA reads XLA_FLAGS once
@@ -14,9 +16,16 @@ xla_flags.setup()
 import argparse
 import importlib
 import json
+import os
+import sys
 
+from llama_jax import cli
 from llama_jax.bench import SECTIONS
 from llama_jax.bench.common import print_table
+
+DEFAULT_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py"
+)
 
 # Columns of the --summary table per section (those a row has).
 SUMMARY_COLUMNS = {
@@ -69,16 +78,6 @@ def main(argv=None):
     )
     parser.add_argument("section", nargs="+", choices=[*SECTIONS, "all"])
     parser.add_argument(
-        "--config", default="configs/tiny.py", help="config file for model sections"
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="config override, e.g. --set model.n_layers=2 (repeatable)",
-    )
-    parser.add_argument(
         "--json", action="store_true", help="one JSON object per section"
     )
     parser.add_argument(
@@ -87,12 +86,15 @@ def main(argv=None):
     parser.add_argument(
         "--json-out", default="", help="write all rows to this JSON file"
     )
-    sections = parser.parse_known_args(argv)[0].section
+    argv = sys.argv[1:] if argv is None else list(argv)
+    sections = parser.parse_known_args(cli.split_config_args(argv)[2])[0].section
     names = list(SECTIONS) if "all" in sections else list(dict.fromkeys(sections))
     modules = [importlib.import_module(SECTIONS[name]) for name in names]
     for module in modules:
         module.add_args(parser)
-    args = parser.parse_args(argv)
+    c = cli.parse(parser, argv, config="optional", default_config=DEFAULT_CONFIG)
+    args = c.args
+    args.run = c.run
     results = {}
     for name, module in zip(names, modules):
         results[name] = module.run(args)

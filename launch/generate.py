@@ -32,33 +32,6 @@ class _Streamer:
             self.shown = len(text)
 
 
-def load(checkpoint: str, tokenizer_path: str, dtype: str | None, tensor: int):
-    """(params, ModelConfig, Tokenizer, mesh or None); params sharded over `tensor` devices."""
-    import jax
-
-    from llama_jax.data.tokenizer import Tokenizer, check_vocab
-    from llama_jax.params_io import load_config, load_params
-
-    tokenizer = Tokenizer(tokenizer_path)
-    cfg = load_config(checkpoint)
-    check_vocab(tokenizer, cfg.vocab_size)
-    if tensor <= 1:
-        params, cfg = load_params(checkpoint, dtype=dtype)
-        return params, cfg, tokenizer, None
-    import flax.linen as nn
-    from ml_collections import ConfigDict
-
-    from llama_jax.model import Llama
-    from llama_jax.sharding import logical_to_sharding, make_mesh
-
-    mesh = make_mesh(ConfigDict({"data": 1, "fsdp": 1, "tensor": tensor}), jax.devices()[:tensor])
-    tokens = jax.numpy.zeros((1, 8), jax.numpy.int32)
-    boxed = jax.eval_shape(lambda: Llama(cfg).init(jax.random.PRNGKey(0), tokens))["params"]
-    shardings = logical_to_sharding(nn.get_partition_spec(boxed), mesh, shapes=nn.unbox(boxed))
-    params, cfg = load_params(checkpoint, dtype=dtype, sharding=shardings)
-    return params, cfg, tokenizer, mesh
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m launch.generate",
@@ -77,7 +50,7 @@ def main(argv=None):
     p.add_argument("--tensor", type=int, default=1, help="devices to shard heads/cache over")
     a = p.parse_args(argv)
     try:
-        from llama_jax.generate import Sampling, generate
+        from llama_jax.generate import Sampling, generate, load
 
         params, cfg, tok, mesh = load(a.checkpoint, a.tokenizer, a.dtype, a.tensor)
         prompts = [tok.encode(text, bos=True) for text in a.prompt]

@@ -53,7 +53,7 @@ if ((DRY)); then
     export JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=1"
     TEST_TIMEOUT=60 BENCH_TIMEOUT=240
     BENCH=(--config configs/tiny.py --seq 128,256 --attn-heads 4 --attn-head-dim 32
-        --attn-block 64 --attn-repeats 2 --set model.n_layers=2 --set train.seq_len=64
+        --attn-block 64 --attn-repeats 2 --config.model.n_layers=2 --config.train.seq_len=64
         --step-batch 8 --step-extra-batches 4 --step-repeats 2 --step-matmul 1024)
 else
     export JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}"

@@ -1,4 +1,4 @@
-"""python -m launch.inspect --config configs/<name>.py [--config.x=y] [--json] [--memory]
+"""python -m launch.inspect --config configs/<name>.py [--config.group.field=value] [--json] [--memory]
 
 Parameter count, FLOPs per token and state bytes from abstract shapes: works for 65B on a laptop.
 
@@ -47,38 +47,17 @@ def _simulate_devices(n: int) -> None:
         for f in os.environ.get("XLA_FLAGS", "").split()
         if not f.startswith("--xla_force_host_platform_device_count")
     ]
-    os.environ["XLA_FLAGS"] = " ".join(
-        [*flags, f"--xla_force_host_platform_device_count={n}"]
-    )
+    os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
-if __name__ == "__main__" and ("--memory" in sys.argv or "--memory=true" in sys.argv):
+if __name__ == "__main__" and "--memory" in sys.argv:
     _simulate_devices(simulated_devices(sys.argv))
 
+import argparse
 import json
 
-from absl import flags
-from ml_collections import config_flags
-
 from llama_jax import cli, stats
-from llama_jax.config import ModelConfig
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "config file", lock_config=True
-)
-_JSON = flags.DEFINE_bool("json", False, "print one JSON object")
-_MEMORY = flags.DEFINE_bool(
-    "memory", False, "compile the step per remat policy: will it fit?"
-)
-_DEVICES = flags.DEFINE_integer(
-    "devices", None, "simulated devices; default: mesh product"
-)
-_ROWS = flags.DEFINE_integer("rows_per_device", 1, "sequences per device for --memory")
-_POLICIES = flags.DEFINE_string("policies", "", "remat policies for --memory; '' = all")
-_DEVICE_GIB = flags.DEFINE_float(
-    "device_gib", 80.0, "device memory to mark fits/OOM against"
-)
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -89,48 +68,41 @@ def _human(n: float, unit: str = "") -> str:
     return f"{n:.2f} E{unit}"
 
 
-def _memory(cfg) -> dict:
+def _memory(c: cli.Command) -> dict:
     import jax
 
     from llama_jax import memory
     from llama_jax import sharding as shd
 
-    mesh = shd.make_mesh(cfg.mesh)
-    if "--config.train.batch_size" not in " ".join(sys.argv):
-        cfg.train.batch_size = _ROWS.value * mesh.shape["data"] * mesh.shape["fsdp"]
-        cfg.train.grad_accum_steps = 1
+    cfg, a = c.run, c.args
+    mesh = shd.make_mesh(*cfg.mesh.sizes)
+    if "train.batch_size" not in c.overrides:
+        batch = a.rows_per_device * shd.batch_shards(mesh)
+        cfg = cfg.replace({"train.batch_size": batch, "train.grad_accum_steps": 1})
     if jax.default_backend() != "cpu":
-        print(
-            f"note: compiling on {jax.default_backend()} ({len(jax.devices())} devices)",
-            file=sys.stderr,
-        )
-    policies = [p for p in _POLICIES.value.split(",") if p] or None
-    log = (
-        None
-        if _JSON.value
-        else (
-            lambda r: print(
-                f"compiled {r['policy']} in {r['compile_s']:.1f}s", file=sys.stderr
-            )
-        )
-    )
-    return memory.analyze(cfg, mesh, policies, log=log)
+        print(f"note: compiling on {jax.default_backend()} ({len(jax.devices())} devices)",
+              file=sys.stderr)
+    policies = [p for p in a.policies.split(",") if p] or None
+
+    def progress(r):
+        print(f"compiled {r['policy']} in {r['compile_s']:.1f}s", file=sys.stderr)
+
+    return memory.analyze(cfg, mesh, policies, log=None if a.json else progress)
 
 
-def main(argv):
-    del argv
-    cfg = _CONFIG.value
-    info = stats.summary(ModelConfig.from_config(cfg.model), cfg.train.seq_len)
-    if _MEMORY.value:
+def run(c: cli.Command):
+    cfg, a = c.run, c.args
+    info = stats.summary(cfg.model, cfg.train.seq_len)
+    if a.memory:
         from llama_jax import memory
 
-        result = _memory(cfg)
-        if _JSON.value:
+        result = _memory(c)
+        if a.json:
             print(json.dumps({**info, "memory": result}))
         else:
-            print(memory.format_report(result, _DEVICE_GIB.value * 2**30))
+            print(memory.format_report(result, a.device_gib * 2**30))
         return
-    if _JSON.value:
+    if a.json:
         print(json.dumps(info))
         return
     print(f"parameters           {info['parameters']:,}")
@@ -143,6 +115,23 @@ def main(argv):
         print(f"{key + ' bytes':<21}{_human(info[key + '_bytes'], 'B')}")
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m launch.inspect", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--memory", action="store_true",
+                   help="compile the step per remat policy: will it fit?")
+    p.add_argument("--devices", type=int, default=None, help="simulated devices; default: mesh product")
+    p.add_argument("--rows_per_device", type=int, default=1, help="sequences per device for --memory")
+    p.add_argument("--policies", default="", help="remat policies for --memory; '' = all")
+    p.add_argument("--device_gib", type=float, default=80.0,
+                   help="device memory to mark fits/OOM against")
+    return p
+
+
+def main(argv=None):
+    cli.run(run, parser(), argv)
+
+
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
-    cli.run(main)
+    main()

@@ -16,7 +16,7 @@ import os
 from llama_jax import cli
 
 
-def main(c: cli.Command):
+def run(c: cli.Command):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     for noisy in ("absl", "jax"):  # orbax's per-save chatter, jax's backend probing
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -41,5 +41,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def main(argv=None):
+    cli.run(run, parser(), argv)
+
+
 if __name__ == "__main__":
-    cli.run(main, parser())
+    main()

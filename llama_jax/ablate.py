@@ -28,10 +28,9 @@ import math
 import os
 import time
 
-import ml_collections
 import numpy as np
 
-from llama_jax.config import set_field
+from llama_jax.config import RunConfig, parse_value
 
 log = logging.getLogger(__name__)
 
@@ -67,19 +66,6 @@ def parse_tokens(text) -> int:
     return n
 
 
-def _get(cfg, dotted: str):
-    node = cfg
-    for part in dotted.split("."):
-        if part not in node:
-            raise KeyError(f"unknown config field {dotted!r}")
-        node = node[part]
-    return node
-
-
-def _copy(cfg) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(cfg.to_dict())
-
-
 def _label(key: str, value: str) -> str:
     return f"{key.removeprefix('model.')}={value}".replace("/", "_")
 
@@ -94,13 +80,8 @@ def make_variants(base_cfg, axes, grid: bool = False) -> list[Variant]:
     """
     typed = []  # per axis: [(value string, parsed value)], so "1e-3" and "0.001" are one value
     for key, values in axes:
-        base_value = _get(base_cfg, key)
-        parsed = []
-        for v in values:
-            probe = _copy(base_cfg)
-            set_field(probe, key, v)
-            parsed.append((v, _get(probe, key)))
-        typed.append((key, base_value, parsed))
+        parsed = [(v, parse_value(key, v)) for v in values]
+        typed.append((key, base_cfg.flat()[key], parsed))
     if grid:
         combos = itertools.product(*[[(key, v, p, p != b) for v, p in parsed]
                                      for key, b, parsed in typed])
@@ -118,27 +99,24 @@ def make_variants(base_cfg, axes, grid: bool = False) -> list[Variant]:
     return out
 
 
-def run_config(base_cfg, variant: Variant, seed: int, tokens: int, evals: int = 8):
+def run_config(base_cfg: RunConfig, variant: Variant, seed: int, tokens: int, evals: int = 8):
     """The trainer config of one run: the variant's changes, `tokens` worth of steps, `evals`
     validation points, init seed `seed`, and the base config's data order."""
-    cfg = _copy(base_cfg)
-    for key, value in variant.changes:
-        set_field(cfg, key, value)
-    t = cfg.train
-    per_step = int(t.batch_size) * int(t.seq_len)
+    cfg = base_cfg.replace([f"{k}={v}" for k, v in variant.changes])
+    per_step = cfg.train.tokens_per_step
     steps = max(1, tokens // per_step)
     if tokens < per_step:
         log.warning("token budget %d is below one step (%d tokens): running 1 step", tokens, per_step)
-    t.data_seed = int(base_cfg.train.get("data_seed", -1))
-    if t.data_seed < 0:  # pin the base config's order before train.seed changes
-        t.data_seed = int(base_cfg.train.seed)
-    t.seed = int(seed)
-    t.steps = steps
-    t.eval_every = max(1, steps // max(1, evals))
-    # A short budget keeps its learning-rate schedule: warmup is at most a fifth of the run.
-    t.warmup_steps = min(int(t.warmup_steps), max(1, steps // 5))
-    t.samples = 0
-    return cfg
+    return cfg.replace({
+        # pin the base config's data order before train.seed changes
+        "train.data_seed": base_cfg.train.data_order_seed,
+        "train.seed": seed,
+        "train.steps": steps,
+        "train.eval_every": max(1, steps // max(1, evals)),
+        # A short budget keeps its learning-rate schedule: warmup is at most a fifth of the run.
+        "train.warmup_steps": min(cfg.train.warmup_steps, max(1, steps // 5)),
+        "train.samples": 0,
+    })
 
 
 def _plain(d):
@@ -158,16 +136,16 @@ def _check_or_write(path: str, payload: dict, what: str) -> None:
         os.replace(tmp, path)
 
 
-def seeds_of(base_cfg, n: int) -> list[int]:
-    return [int(base_cfg.train.seed) + i for i in range(n)]
+def seeds_of(base_cfg: RunConfig, n: int) -> list[int]:
+    return [base_cfg.train.seed + i for i in range(n)]
 
 
-def sweep(base_cfg, axes, *, tokens: int, seeds: int = 2, workdir: str, grid: bool = False,
+def sweep(base_cfg: RunConfig, axes, *, tokens: int, seeds: int = 2, workdir: str, grid: bool = False,
           evals: int = 8, report: bool = True) -> list[dict]:
     """Trains every (variant, seed) not yet done, then writes results.csv/.md and ablation.png.
 
     Args:
-      base_cfg: ConfigDict of the baseline (e.g. load_config_file("configs/tiny.py", [...])).
+      base_cfg: RunConfig of the baseline (e.g. config.load("configs/tiny.py", [...])).
       axes: [(dotted field, [values])]; see make_variants.
       tokens: training tokens per run (steps = tokens // (batch_size * seq_len)).
       seeds: init seeds per variant (train.seed, train.seed + 1, ...).
@@ -246,7 +224,6 @@ def _mean_std(xs):
 def summarize(workdir: str, variants, seeds) -> list[dict]:
     """One row per variant with finished runs: mean and sample std over seeds."""
     from llama_jax import stats
-    from llama_jax.config import ModelConfig
 
     rows = []
     for v in variants:
@@ -255,7 +232,7 @@ def summarize(workdir: str, variants, seeds) -> list[dict]:
         if not runs:
             continue
         with open(os.path.join(runs[0], "config.json")) as f:
-            model = ModelConfig.from_config(json.load(f)["model"])
+            model = RunConfig.from_dict(json.load(f)).model
         got = [read_run(r) for r in runs]
         final, final_sd = _mean_std([g["final"] for g in got])
         best, best_sd = _mean_std([g["best"] for g in got])

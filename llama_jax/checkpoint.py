@@ -124,3 +124,27 @@ def check_resume(saved: dict | None, run: RunConfig) -> None:
     for k in RESUME_WARN:
         if old[k] != new[k]:
             log.warning("resuming with %s changed: %r -> %r (the schedule changes)", k, old[k], new[k])
+
+
+def export(workdir: str, output: str, step: int | None = None, dtype: str | None = None) -> str:
+    """Writes the params of a training checkpoint (no optimizer state) plus the model config,
+    in the params_io format launch.generate, launch.eval and launch.convert read. Restores onto
+    this machine's devices whatever mesh wrote it (FSDP over all of them)."""
+    from llama_jax import params_io
+    from llama_jax import train_step as ts
+    from llama_jax.sharding import make_mesh
+
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"no checkpoints in {workdir} (expected {ckpt_dir})")
+    ckpt = Checkpointer(ckpt_dir, keep=1, async_save=False, read_only=True)
+    step = ckpt.latest_step() if step is None else step
+    if step is None or step not in ckpt.all_steps():
+        raise FileNotFoundError(f"no checkpoint step {step} in {ckpt_dir}; have {ckpt.all_steps()}")
+    run = RunConfig.from_dict(ckpt.restore_meta(step)["config"])
+    mesh = make_mesh(data=1, fsdp=-1, tensor=1)
+    state, _ = ckpt.restore(ts.abstract_train_state(run, mesh)[0], step)
+    ckpt.close()
+    params_io.save_params(output, jax.device_get(state.params), run.model, dtype=dtype)
+    return output
+

@@ -84,12 +84,14 @@ def parse(
 
     Args:
       config: "required" (--config FILE must be given), "optional" (run is None without it,
-        unless default_config names a file to use).
+        unless default_config names a file to use), "none" (the tool takes no config).
     """
     from llama_jax import config as cfgmod
 
-    add_config_help(parser, required=config == "required")
     argv = sys.argv[1:] if argv is None else list(argv)
+    if config == "none":  # a tool without a config: --config* are unknown flags to argparse
+        return Command(parser.parse_args(argv), None, {}, {}, None)
+    add_config_help(parser, required=config == "required")
     path, overrides, rest = split_config_args(argv)
     args = parser.parse_args(rest)  # argparse's own usage errors exit 2 too
     path = path or default_config

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from llama_jax.config import DTYPES, ModelConfig
+from llama_jax.config import DTYPES, ModelConfig, dtype_name
 
 FORMATS = ("hf", "meta", "ours")
 
@@ -177,13 +177,6 @@ def _get(tree: dict, path: tuple[str, ...]):
 
 def _np_dtype(dtype):
     return None if dtype is None else np.dtype(DTYPES[dtype] if isinstance(dtype, str) else dtype)
-
-
-def _dtype_name(dtype) -> str:
-    for name, dt in DTYPES.items():
-        if np.dtype(dt) == np.dtype(dtype):
-            return name
-    raise ValueError(f"dtype {dtype} has no name in config.DTYPES {sorted(DTYPES)}")
 
 
 def _read_tree(get: Callable[[str, _Weight], np.ndarray], c: ModelConfig, dtype) -> dict:
@@ -433,7 +426,7 @@ def read_hf(path: str, dtype=None, overrides: dict | None = None):
     src = _HFTensors(path)
     probe = src.get("model.norm.weight")
     dt = _np_dtype(dtype) or probe.dtype
-    c = config_from_hf(hf_cfg, **{"param_dtype": _dtype_name(dt), **(overrides or {})})
+    c = config_from_hf(hf_cfg, **{"param_dtype": dtype_name(dt), **(overrides or {})})
 
     def get(w: _Weight, i):
         x = src.get(w.hf.format(i=i))
@@ -451,7 +444,7 @@ def write_hf(path: str, tree: dict, c: ModelConfig, max_shard_bytes: int = 5 << 
     os.makedirs(path, exist_ok=True)
     dtype = np.asarray(_get(tree, ("norm", "scale"))).dtype
     torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[
-        _dtype_name(dtype)
+        dtype_name(dtype)
     ]
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config_to_hf(c, torch_dtype), f, indent=2)
@@ -512,7 +505,7 @@ def read_meta(path: str, dtype=None, overrides: dict | None = None):
 
     emb = shards[0][WEIGHTS[0].meta]  # [V, D / shards]: vocab is whole in every shard
     dt = _np_dtype(dtype) or _to_numpy(shards[0]["norm.weight"]).dtype
-    over = {"param_dtype": _dtype_name(dt), **(overrides or {})}
+    over = {"param_dtype": dtype_name(dt), **(overrides or {})}
     c = config_from_meta(params, vocab_size=emb.shape[0], **over)
     return _read_tree(lambda w, i: merged(w, i).astype(dt, copy=False), c, dt), c
 

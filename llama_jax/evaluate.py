@@ -158,7 +158,7 @@ def perplexity_dataset(
     max_tokens: int | None = None,
 ) -> dict:
     """perplexity_tokens on a split written by launch.prepare_data."""
-    from llama_jax.data.prepare import open_split
+    from llama_jax.data.format import open_split
 
     store = open_split(dataset_dir, split)
     n = store.shape[0] if max_tokens is None else min(store.shape[0], max_tokens)
@@ -337,3 +337,33 @@ class LMEvalAdapter(_HarnessLM):
                     text = text.split(u)[0]
                 results[i] = text
         return results
+
+
+class ValidationLoss:
+    """The trainer's validation loss: mean over the same `batches` global batches of a
+    prepared dataset's held-out split at every evaluation (comparable across evaluations and
+    runs).
+
+    Batches are split like training microbatches (grad_accum_steps), so evaluation never needs
+    more activation memory than a training step.
+    """
+
+    def __init__(self, eval_fn, train, dataset_dir: str, sharding, tokenizer_sha: str):
+        from llama_jax.data.loader import Loader
+
+        self.eval_fn, self.n = eval_fn, train.eval_batches * train.grad_accum_steps
+        self.loader = Loader(
+            dataset_dir, "val", batch_size=train.microbatch_size, seq_len=train.seq_len,
+            seed=train.data_order_seed + 1, sharding=sharding, prefetch=0,
+            expected_tokenizer_sha=tokenizer_sha,
+        )
+
+    def __call__(self, params) -> float:
+        total, tokens = 0.0, 0.0
+        for i in range(self.n):
+            m = jax.device_get(self.eval_fn(params, self.loader.batch(i)))
+            total, tokens = total + float(m["loss_sum"]), tokens + float(m["tokens"])
+        return total / max(tokens, 1.0)
+
+    def close(self):
+        self.loader.close()

@@ -219,3 +219,21 @@ def sample_texts(
     out = generate(params, cfg, prompts, max(1, min(max_new_tokens, room)), sampling=sampling,
                    seed=seed, eos_id=tokenizer.eos_id)
     return [tokenizer.decode(list(p) + o) for p, o in zip(prompts, out)]  # whole: keeps spaces
+
+
+def load(checkpoint: str, tokenizer_path: str, dtype: str | None = None, tensor: int = 1):
+    """(params, ModelConfig, Tokenizer, mesh or None) of a params checkpoint (launch.export or
+    launch.convert --to ours), its vocab checked against the tokenizer; with tensor > 1 the
+    params are sharded over that many devices (heads, mlp and vocab: sharding.py's rules)."""
+    from llama_jax.data.tokenizer import Tokenizer, check_vocab
+    from llama_jax.params_io import load_config, load_params
+    from llama_jax.sharding import make_mesh
+
+    tokenizer = Tokenizer(tokenizer_path)
+    check_vocab(tokenizer, load_config(checkpoint).vocab_size)
+    mesh = None
+    if tensor > 1:
+        mesh = make_mesh(data=1, fsdp=1, tensor=tensor, devices=jax.devices()[:tensor])
+    params, cfg = load_params(checkpoint, dtype=dtype, mesh=mesh)
+    return params, cfg, tokenizer, mesh
+

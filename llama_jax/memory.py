@@ -32,6 +32,7 @@ from llama_jax import train_step as ts
 from llama_jax.config import ModelConfig, RunConfig
 from llama_jax.remat import REMAT_POLICIES
 
+
 def _shard_bytes(tree) -> int:
     """Bytes one device holds of a tree of ShapeDtypeStructs that carry NamedShardings."""
     total = 0

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llama_jax.config import DTYPES, ModelConfig
+from llama_jax.config import DTYPES, ModelConfig, dtype_name
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "model_config.json"
@@ -73,17 +73,10 @@ def save_params(path: str, params, model_cfg: ModelConfig, dtype=None) -> str:
     if jax.process_index() == 0:
         cfg = dataclasses.asdict(model_cfg)
         if dtype is not None:  # the stored weights are the master weights from now on
-            cfg["param_dtype"] = _dtype_name(_dtype(dtype))
+            cfg["param_dtype"] = dtype_name(_dtype(dtype))
         with open(os.path.join(path, CONFIG_FILE), "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
     return path
-
-
-def _dtype_name(dtype) -> str:
-    for name, dt in DTYPES.items():
-        if jnp.dtype(dt) == jnp.dtype(dtype):
-            return name
-    raise ValueError(f"dtype {dtype} has no name in config.DTYPES {sorted(DTYPES)}")
 
 
 def load_config(path: str) -> ModelConfig:
@@ -92,10 +85,10 @@ def load_config(path: str) -> ModelConfig:
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: {path} is not a params checkpoint")
     with open(cfg_path) as f:
-        return ModelConfig.from_config(json.load(f))
+        return ModelConfig.from_dict(json.load(f))
 
 
-def load_params(path: str, dtype=None, sharding=None):
+def load_params(path: str, dtype=None, sharding=None, mesh=None):
     """Reads a checkpoint written by save_params.
 
     Args:
@@ -104,6 +97,8 @@ def load_params(path: str, dtype=None, sharding=None):
       sharding: None puts every array on the first local device; a jax.sharding.Sharding
         applies to all leaves; or a tree of Shardings matching the params tree (e.g. from
         the logical partition specs of the model's boxed params).
+      mesh: instead of sharding, a jax Mesh: each leaf sharded per its logical axis names
+        (sharding.py's rules), e.g. attention heads over a "tensor" axis.
     Returns:
       (params, model_cfg): the raw params tree and its ModelConfig.
     """
@@ -112,10 +107,15 @@ def load_params(path: str, dtype=None, sharding=None):
     path = os.path.abspath(path)
     model_cfg = load_config(path)
     if dtype is not None:
-        model_cfg = dataclasses.replace(model_cfg, param_dtype=_dtype_name(_dtype(dtype)))
+        model_cfg = dataclasses.replace(model_cfg, param_dtype=dtype_name(_dtype(dtype)))
     ckptr = ocp.StandardCheckpointer()
     params_dir = os.path.join(path, PARAMS_DIR)
     stored = ckptr.metadata(params_dir).item_metadata.tree
+    if mesh is not None:
+        from llama_jax.model import abstract_params
+        from llama_jax.sharding import tree_shardings
+
+        sharding = tree_shardings(abstract_params(model_cfg), mesh)[1]
     if sharding is None:
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if isinstance(sharding, jax.sharding.Sharding):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from llama_jax import ablate
-from llama_jax.config import load_config_file
+from llama_jax.config import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [  # as tests/test_train.py: a small float32 model, milliseconds per step
@@ -23,7 +23,7 @@ SMALL = [  # as tests/test_train.py: a small float32 model, milliseconds per ste
 
 
 def tiny_cfg(*extra):
-    return load_config_file(f"{ROOT}/configs/tiny.py", [*SMALL, *extra])
+    return load(f"{ROOT}/configs/tiny.py", [*SMALL, *extra])
 
 
 def test_parse_vary_and_tokens():
@@ -83,7 +83,7 @@ def test_sweep_writes_results_and_resumes_without_rerunning(tmp_path, tiny_datas
     # 2. the CLI adds a variant; SIGTERM stops its first run at step 3 (saved, sweep exits)
     args = [sys.executable, "-m", "launch.ablate", "--config", f"{ROOT}/configs/tiny.py",
             "--vary", "model.norm=rmsnorm,layernorm", "--tokens", str(tokens), "--seeds", "2",
-            "--workdir", wd, "--evals", "4", *(a for o in [*SMALL, data] for a in ("--set", o))]
+            "--workdir", wd, "--evals", "4", *(f"--config.{o}" for o in [*SMALL, data])]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "LLAMA_JAX_SIGNAL_AT_STEP": "15:3"}
     r = subprocess.run(args, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

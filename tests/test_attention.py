@@ -154,10 +154,10 @@ def test_sharded_under_remat(axis_type):
 
 def test_tiny_model_blockwise_matches_reference():
     """The scanned, rematerialized tiny Llama: logits and parameter grads agree to 1e-5."""
-    from llama_jax.config import ModelConfig, load_config_file
+    from llama_jax.config import load
     from llama_jax.model import Llama
 
-    base = ModelConfig.from_config(load_config_file("configs/tiny.py").model)
+    base = load("configs/tiny.py").model
     base = dataclasses.replace(base, n_layers=2, attn_block_q=16, attn_block_k=16)
     rng = np.random.default_rng(5)
     tokens = jnp.asarray(rng.integers(0, base.vocab_size, (2, 40)), jnp.int32)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from llama_jax import xla_flags
-from llama_jax.config import load_config_file
+from llama_jax.config import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,12 +24,9 @@ def test_all_sections_print_a_table_with_their_limit(tiny_dataset, capsys):
             "--config",
             f"{ROOT}/configs/tiny.py",
             "--summary",
-            "--set",
-            "model.n_layers=2",
-            "--set",
-            "train.seq_len=64",
-            "--set",
-            "train.batch_size=8",
+            "--config.model.n_layers=2",
+            "--config.train.seq_len=64",
+            "--config.train.batch_size=8",
             "--seq",
             "128",
             "--attn-impls",
@@ -112,7 +109,7 @@ def test_profile_steps_write_a_trace(tmp_path, tiny_dataset):
     from llama_jax import trainer
     from tests.test_train import SMALL  # the training tests' small float32 model
 
-    cfg = load_config_file(
+    cfg = load(
         f"{ROOT}/configs/tiny.py",
         [
             *SMALL,

@@ -101,11 +101,9 @@ def test_sample_logits_filters():
 
 def test_sharded_cache_same_tokens(params, want):
     """On a mesh the cache is sharded like the k/v activations and the tokens do not change."""
-    from ml_collections import ConfigDict
-
     from llama_jax.sharding import make_mesh
 
-    mesh = make_mesh(ConfigDict({"data": 1, "fsdp": 1, "tensor": 2}), jax.devices()[:2])
+    mesh = make_mesh(data=1, fsdp=1, tensor=2, devices=jax.devices()[:2])
     cache = gen.init_cache(CFG, 4, 32, mesh)
     assert cache["layers"]["attention"]["k"].sharding.spec[3] == "tensor"  # [L, B, S, K, H]
     got = gen.generate(params, CFG, PROMPTS, 4, mesh=mesh)

@@ -80,11 +80,11 @@ def test_llama_step_on_gpu_cudnn_matches_blockwise_loss():
     """A small bf16 LLaMA's loss is the same (to bf16) with cudnn and blockwise attention."""
     from llama_jax import sharding as shd
     from llama_jax import train_step as ts
-    from llama_jax.config import load_config_file
+    from llama_jax.config import load
 
     losses = {}
     for impl in ("cudnn", "blockwise"):
-        cfg = load_config_file(
+        cfg = load(
             os.path.join(ROOT, "configs/tiny.py"),
             [
                 "model.dtype=bfloat16",
@@ -101,7 +101,7 @@ def test_llama_step_on_gpu_cudnn_matches_blockwise_loss():
                 "mesh.data=-1",
             ],
         )
-        mesh = shd.make_mesh(cfg.mesh, jax.devices()[:1])
+        mesh = shd.make_mesh(*cfg.mesh.sizes, devices=jax.devices()[:1])
         state, shardings = ts.create_train_state(cfg, mesh)
         step = ts.make_train_step(cfg, mesh, shardings)
         toks = np.random.default_rng(0).integers(0, 2048, (4, 1025), dtype=np.int32)

@@ -10,7 +10,7 @@ import pytest
 
 from llama_jax import memory
 from llama_jax import sharding as shd
-from llama_jax.config import load_config_file
+from llama_jax.config import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA_7B = 6_738_415_616  # released parameter count (LLAMA_FACTS.md)
@@ -61,11 +61,11 @@ def test_7b_fsdp8_state_is_16_bytes_per_param_over_8():
 def test_activations_fall_from_none_to_save_linear_to_full():
     """On a small config (8 simulated devices), compiled and analytic activations both fall
     as the remat policy saves less: none > save_linear > full."""
-    cfg = load_config_file(
+    cfg = load(
         f"{ROOT}/configs/tiny.py",
         ["mesh.fsdp=8", "train.batch_size=8", "model.n_layers=2", "train.seq_len=64"],
     )
-    mesh = shd.make_mesh(cfg.mesh, jax.devices()[:8])
+    mesh = shd.make_mesh(*cfg.mesh.sizes, devices=jax.devices()[:8])
     result = memory.analyze(cfg, mesh, ["none", "save_linear", "full"])
     act = {r["policy"]: r["activations"] for r in result["policies"]}
     est = {r["policy"]: r["analytic_activations"] for r in result["policies"]}
@@ -83,7 +83,7 @@ def test_activations_fall_from_none_to_save_linear_to_full():
 
 
 def test_unknown_policy_is_a_clear_error():
-    cfg = load_config_file(f"{ROOT}/configs/tiny.py")
-    mesh = shd.make_mesh(cfg.mesh, jax.devices()[:1])
+    cfg = load(f"{ROOT}/configs/tiny.py")
+    mesh = shd.make_mesh(*cfg.mesh.sizes, devices=jax.devices()[:1])
     with pytest.raises(ValueError, match="valid"):
         memory.analyze(cfg, mesh, ["nope"])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from llama_jax import stats
-from llama_jax.config import ModelConfig, load_config_file
+from llama_jax.config import ModelConfig, load
 from llama_jax.model import Llama
 
 PUBLISHED = {  # parameter counts of the released checkpoints
@@ -109,7 +109,7 @@ def test_causality():
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_published_parameter_counts(name):
-    cfg = ModelConfig.from_config(load_config_file(f"configs/{name}.py").model)
+    cfg = load(f"configs/{name}.py").model
     count, hidden = PUBLISHED[name]
     assert cfg.hidden_dim == hidden
     assert stats.count_params(cfg) == count
@@ -137,7 +137,7 @@ def test_inspect_cli_unknown_field_is_one_line():
 
 def test_unknown_model_field_and_bad_shapes():
     with pytest.raises(ValueError, match="unknown model config field.*'dimm'"):
-        ModelConfig.from_config({"dimm": 3})
+        ModelConfig.from_dict({"dimm": 3})
     with pytest.raises(ValueError, match="n_kv_heads"):
         ModelConfig(dim=64, n_heads=4, n_kv_heads=3)
 

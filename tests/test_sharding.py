@@ -3,40 +3,26 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs.base import base_config
 from llama_jax import sharding as shd
 from llama_jax import train_step as ts
-from llama_jax.config import ModelConfig
+from llama_jax.config import ModelConfig, RunConfig, TrainConfig
 from llama_jax.model import BTD, Llama
 
 
-def tiny_config(**train):
-    c = base_config()
-    c.model.update(
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        vocab_size=128,
-        multiple_of=32,
-        max_seq_len=32,
-        dtype="float32",
-        attention_impl="reference",
-        remat_policy="save_linear",
-    )
-    c.train.update(batch_size=16, seq_len=32, lr=1e-3, warmup_steps=0, steps=100, seed=3)
-    c.train.update(train)
-    return c
+def tiny_config(model=None, **train):
+    mc = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32,
+              max_seq_len=32, dtype="float32", attention_impl="reference",
+              remat_policy="save_linear")
+    tc = dict(batch_size=16, seq_len=32, lr=1e-3, warmup_steps=0, steps=100, seed=3)
+    return RunConfig(model=ModelConfig(**{**mc, **(model or {})}), train=TrainConfig(**{**tc, **train}))
 
 
 def mesh_of(data, fsdp, tensor):
-    cfg = ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "tensor": tensor})
-    return shd.make_mesh(cfg, jax.devices()[: data * fsdp * tensor])
+    return shd.make_mesh(data, fsdp, tensor, devices=jax.devices()[: data * fsdp * tensor])
 
 
 # ---- mesh -------------------------------------------------------------------------------
@@ -52,8 +38,7 @@ def mesh_of(data, fsdp, tensor):
     ],
 )
 def test_make_mesh_sizes(sizes, want):
-    cfg = ml_collections.ConfigDict(dict(zip(shd.MESH_AXES, sizes)))
-    mesh = shd.make_mesh(cfg)
+    mesh = shd.make_mesh(*sizes)
     assert mesh.axis_names == ("data", "fsdp", "tensor")
     assert tuple(mesh.shape[a] for a in shd.MESH_AXES) == want
     assert mesh.devices.size == 8
@@ -69,7 +54,7 @@ def test_make_mesh_sizes(sizes, want):
 )
 def test_make_mesh_errors(sizes, match):
     with pytest.raises(ValueError, match=match):
-        shd.make_mesh(ml_collections.ConfigDict(dict(zip(shd.MESH_AXES, sizes))))
+        shd.make_mesh(*sizes)
 
 
 # ---- rules ------------------------------------------------------------------------------
@@ -97,7 +82,7 @@ def test_indivisible_dims_are_replicated():
 
 
 def test_every_param_has_logical_names():
-    mc = ModelConfig.from_config(tiny_config().model)
+    mc = tiny_config().model
     boxed = jax.eval_shape(Llama(mc).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     leaves = jax.tree.leaves(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
@@ -143,7 +128,7 @@ def reference():
     initial train state as create_train_state builds it sharded, brought to the host."""
     cfg = tiny_config()
     t = cfg.train
-    model = Llama(ModelConfig.from_config(cfg.model))
+    model = Llama(cfg.model)
     batch = _batch(cfg)
     tokens = jnp.zeros((1, t.seq_len), jnp.int32)
     boxed = jax.jit(model.init)(jax.random.key(t.seed), tokens)["params"]

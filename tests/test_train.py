@@ -10,9 +10,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
-from llama_jax.config import load_config_file
+from llama_jax.config import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +26,7 @@ SMALL = [  # a small float32 model on the test dataset: each step takes millisec
 
 
 def small_cfg(dataset, *extra):
-    return load_config_file(f"{ROOT}/configs/tiny.py", [*SMALL, f"data.path={dataset[0]}", *extra])
+    return load(f"{ROOT}/configs/tiny.py", [*SMALL, f"data.path={dataset[0]}", *extra])
 
 
 def losses(workdir):
@@ -133,22 +132,21 @@ def test_restore_onto_other_meshes_gives_the_same_next_loss(tmp_path, tiny_datas
     from llama_jax.data.loader import Loader
 
     cfg = small_cfg(tiny_dataset, "mesh.fsdp=8")
-    mesh = shd.make_mesh(cfg.mesh)
+    mesh = shd.make_mesh(*cfg.mesh.sizes)
     state, shardings = ts.create_train_state(cfg, mesh)
     step = ts.make_train_step(cfg, mesh, shardings)
     loader = Loader(tiny_dataset[0], "train", batch_size=8, seq_len=32, seed=0)
     b0, b1 = next(loader), next(loader)
     loader.close()
     state, _ = step(state, b0)
-    ckpt = Checkpointer(str(tmp_path), cfg.checkpoint)
+    ckpt = Checkpointer(str(tmp_path))
     ckpt.save(1, state, {"step": 1})
     ckpt.wait()
     _, want = step(state, b1)
     for data, fsdp, tensor, devices in [(1, 2, 4, jax.devices()), (1, 1, 1, jax.devices()[:1]),
                                         (2, 1, 4, jax.devices())]:
-        c = ConfigDict(cfg.to_dict())
-        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
-        m = shd.make_mesh(c.mesh, devices)
+        c = cfg.replace({"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor})
+        m = shd.make_mesh(*c.mesh.sizes, devices=devices)
         abstract, sh = ts.abstract_train_state(c, m)
         restored, meta = ckpt.restore(abstract)
         assert meta["step"] == 1
@@ -158,23 +156,22 @@ def test_restore_onto_other_meshes_gives_the_same_next_loss(tmp_path, tiny_datas
 
 
 def test_export_then_load_gives_the_training_logits(tmp_path, tiny_dataset):
-    from launch.export import export
     from llama_jax import params_io
     from llama_jax import sharding as shd
     from llama_jax import train_step as ts
-    from llama_jax.checkpoint import Checkpointer
+    from llama_jax.checkpoint import Checkpointer, export
     from llama_jax.model import Llama
 
     cfg = small_cfg(tiny_dataset)
-    mesh = shd.make_mesh(cfg.mesh)
+    mesh = shd.make_mesh(*cfg.mesh.sizes)
     state, _ = ts.create_train_state(cfg, mesh)
-    ckpt = Checkpointer(str(tmp_path / "run" / "checkpoints"), cfg.checkpoint)
+    ckpt = Checkpointer(str(tmp_path / "run" / "checkpoints"))
     ckpt.save(3, state, {"step": 3, "config": cfg.to_dict()})
     ckpt.close()
     export(str(tmp_path / "run"), str(tmp_path / "export"))
     params, mc = params_io.load_params(str(tmp_path / "export"))
     tokens = np.arange(24, dtype=np.int32).reshape(2, 12)
-    model = Llama(ts.model_config(cfg))
+    model = Llama(cfg.model)
     want = model.apply({"params": jax.device_get(state.params)}, tokens)
     got = Llama(mc).apply({"params": params}, tokens)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)

@@ -5,40 +5,27 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from configs.base import base_config
 from llama_jax import sharding as shd
 from llama_jax import train_step as ts
-from llama_jax.config import ModelConfig
-from llama_jax.model import REMAT_POLICIES, Llama
+from llama_jax.config import ModelConfig, RunConfig, TrainConfig
+from llama_jax.model import Llama
 from llama_jax.optim import decay_mask, make_optimizer, make_schedule
+from llama_jax.remat import REMAT_POLICIES
 
 
-def tiny_config(**train):
-    c = base_config()
-    c.model.update(
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        vocab_size=128,
-        multiple_of=32,
-        max_seq_len=32,
-        dtype="float32",
-        attention_impl="reference",
-        remat_policy="save_linear",
-    )
-    c.train.update(batch_size=16, seq_len=32, lr=1e-3, warmup_steps=0, steps=100, seed=1)
-    c.train.update(train)
-    return c
+def tiny_config(model=None, **train):
+    mc = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32,
+              max_seq_len=32, dtype="float32", attention_impl="reference",
+              remat_policy="save_linear")
+    tc = dict(batch_size=16, seq_len=32, lr=1e-3, warmup_steps=0, steps=100, seed=1)
+    return RunConfig(model=ModelConfig(**{**mc, **(model or {})}), train=TrainConfig(**{**tc, **train}))
 
 
 def mesh_of(data, fsdp, tensor):
-    cfg = ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "tensor": tensor})
-    return shd.make_mesh(cfg, jax.devices()[: data * fsdp * tensor])
+    return shd.make_mesh(data, fsdp, tensor, devices=jax.devices()[: data * fsdp * tensor])
 
 
 def make_batch(cfg, seed=0, mask_rate=0.3):
@@ -74,9 +61,7 @@ def rel_err(a, b):
 
 
 def test_schedule_hand_values():
-    cfg = base_config().train
-    cfg.update(lr=3e-4, warmup_steps=2000, steps=12000, min_lr_ratio=0.1)
-    sched = make_schedule(cfg)
+    sched = make_schedule(TrainConfig(lr=3e-4, warmup_steps=2000, steps=12000, min_lr_ratio=0.1))
     # step: value, worked out by hand (cosine over the 10000 post-warmup steps to 3e-5)
     want = {
         0: 0.0,
@@ -93,10 +78,9 @@ def test_schedule_hand_values():
 
 def test_decay_mask_is_exactly_the_multi_axis_params():
     """Name-based mask == 'more than one logical axis besides layers' (norms are 1-D)."""
-    c = tiny_config()
-    c.model.norm = "layernorm"  # adds biases, which must be excluded too
+    c = tiny_config(model={"norm": "layernorm"})  # adds biases, which must be excluded too
     boxed = jax.eval_shape(
-        Llama(ModelConfig.from_config(c.model)).init,
+        Llama(c.model).init,
         jax.random.key(0),
         jnp.zeros((1, 4), jnp.int32),
     )["params"]
@@ -132,11 +116,9 @@ def test_grad_accumulation_matches_one_big_batch():
 
 
 def test_grad_accumulation_rejects_uneven_split():
-    cfg = tiny_config(grad_accum_steps=3)
-    mesh = mesh_of(1, 1, 1)
-    state, shardings = ts.abstract_train_state(cfg, mesh)
+    # Now refused when the config is built, before anything is traced.
     with pytest.raises(ValueError, match="not divisible by train.grad_accum_steps=3"):
-        ts.make_train_step(cfg, mesh, shardings).lower(state, ts.abstract_batch(cfg, mesh))
+        tiny_config(grad_accum_steps=3)
     cfg = tiny_config(grad_accum_steps=4)  # 16 / 4 = 4 rows per microbatch, 8 devices
     mesh = mesh_of(8, 1, 1)
     state, shardings = ts.abstract_train_state(cfg, mesh)
@@ -149,14 +131,13 @@ def test_grad_accumulation_rejects_uneven_split():
 
 def test_remat_policies_same_grads_and_memory_order():
     """Every policy computes the same gradient; temp memory full < save_linear < none."""
-    cfg = tiny_config(batch_size=4, seq_len=128)
-    cfg.model.update(n_layers=8, max_seq_len=128)
+    cfg = tiny_config(model={"n_layers": 8, "max_seq_len": 128}, batch_size=4, seq_len=128)
     mesh = mesh_of(1, 1, 1)
     batch = make_batch(cfg)
     params = random_state(cfg, mesh)[0].params
     grads, temp = {}, {}
     for policy in sorted(REMAT_POLICIES):
-        cfg.model.remat_policy = policy
+        cfg = cfg.replace({"model.remat_policy": policy})
         _, shardings = ts.abstract_train_state(cfg, mesh)
         fn = jax.jit(ts.make_loss_and_grads(cfg, mesh, shardings.params))
         compiled = fn.lower(params, batch).compile()
@@ -169,10 +150,8 @@ def test_remat_policies_same_grads_and_memory_order():
 
 
 def test_unknown_remat_policy_is_a_clear_error():
-    cfg = tiny_config()
-    cfg.model.remat_policy = "save_everything_twice"
     with pytest.raises(ValueError, match="unknown remat policy.*valid.*save_linear"):
-        ts.abstract_train_state(cfg, mesh_of(1, 1, 1))
+        tiny_config(model={"remat_policy": "save_everything_twice"})
 
 
 # ---- the step end to end: training, eval, skipping non-finite steps ---------------------

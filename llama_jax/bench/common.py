@@ -35,13 +35,9 @@ def compiled_memory(compiled) -> dict:
 
 
 def load_config(args):
-    """The section's config: --config with the --set a.b=value overrides applied."""
-    from llama_jax.config import load_config_file
-
-    return load_config_file(
-        getattr(args, "config", None) or "configs/tiny.py",
-        getattr(args, "set", None) or (),
-    )
+    """The section's RunConfig: --config with its --config.group.field=value overrides
+    (parsed once by launch.benchmark, as args.run)."""
+    return args.run
 
 
 def device_description() -> str:

@@ -6,6 +6,7 @@ means compile cost does not grow with layers (one compile per depth, single run 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import flax.linen as nn
@@ -15,7 +16,7 @@ import optax
 
 from llama_jax.bench.common import load_config
 from llama_jax.config import ModelConfig
-from llama_jax.model import Llama
+from llama_jax.model import Llama, abstract_params
 
 
 def add_args(parser):
@@ -25,9 +26,7 @@ def add_args(parser):
 def _compile_seconds(cfg: ModelConfig, seq_len: int) -> tuple[float, int]:
     model = Llama(cfg)
     tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-    params = jax.eval_shape(
-        lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
-    )
+    params = {"params": nn.unbox(abstract_params(cfg))}
 
     def loss(p, t):
         logits = model.apply(p, t)
@@ -46,7 +45,7 @@ def run(args) -> list[dict]:
     seq_len = min(cfg.train.seq_len, 256)
     rows = []
     for n in [int(x) for x in str(getattr(args, "compile_layers", "4,32")).split(",")]:
-        mc = ModelConfig.from_config({**cfg.model.to_dict(), "n_layers": n})
+        mc = dataclasses.replace(cfg.model, n_layers=n)
         seconds, size = _compile_seconds(mc, seq_len)
         rows.append(
             {

@@ -27,8 +27,8 @@ from llama_jax import sharding as shd
 from llama_jax import stats
 from llama_jax import train_step as ts
 from llama_jax.bench.common import compiled_memory, load_config, time_fn
-from llama_jax.config import ModelConfig
-from llama_jax.model import REMAT_POLICIES
+from llama_jax.config import RunConfig
+from llama_jax.remat import REMAT_POLICIES
 
 GiB = 2**30
 
@@ -78,8 +78,8 @@ def matmul_flops(n: int, dtype, repeats: int = 5) -> dict:
     return {k: 2 * n**3 / t[k] for k in ("median", "min", "max")}
 
 
-def _random_batch(cfg, mesh):
-    B, T = int(cfg.train.batch_size), int(cfg.train.seq_len)
+def _random_batch(cfg: RunConfig, mesh):
+    B, T = cfg.train.batch_size, cfg.train.seq_len
     toks = np.random.default_rng(0).integers(
         0, cfg.model.vocab_size, (B, T + 1), dtype=np.int32
     )
@@ -104,10 +104,10 @@ def _hwm_bytes():
 
 
 def _one_row(
-    cfg, mesh, policy, repeats, compile_only, flops, peak, matmul_rate
+    cfg: RunConfig, mesh, policy, repeats, compile_only, flops, peak, matmul_rate
 ) -> dict:
-    cfg.model.remat_policy = policy
-    B, T = int(cfg.train.batch_size), int(cfg.train.seq_len)
+    cfg = cfg.replace({"model.remat_policy": policy})
+    B, T = cfg.train.batch_size, cfg.train.seq_len
     n_dev = mesh.devices.size
     mesh_desc = "x".join(str(mesh.shape[a]) for a in shd.MESH_AXES)
     row = {"policy": policy, "batch": B, "seq": T, "mesh(d,f,t)": mesh_desc}
@@ -168,14 +168,14 @@ def _one_row(
 
 
 def run(args) -> list[dict]:
-    cfg = load_config(args)
+    changes = {"train.grad_accum_steps": 1}
     if getattr(args, "step_batch", 0):
-        cfg.train.batch_size = args.step_batch
+        changes["train.batch_size"] = args.step_batch
     if getattr(args, "step_seq_len", 0):
-        cfg.train.seq_len = args.step_seq_len
+        changes["train.seq_len"] = args.step_seq_len
     if getattr(args, "step_dtype", ""):
-        cfg.model.dtype = args.step_dtype
-    cfg.train.grad_accum_steps = 1
+        changes["model.dtype"] = args.step_dtype
+    cfg = load_config(args).replace(changes)
     policies = [
         p for p in str(getattr(args, "step_policies", "save_linear")).split(",") if p
     ]
@@ -187,9 +187,9 @@ def run(args) -> list[dict]:
     compile_only = bool(getattr(args, "step_compile_only", False))
     repeats = int(getattr(args, "step_repeats", 5))
 
-    mesh = shd.make_mesh(cfg.mesh)
-    mc = ModelConfig.from_config(cfg.model)
-    flops = stats.flops_per_token(mc, int(cfg.train.seq_len))
+    mesh = shd.make_mesh(*cfg.mesh.sizes)
+    mc = cfg.model
+    flops = stats.flops_per_token(mc, cfg.train.seq_len)
     peak = stats.device_peak_flops()
     on_cpu = jax.default_backend() == "cpu"
 
@@ -217,10 +217,9 @@ def run(args) -> list[dict]:
         for b in extra:
             if b == best["batch"]:
                 continue
-            cfg.train.batch_size = b
             rows.append(
                 _one_row(
-                    cfg,
+                    cfg.replace({"train.batch_size": b}),
                     mesh,
                     best["policy"],
                     repeats,

@@ -1,0 +1,133 @@
+"""The typed config: the schema's defaults, strict types, choice fields checked against the
+tables that implement them, and one command-line style with one error path in every tool."""
+
+import dataclasses
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llama_jax import config
+from llama_jax.attention import IMPLEMENTATIONS
+from llama_jax.config import ConfigError, ModelConfig, RunConfig, load
+from llama_jax.remat import REMAT_POLICIES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = f"{ROOT}/configs/tiny.py"
+
+
+def test_schema_defaults_are_the_typed_defaults():
+    """configs/base.py (what users read) and the dataclass defaults cannot drift apart."""
+    assert load(f"{ROOT}/configs/base.py") == RunConfig()
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p for p in glob.glob(f"{ROOT}/configs/*.py") if not p.endswith("__init__.py"))
+)
+def test_every_config_file_builds(path):
+    cfg = load(path)
+    assert isinstance(cfg.model, ModelConfig) and RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_types_are_checked_and_ints_widen_to_floats():
+    d = RunConfig().to_dict()
+    d["train"]["lr"] = 1  # an int where a float is expected is fine
+    assert RunConfig.from_dict(d).train.lr == 1.0 and isinstance(RunConfig.from_dict(d).train.lr, float)
+    for group, field, bad in [("model", "dim", "64"), ("train", "steps", 2.5),
+                              ("train", "batch_size", True), ("checkpoint", "async_save", 1)]:
+        d = RunConfig().to_dict()
+        d[group][field] = bad
+        with pytest.raises(ConfigError, match=f"{group}.{field}="):
+            RunConfig.from_dict(d)
+
+
+@pytest.mark.parametrize(
+    "field, table",
+    [("remat_policy", REMAT_POLICIES), ("attention_impl", IMPLEMENTATIONS),
+     ("dtype", config.DTYPES), ("param_dtype", config.DTYPES)],
+)
+def test_choice_fields_are_checked_against_their_table(field, table):
+    """ModelConfig(remat_policy="x") no longer constructs: the error lists the table's names."""
+    with pytest.raises(ConfigError) as e:
+        ModelConfig(**{field: "x"})
+    assert all(name in str(e.value) for name in table), str(e.value)
+
+
+def test_replace_parses_strings_and_refuses_unknown_fields():
+    cfg = load(TINY)
+    new = cfg.replace(["train.lr=1e-2", "train.skip_nonfinite=true", "model.n_layers=2"])
+    assert (new.train.lr, new.train.skip_nonfinite, new.model.n_layers) == (1e-2, True, 2)
+    assert cfg.diff(new) == {"train.lr": (3e-3, 1e-2), "train.skip_nonfinite": (False, True),
+                             "model.n_layers": (4, 2)}
+    assert cfg.model.n_layers == 4  # frozen: the original is untouched
+    with pytest.raises(KeyError, match="'model.dimm'; valid in model: .*'dim'"):
+        cfg.replace(["model.dimm=3"])
+    with pytest.raises(ConfigError, match="config field train.steps: invalid literal"):
+        cfg.replace(["train.steps=many"])
+    with pytest.raises(ConfigError, match="train.seq_len=256 exceeds model.max_seq_len=128"):
+        cfg.replace({"train.seq_len": 256})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 1.0
+
+
+# ---- one command-line style and one error path across the tools ---------------------------
+
+# Each tool with the arguments it needs besides the config (module, argv before the config).
+TOOLS = {
+    "train": ("launch.train", ["--workdir", "/nonexistent/never-written"]),
+    "inspect": ("launch.inspect", []),
+    "benchmark": ("launch.benchmark", ["step"]),
+    "ablate": ("launch.ablate", ["--vary", "model.norm=rmsnorm", "--tokens", "1k",
+                                 "--workdir", "/nonexistent/never-written"]),
+    "convert": ("launch.convert", ["--from", "hf", "--to", "ours", "--input", "/nonexistent",
+                                   "--output", "/nonexistent/out"]),
+}
+CASES = {
+    "misspelt field": (["--config.model.dimm=3"], "unknown config field 'model.dimm'; valid in model:"),
+    "bad value": (["--config.model.n_layers=two"], "config field model.n_layers: invalid literal"),
+}
+
+
+def _run_in_process(module: str, argv: list[str], capsys) -> tuple[int, str]:
+    import importlib
+
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_tool_gives_the_same_one_line_error(case, capsys):
+    overrides, want = CASES[case]
+    seen = {}
+    for tool, (module, args) in TOOLS.items():
+        config_args = [] if tool == "convert" else ["--config", TINY]  # convert: model fields only
+        code, err = _run_in_process(module, [*args, *config_args, *overrides], capsys)
+        assert code == 2, (tool, code, err)
+        assert err.count("\n") == 1 and err.startswith("error: ") and want in err, (tool, err)
+        seen[tool] = err
+    assert len(set(seen.values())) == 1, seen  # word for word the same line
+
+
+def test_missing_config_file_is_the_same_error_everywhere(capsys):
+    errs = set()
+    for tool, (module, args) in TOOLS.items():
+        code, err = _run_in_process(module, [*args, "--config", f"{ROOT}/configs/nope.py"], capsys)
+        assert code == 2 and err.count("\n") == 1 and "config file not found" in err, (tool, err)
+        errs.add(err)
+    assert len(errs) == 1, errs
+
+
+def test_the_real_command_line():
+    """The same from a shell: a subprocess, space-separated override values, exit status 2."""
+    r = subprocess.run(
+        [sys.executable, "-m", "launch.inspect", "--config", TINY, "--config.model.n_layers", "2",
+         "--json"], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert '"parameters"' in r.stdout
+    r = subprocess.run([sys.executable, "-m", "launch.train", "--config", TINY,
+                        "--config.train.stepz=3"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: UnknownFieldError: unknown "
+                                                             "config field 'train.stepz'")
