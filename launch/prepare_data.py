@@ -25,10 +25,12 @@ def main(argv=None):
         "--vocab-size", type=int, default=2048, help="default corpus only: tokenizer size"
     )
     args = p.parse_args(argv)
+    from llama_jax import cli
+
     try:
         run(p, args)
-    except (ValueError, OSError) as e:  # bad input: one line, no traceback
-        raise SystemExit(f"error: {e}") from None
+    except cli.USER_ERRORS as e:  # bad input: one line `error: <Type>: <message>`, exit 2
+        cli.fail(e)
 
 
 def run(p, args):

@@ -19,10 +19,12 @@ def main(argv=None):
     p.add_argument("--text-field", default="text", help="JSONL field / parquet column of the text")
     p.add_argument("--max-sentences", type=int, default=2_000_000, help="lines sampled to train on")
     args = p.parse_args(argv)
+    from llama_jax import cli
+
     try:
         run(p, args)
-    except (ValueError, OSError) as e:  # bad input: one line, no traceback
-        raise SystemExit(f"error: {e}") from None
+    except cli.USER_ERRORS as e:  # bad input: one line `error: <Type>: <message>`, exit 2
+        cli.fail(e)
 
 
 def run(p, args):

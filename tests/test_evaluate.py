@@ -140,7 +140,7 @@ def test_scorer_against_direct_forward(trained):
 
 
 def test_perplexity_and_bits_per_byte(trained, tmp_path):
-    from llama_jax.data.prepare import write_token_dataset
+    from llama_jax.data.format import write_token_dataset
 
     rng = np.random.default_rng(2)
     docs = [corpus(rng, 3) for _ in range(10)]

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 
 import pytest
 
@@ -111,7 +112,8 @@ def test_cli(tmp_path, capsys):
         ["--input", str(tmp_path / "c.txt"), "--vocab-size", "320", "--output", str(tmp_path / "o")]
     )
     assert Tokenizer(str(tmp_path / "o" / "tokenizer.model")).vocab_size == 320
-    with pytest.raises(SystemExit, match="error: sentencepiece training failed: .*Vocabulary size"):
+    # Errors take the shared one-line path (llama_jax.cli.fail): stderr, exit status 2.
+    with pytest.raises(SystemExit) as exited:
         main(
             [
                 "--input",
@@ -122,7 +124,12 @@ def test_cli(tmp_path, capsys):
                 str(tmp_path / "o"),
             ]
         )
-    with pytest.raises(SystemExit, match="error: no input files match"):
+    assert exited.value.code == 2
+    assert re.match(
+        r"error: ValueError: sentencepiece training failed: .*Vocabulary size",
+        capsys.readouterr().err,
+    )
+    with pytest.raises(SystemExit) as exited:
         main(
             [
                 "--input",
@@ -133,3 +140,5 @@ def test_cli(tmp_path, capsys):
                 str(tmp_path / "o"),
             ]
         )
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.startswith("error: FileNotFoundError: no input files match")

@@ -9,65 +9,37 @@ import time
 
 
 def add_args(parser) -> None:
-    parser.add_argument(
-        "--data-path", default="", help="dataset to load; '' = the default corpus"
-    )
-    parser.add_argument(
-        "--data-batches", type=int, default=300, help="loader batches timed"
-    )
-    parser.add_argument(
-        "--data-prepare-mb", type=float, default=4.0, help="stdlib MB to prepare"
-    )
-    parser.add_argument(
-        "--data-workers", type=int, default=0, help="prepare workers; 0 = all CPUs"
-    )
+    parser.add_argument("--data-path", default="", help="dataset to load; '' = the default corpus")
+    parser.add_argument("--data-batches", type=int, default=300, help="loader batches timed")
+    parser.add_argument("--data-prepare-mb", type=float, default=4.0, help="stdlib MB to prepare")
+    parser.add_argument("--data-workers", type=int, default=0, help="prepare workers; 0 = all CPUs")
 
 
-def run(args) -> list[dict]:
-    import jax
-    import numpy as np
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
+def _default_corpus_row(vocab: int) -> tuple[dict, str, str]:
+    """Builds (or finds cached) the default corpus: its row, dataset dir and tokenizer."""
+    from llama_jax.data.default_corpus import default_dataset_dir, ensure_default_dataset
+    from llama_jax.data.format import read_metadata
 
-    from llama_jax.bench.common import load_config
-    from llama_jax.data.default_corpus import (
-        default_dataset_dir,
-        ensure_default_dataset,
-        stdlib_files,
-    )
-    from llama_jax.data.loader import Loader
+    cached = os.path.exists(os.path.join(default_dataset_dir(vocab), "metadata.json"))
+    t0 = time.perf_counter()
+    path, tok_path = ensure_default_dataset(vocab, verbose=False)
+    build = time.perf_counter() - t0
+    meta = read_metadata(path)
+    row = {
+        "what": "default corpus",
+        "detail": f"{meta['text_bytes'] / 1e6:.1f} MB stdlib, {meta['documents']} docs"
+        + (" (cached)" if cached else ""),
+        "tokens": meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"],
+        "seconds": None if cached else build,
+    }
+    return row, path, tok_path
+
+
+def _prepare_row(args, tok_path: str) -> dict:
+    """prepare_data throughput on a slice of the stdlib (includes worker start-up)."""
+    from llama_jax.data.default_corpus import stdlib_files
     from llama_jax.data.prepare import prepare
 
-    cfg = load_config(args)
-    B, T = cfg.train.batch_size, cfg.train.seq_len
-    vocab = cfg.model.vocab_size
-    rows = []
-
-    path = getattr(args, "data_path", "")
-    tok_path = None
-    if not path:
-        cached = os.path.exists(
-            os.path.join(default_dataset_dir(vocab), "metadata.json")
-        )
-        t0 = time.perf_counter()
-        path, tok_path = ensure_default_dataset(vocab, verbose=False)
-        build = time.perf_counter() - t0
-        from llama_jax.data.prepare import read_metadata
-
-        meta = read_metadata(path)
-        rows.append(
-            {
-                "what": "default corpus",
-                "detail": f"{meta['text_bytes'] / 1e6:.1f} MB stdlib, {meta['documents']} docs"
-                + (" (cached)" if cached else ""),
-                "tokens": meta["splits"]["train"]["tokens"]
-                + meta["splits"]["val"]["tokens"],
-                "seconds": None if cached else build,
-            }
-        )
-    tok_path = tok_path or os.path.join(path, "tokenizer.model")
-
-    # prepare_data throughput on a slice of the stdlib (includes worker start-up).
     files = stdlib_files(int(getattr(args, "data_prepare_mb", 4.0) * (1 << 20)))
     workers = getattr(args, "data_workers", 0) or os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,64 +55,89 @@ def run(args) -> list[dict]:
         )
         dt = time.perf_counter() - t0
     tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
-    rows.append(
-        {
-            "what": "prepare_data",
-            "detail": f"{meta['text_bytes'] / 1e6:.1f} MB, {workers} workers",
-            "tokens": tokens,
-            "seconds": dt,
-            "tokens/s": tokens / dt,
-        }
-    )
+    return {
+        "what": "prepare_data",
+        "detail": f"{meta['text_bytes'] / 1e6:.1f} MB, {workers} workers",
+        "tokens": tokens,
+        "seconds": dt,
+        "tokens/s": tokens / dt,
+    }
 
-    # Loader: steady-state rate of next() with the prefetch thread.
-    n = getattr(args, "data_batches", 300)
-    ndev = jax.device_count()
-    shardings = [None]
-    if B % ndev == 0:
-        mesh = jax.make_mesh((ndev,), ("data",))
-        shardings.append(NamedSharding(mesh, P("data", None)))
-    for in_memory in (True, False):
-        for sharding in shardings:
-            ld = Loader(
-                path,
-                "train",
-                batch_size=B,
-                seq_len=T,
-                seed=0,
-                sharding=sharding,
-                prefetch=cfg.data.prefetch,
-                in_memory=in_memory,
-            )
-            for _ in range(3):
-                next(ld)
-            t0 = time.perf_counter()
-            for _ in range(n):
-                b = next(ld)
-            jax.block_until_ready(b)
-            dt = time.perf_counter() - t0
-            ld.close()
-            assert np.asarray(b["inputs"]).shape == (B, T)
-            rows.append(
-                {
-                    "what": "loader",
-                    "detail": f"{B}x{T} {'in-memory' if in_memory else 'tensorstore'} -> "
-                    + ("numpy" if sharding is None else f"jax.Array/{ndev} devices"),
-                    "batches/s": n / dt,
-                    "tokens/s": n * B * T / dt,
-                }
-            )
-    # The physical limit: host memory bandwidth, as int32 tokens copied per second.
+
+def _loader_row(path: str, cfg, n: int, in_memory: bool, sharding) -> dict:
+    """Steady-state rate of Loader.next() with the prefetch thread, over n batches."""
+    import jax
+    import numpy as np
+
+    from llama_jax.data.loader import Loader
+
+    B, T = cfg.train.batch_size, cfg.train.seq_len
+    ld = Loader(
+        path,
+        "train",
+        batch_size=B,
+        seq_len=T,
+        seed=0,
+        sharding=sharding,
+        prefetch=cfg.data.prefetch,
+        in_memory=in_memory,
+    )
+    for _ in range(3):
+        next(ld)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        b = next(ld)
+    jax.block_until_ready(b)
+    dt = time.perf_counter() - t0
+    ld.close()
+    assert np.asarray(b["inputs"]).shape == (B, T)
+    return {
+        "what": "loader",
+        "detail": f"{B}x{T} {'in-memory' if in_memory else 'tensorstore'} -> "
+        + ("numpy" if sharding is None else f"jax.Array/{jax.device_count()} devices"),
+        "batches/s": n / dt,
+        "tokens/s": n * B * T / dt,
+    }
+
+
+def _memcpy_limit_row() -> dict:
+    """The physical limit: host memory bandwidth, as int32 tokens copied per second."""
+    import numpy as np
+
     from llama_jax.bench.common import time_fn
 
     src = np.arange(16 << 20, dtype=np.int32)  # 64 MiB
     dst = np.empty_like(src)
     t = time_fn(lambda: np.copyto(dst, src), warmup=1, repeats=5)
-    rows.append(
-        {
-            "what": "limit: memcpy",
-            "detail": "host copy of 64 MiB int32 (median of 5)",
-            "tokens/s": src.size / t["median"],
-        }
-    )
+    return {
+        "what": "limit: memcpy",
+        "detail": "host copy of 64 MiB int32 (median of 5)",
+        "tokens/s": src.size / t["median"],
+    }
+
+
+def run(args) -> list[dict]:
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from llama_jax.bench.common import load_config
+
+    cfg = load_config(args)
+    rows = []
+    path = getattr(args, "data_path", "")
+    tok_path = None
+    if not path:
+        row, path, tok_path = _default_corpus_row(cfg.model.vocab_size)
+        rows.append(row)
+    rows.append(_prepare_row(args, tok_path or os.path.join(path, "tokenizer.model")))
+    shardings = [None]
+    if cfg.train.batch_size % jax.device_count() == 0:
+        mesh = jax.make_mesh((jax.device_count(),), ("data",))
+        shardings.append(NamedSharding(mesh, P("data", None)))
+    n = getattr(args, "data_batches", 300)
+    for in_memory in (True, False):
+        for sharding in shardings:
+            rows.append(_loader_row(path, cfg, n, in_memory, sharding))
+    rows.append(_memcpy_limit_row())
     return rows

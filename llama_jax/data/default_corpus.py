@@ -17,7 +17,8 @@ import sysconfig
 import tempfile
 import time
 
-from llama_jax.data.prepare import FORMAT, prepare
+from llama_jax.data.format import FORMAT
+from llama_jax.data.prepare import prepare
 from llama_jax.data.tokenizer import train_tokenizer
 
 MAX_BYTES = 16 << 20

@@ -1,10 +1,11 @@
 """Deterministic, resumable, per-process loading of packed training windows.
 
-The split's flat token stream (documents joined by EOS) is cut into windows of seq_len + 1
-tokens with stride seq_len: window w covers tokens [w*T, w*T + T + 1), so consecutive windows
-share one token and every token after the first is a target exactly once per epoch. inputs
-= window[:-1], targets = window[1:]. Windows cross document boundaries (LLaMA packs without
-masking across EOS).
+The split's flat token stream (every document BOS + tokens + EOS, concatenated; see format.py)
+is cut into windows of seq_len + 1 tokens with stride seq_len: window w covers tokens
+[w*T, w*T + T + 1), so consecutive windows share one token and every token after the first is
+a target exactly once per epoch. inputs = window[:-1], targets = window[1:]. Windows cross
+document boundaries (LLaMA packs without masking across documents): the target after a
+document's EOS is the next one's BOS.
 
 Order: the global stream of window slots g = 0, 1, 2, ... maps slot g to epoch g // W and
 window feistel_permute(g % W, W, key(seed, epoch)): a keyed bijection of [0, W) evaluated per
@@ -29,7 +30,7 @@ import weakref
 
 import numpy as np
 
-from llama_jax.data.prepare import open_split, read_metadata
+from llama_jax.data.format import open_split, read_metadata
 from llama_jax.data.tokenizer import check_vocab
 
 _M64 = (1 << 64) - 1
@@ -99,6 +100,21 @@ def _rows_of_sharding(sharding, shape: tuple[int, int]) -> tuple[int, int]:
             )
         hi = max(hi, b)
     return lo, hi
+
+
+def _rows_of_process(
+    batch_size: int, process_index: int | None, process_count: int | None
+) -> tuple[int, int]:
+    """This process's even slice of global-batch rows (default: jax's process index/count)."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if batch_size % process_count:
+        raise ValueError(f"batch_size={batch_size} is not divisible by {process_count} processes")
+    per = batch_size // process_count
+    return process_index * per, (process_index + 1) * per
 
 
 _live: weakref.WeakSet = weakref.WeakSet()
@@ -172,17 +188,7 @@ class Loader:
         if sharding is not None:
             self.rows = _rows_of_sharding(sharding, (batch_size, seq_len))
         else:
-            if process_index is None or process_count is None:
-                import jax
-
-                process_index = jax.process_index() if process_index is None else process_index
-                process_count = jax.process_count() if process_count is None else process_count
-            if batch_size % process_count:
-                raise ValueError(
-                    f"batch_size={batch_size} is not divisible by {process_count} processes"
-                )
-            per = batch_size // process_count
-            self.rows = (process_index * per, (process_index + 1) * per)
+            self.rows = _rows_of_process(batch_size, process_index, process_count)
         self._store = open_split(dataset_dir, split)
         nbytes = self.num_tokens * self._store.dtype.numpy_dtype.itemsize
         if in_memory is None:

@@ -21,6 +21,8 @@ from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
 
+from llama_jax.data.sources import expand_inputs, iter_documents
+
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, -1
 
 # The released LLaMA tokenizer.model's trainer spec, minus what depends on the corpus.
@@ -167,8 +169,6 @@ def train_tokenizer(
     Returns:
       The path of the .model file.
     """
-    from llama_jax.data.prepare import expand_inputs, iter_documents
-
     if vocab_size < 260:
         raise ValueError(
             f"vocab_size={vocab_size} is too small: byte fallback alone needs 256 + 3 ids"
@@ -180,9 +180,8 @@ def train_tokenizer(
     if not lines:
         raise ValueError(f"no text to train a tokenizer on: all {len(files)} input files are empty")
     os.makedirs(output_dir, exist_ok=True)
-    model = (
-        io.BytesIO()
-    )  # not model_prefix: the file would record that (temp) path, changing its hash
+    # A BytesIO, not model_prefix: the file would record that (temp) path, changing its hash.
+    model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(lines),
