@@ -4,15 +4,12 @@
 The model config is derived from the source's own config (config.json, params.json or
 model_config.json); --config.model.FIELD=VALUE only sets fields the source does not hold (e.g.
 max_seq_len for Meta's params.json, or the compute dtype), and shapes are still checked against
-the weights. The overrides are checked against configs/base.py, the schema.
+the weights. Each override is checked against the schema (configs/base.py).
 """
 
 import argparse
-import os
 
 from llama_jax import cli
-
-SCHEMA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "base.py")
 
 
 def model_overrides(c: cli.Command) -> dict:
@@ -51,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    cli.run(run, parser(), argv, config="optional", default_config=SCHEMA)
+    cli.run(run, parser(), argv, config="overrides")
 
 
 if __name__ == "__main__":

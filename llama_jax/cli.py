@@ -84,7 +84,8 @@ def parse(
 
     Args:
       config: "required" (--config FILE must be given), "optional" (run is None without it,
-        unless default_config names a file to use), "none" (the tool takes no config).
+        unless default_config names a file to use), "overrides" (no file: the overrides alone,
+        each checked against the schema), "none" (the tool takes no config).
     """
     from llama_jax import config as cfgmod
 
@@ -94,6 +95,8 @@ def parse(
     add_config_help(parser, required=config == "required")
     path, overrides, rest = split_config_args(argv)
     args = parser.parse_args(rest)  # argparse's own usage errors exit 2 too
+    if config == "overrides":
+        return Command(args, None, _typed_overrides(path, overrides), {}, None)
     path = path or default_config
     if path is None:
         if config == "required":
@@ -109,6 +112,20 @@ def parse(
     flat = run.flat()
     given = {item.partition("=")[0]: flat[item.partition("=")[0]] for item in overrides}
     return Command(args, run, given, from_file.diff(run), path)
+
+
+def _typed_overrides(path: str | None, overrides: list[str]) -> dict[str, Any]:
+    """{"group.field": typed value} of overrides given without a config file."""
+    from llama_jax import config as cfgmod
+
+    try:
+        if path is not None:
+            raise cfgmod.ConfigError(
+                f"--config {path}: this tool takes no config file, only --config.group.field=VALUE"
+            )
+        return dict(cfgmod.parse_override(item) for item in overrides)
+    except cfgmod.ConfigError as e:
+        fail(e)
 
 
 def run(main, parser: argparse.ArgumentParser, argv=None, **kw) -> None:

@@ -343,6 +343,12 @@ def _split_override(item: str) -> tuple[str, str]:
     return key, value
 
 
+def parse_override(item: str) -> tuple[str, Any]:
+    """"group.field=value" -> ("group.field", value parsed to the field's type)."""
+    key, value = _split_override(item)
+    return key, value if _field(*_resolve_field(key)).type == "str" else parse_value(key, value)
+
+
 def _field(group: str, name: str) -> dataclasses.Field:
     return {f.name: f for f in dataclasses.fields(GROUPS[group])}[name]
 

@@ -131,7 +131,7 @@ def perplexity_texts(scorer: Scorer, tokenizer, texts: Sequence[str]) -> dict:
 
 
 def perplexity_tokens(scorer: Scorer, tokens: np.ndarray, tokenizer=None) -> dict:
-    """A flat token stream (a prepared split: documents each followed by EOS), scored in
+    """A flat token stream (a prepared split: each document BOS + tokens + EOS), scored in
     disjoint windows of max_seq_len predictions, as the training loss sees it.
 
     Bits per byte needs the text: with a tokenizer, each document (the tokens between EOSs)

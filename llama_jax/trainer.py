@@ -24,6 +24,7 @@ from llama_jax import train_step as ts
 from llama_jax.checkpoint import Checkpointer, check_resume
 from llama_jax.config import RunConfig
 from llama_jax.control import Profiler, StopFlag, inject_fault
+from llama_jax.data.default_corpus import resolve_dataset
 from llama_jax.data.loader import Loader
 from llama_jax.data.tokenizer import Tokenizer
 
@@ -32,26 +33,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def resolve_data(cfg: RunConfig) -> tuple[str, str]:
-    """(dataset_dir, tokenizer_path): the configured dataset, or the built-in default corpus."""
-    if cfg.data.path:
-        path = cfg.data.path
-        if not os.path.exists(os.path.join(path, "metadata.json")):
-            raise FileNotFoundError(f"data.path={path!r} is not a prepared dataset (no metadata.json)")
-        tokenizer = cfg.data.tokenizer or os.path.join(path, "tokenizer.model")
-        if not os.path.exists(tokenizer):
-            raise FileNotFoundError(f"tokenizer not found: {tokenizer!r}; set data.tokenizer")
-        return path, tokenizer
-    if cfg.data.tokenizer:
-        raise ValueError(
-            "data.tokenizer is set but data.path is not: the built-in default corpus has its "
-            "own tokenizer; prepare a dataset with yours (launch.prepare_data)"
-        )
-    from llama_jax.data.default_corpus import ensure_default_dataset
-
-    return ensure_default_dataset(vocab_size=cfg.model.vocab_size)
 
 
 @jax.jit
@@ -217,7 +198,8 @@ class Run:
 
 
 def _open_data(cfg: RunConfig) -> tuple[str, Tokenizer]:
-    dataset_dir, tokenizer_path = resolve_data(cfg)
+    dataset_dir, tokenizer_path = resolve_dataset(cfg.data.path, cfg.data.tokenizer,
+                                                  cfg.model.vocab_size)
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} ({tokenizer_path}) is larger "

@@ -115,6 +115,8 @@ def test_every_tool_gives_the_same_one_line_error(case, capsys):
 def test_missing_config_file_is_the_same_error_everywhere(capsys):
     errs = set()
     for tool, (module, args) in TOOLS.items():
+        if tool == "convert":  # the model config comes from the weights: no config file
+            continue
         code, err = _run_in_process(module, [*args, "--config", f"{ROOT}/configs/nope.py"], capsys)
         assert code == 2 and err.count("\n") == 1 and "config file not found" in err, (tool, err)
         errs.add(err)

@@ -239,8 +239,7 @@ def test_meta_shards_match_unsharded_and_hf(tmp_path):
             str(tmp_path / "m2"),
             "--output",
             str(tmp_path / "hf"),
-            "--config",
-            "max_seq_len=64",
+            "--config.model.max_seq_len=64",
         ]
     )
     back = transformers.LlamaForCausalLM.from_pretrained(

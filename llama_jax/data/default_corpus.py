@@ -124,3 +124,23 @@ def ensure_default_dataset(
         if verbose:
             print(f"default corpus ready in {time.time() - t0:.1f}s", flush=True)
     return final, tokenizer
+
+
+def resolve_dataset(path: str, tokenizer: str, vocab_size: int) -> tuple[str, str]:
+    """(dataset_dir, tokenizer_path) of a run: the prepared dataset at `path` (data.path) with
+    its own tokenizer.model unless `tokenizer` (data.tokenizer) names another, or, with no
+    path, the built-in default corpus at `vocab_size`."""
+    if path:
+        if not os.path.exists(os.path.join(path, "metadata.json")):
+            raise FileNotFoundError(f"data.path={path!r} is not a prepared dataset (no metadata.json)")
+        tokenizer = tokenizer or os.path.join(path, "tokenizer.model")
+        if not os.path.exists(tokenizer):
+            raise FileNotFoundError(f"tokenizer not found: {tokenizer!r}; set data.tokenizer")
+        return path, tokenizer
+    if tokenizer:
+        raise ValueError(
+            "data.tokenizer is set but data.path is not: the built-in default corpus has its "
+            "own tokenizer; prepare a dataset with yours (launch.prepare_data)"
+        )
+    return ensure_default_dataset(vocab_size=vocab_size)
+
