@@ -18,14 +18,23 @@ from llama_jax import cli
 
 def run(c: cli.Command):
     a = c.args
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True
+    )
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
     from llama_jax import ablate
 
     try:
         axes = [ablate.parse_vary(v) for v in a.vary]
-        ablate.sweep(c.run, axes, tokens=ablate.parse_tokens(a.tokens), seeds=a.seeds,
-                     workdir=a.workdir, grid=a.grid, evals=a.evals)
+        ablate.sweep(
+            c.run,
+            axes,
+            tokens=ablate.parse_tokens(a.tokens),
+            seeds=a.seeds,
+            workdir=a.workdir,
+            grid=a.grid,
+            evals=a.evals,
+        )
     except ablate.SweepInterrupted as e:  # like launch.train: saved, exit 0, rerun resumes
         print(f"interrupted: {e}", flush=True)
         return
@@ -35,10 +44,17 @@ def run(c: cli.Command):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m launch.ablate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vary", action="append", required=True,
-                   help="group.field=value[,value...]: one axis of the sweep (repeatable)")
+    p = argparse.ArgumentParser(
+        prog="python -m launch.ablate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--vary",
+        action="append",
+        required=True,
+        help="group.field=value[,value...]: one axis of the sweep (repeatable)",
+    )
     p.add_argument("--tokens", required=True, help="training tokens per run, e.g. 2M, 500k, 1e6")
     p.add_argument("--seeds", type=int, default=2, help="init seeds per variant (default 2)")
     p.add_argument("--workdir", required=True, help="sweep directory (runs and results)")

@@ -73,19 +73,11 @@ def summary_rows(results: dict[str, list[dict]]) -> list[dict]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m launch.benchmark", description=__doc__
-    )
+    parser = argparse.ArgumentParser(prog="python -m launch.benchmark", description=__doc__)
     parser.add_argument("section", nargs="+", choices=[*SECTIONS, "all"])
-    parser.add_argument(
-        "--json", action="store_true", help="one JSON object per section"
-    )
-    parser.add_argument(
-        "--summary", action="store_true", help="end with one summary table"
-    )
-    parser.add_argument(
-        "--json-out", default="", help="write all rows to this JSON file"
-    )
+    parser.add_argument("--json", action="store_true", help="one JSON object per section")
+    parser.add_argument("--summary", action="store_true", help="end with one summary table")
+    parser.add_argument("--json-out", default="", help="write all rows to this JSON file")
     argv = sys.argv[1:] if argv is None else list(argv)
     sections = parser.parse_known_args(cli.split_config_args(argv)[2])[0].section
     names = list(SECTIONS) if "all" in sections else list(dict.fromkeys(sections))
@@ -105,9 +97,7 @@ def main(argv=None):
         from llama_jax.bench.common import device_description
 
         with open(args.json_out, "w") as f:
-            json.dump(
-                {"device": device_description(), "results": results}, f, default=str
-            )
+            json.dump({"device": device_description(), "results": results}, f, default=str)
     return results
 
 

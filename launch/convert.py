@@ -16,7 +16,9 @@ def model_overrides(c: cli.Command) -> dict:
     """{"max_seq_len": 4096, ...}: the model fields given on the command line."""
     other = sorted(k for k in c.overrides if not k.startswith("model."))
     if other:
-        raise ValueError(f"launch.convert takes model fields only (--config.model.FIELD=VALUE), got {other}")
+        raise ValueError(
+            f"launch.convert takes model fields only (--config.model.FIELD=VALUE), got {other}"
+        )
     return {k.removeprefix("model."): v for k, v in c.overrides.items()}
 
 
@@ -24,8 +26,15 @@ def run(c: cli.Command):
     from llama_jax.convert import convert
 
     a = c.args
-    cfg = convert(a.src, a.dst, a.input, a.output, dtype=a.dtype, overrides=model_overrides(c),
-                  num_shards=a.shards)
+    cfg = convert(
+        a.src,
+        a.dst,
+        a.input,
+        a.output,
+        dtype=a.dtype,
+        overrides=model_overrides(c),
+        num_shards=a.shards,
+    )
     print(
         f"wrote {a.dst} checkpoint to {a.output}: dim={cfg.dim} n_layers={cfg.n_layers} "
         f"n_heads={cfg.n_heads} n_kv_heads={cfg.n_kv_heads} vocab_size={cfg.vocab_size} "
@@ -36,8 +45,11 @@ def run(c: cli.Command):
 def parser() -> argparse.ArgumentParser:
     from llama_jax.convert import FORMATS
 
-    p = argparse.ArgumentParser(prog="python -m launch.convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m launch.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--from", dest="src", required=True, choices=FORMATS)
     p.add_argument("--to", dest="dst", required=True, choices=FORMATS)
     p.add_argument("--input", required=True, help="source directory")

@@ -80,8 +80,10 @@ def _memory(c: cli.Command) -> dict:
         batch = a.rows_per_device * shd.batch_shards(mesh)
         cfg = cfg.replace({"train.batch_size": batch, "train.grad_accum_steps": 1})
     if jax.default_backend() != "cpu":
-        print(f"note: compiling on {jax.default_backend()} ({len(jax.devices())} devices)",
-              file=sys.stderr)
+        print(
+            f"note: compiling on {jax.default_backend()} ({len(jax.devices())} devices)",
+            file=sys.stderr,
+        )
     policies = [p for p in a.policies.split(",") if p] or None
 
     def progress(r):
@@ -116,16 +118,25 @@ def run(c: cli.Command):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m launch.inspect", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m launch.inspect",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--memory", action="store_true",
-                   help="compile the step per remat policy: will it fit?")
-    p.add_argument("--devices", type=int, default=None, help="simulated devices; default: mesh product")
-    p.add_argument("--rows_per_device", type=int, default=1, help="sequences per device for --memory")
+    p.add_argument(
+        "--memory", action="store_true", help="compile the step per remat policy: will it fit?"
+    )
+    p.add_argument(
+        "--devices", type=int, default=None, help="simulated devices; default: mesh product"
+    )
+    p.add_argument(
+        "--rows_per_device", type=int, default=1, help="sequences per device for --memory"
+    )
     p.add_argument("--policies", default="", help="remat policies for --memory; '' = all")
-    p.add_argument("--device_gib", type=float, default=80.0,
-                   help="device memory to mark fits/OOM against")
+    p.add_argument(
+        "--device_gib", type=float, default=80.0, help="device memory to mark fits/OOM against"
+    )
     return p
 
 

@@ -26,17 +26,30 @@ def _pump(i: int, stream, out):
         out.flush()
 
 
-def launch(num_processes: int, devices_per_process: int, args: list[str],
-           module: str = "launch.train") -> int:
+def launch(
+    num_processes: int, devices_per_process: int, args: list[str], module: str = "launch.train"
+) -> int:
     """Starts the processes, waits for all, returns the first non-zero exit status (or 0)."""
     port = free_port()
     procs, pumps = [], []
     for i in range(num_processes):
-        env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
-        cmd = [sys.executable, "-m", module, *args, f"--coordinator=127.0.0.1:{port}",
-               f"--num_processes={num_processes}", f"--process_id={i}"]
-        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env = dict(
+            os.environ,
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            module,
+            *args,
+            f"--coordinator=127.0.0.1:{port}",
+            f"--num_processes={num_processes}",
+            f"--process_id={i}",
+        ]
+        p = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         procs.append(p)
         t = threading.Thread(target=_pump, args=(i, p.stdout, sys.stdout), daemon=True)
         t.start()
@@ -68,7 +81,9 @@ def launch(num_processes: int, devices_per_process: int, args: list[str],
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    ours, rest = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    ours, rest = (
+        (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    )
     p = argparse.ArgumentParser(prog="python -m launch.local_cluster", description=__doc__)
     p.add_argument("--num-processes", type=int, default=2)
     p.add_argument("--devices-per-process", type=int, default=1)

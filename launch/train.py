@@ -17,14 +17,23 @@ from llama_jax import cli
 
 
 def run(c: cli.Command):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True
+    )
     for noisy in ("absl", "jax"):  # orbax's per-save chatter, jax's backend probing
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from llama_jax import trainer  # after flag parsing: importing jax is slow
 
     a, cfg = c.args, c.run
-    given = {k: v for k, v in (("coordinator", a.coordinator), ("num_processes", a.num_processes),
-                               ("process_id", a.process_id)) if v is not None}
+    given = {
+        k: v
+        for k, v in (
+            ("coordinator", a.coordinator),
+            ("num_processes", a.num_processes),
+            ("process_id", a.process_id),
+        )
+        if v is not None
+    }
     cfg = dataclasses.replace(cfg, distributed=dataclasses.replace(cfg.distributed, **given))
     name = os.path.splitext(os.path.basename(c.config_path.split(":")[0]))[0]
     workdir = a.workdir or os.path.join("runs", name)
@@ -32,8 +41,11 @@ def run(c: cli.Command):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m launch.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--workdir", help="run directory; default runs/<config name>")
     p.add_argument("--coordinator", help="host:port of process 0 (multi-host)")
     p.add_argument("--num_processes", "--num-processes", type=int, help="processes in the job")

@@ -48,7 +48,7 @@ class Variant:
 
 
 def parse_vary(spec: str) -> tuple[str, list[str]]:
-    """"model.norm=rmsnorm,layernorm" -> ("model.norm", ["rmsnorm", "layernorm"])."""
+    """ "model.norm=rmsnorm,layernorm" -> ("model.norm", ["rmsnorm", "layernorm"])."""
     key, sep, values = spec.partition("=")
     vals = [v.strip() for v in values.split(",") if v.strip()]
     if not sep or not key.strip() or not vals:
@@ -57,7 +57,7 @@ def parse_vary(spec: str) -> tuple[str, list[str]]:
 
 
 def parse_tokens(text) -> int:
-    """"2M", "1.5e6", "500k" or 2000000 -> tokens."""
+    """ "2M", "1.5e6", "500k" or 2000000 -> tokens."""
     s = str(text).strip().lower().replace("_", "")
     scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}.get(s[-1:], 1)
     n = int(float(s[:-1] if scale != 1 else s) * scale)
@@ -83,11 +83,14 @@ def make_variants(base_cfg, axes, grid: bool = False) -> list[Variant]:
         parsed = [(v, parse_value(key, v)) for v in values]
         typed.append((key, base_cfg.flat()[key], parsed))
     if grid:
-        combos = itertools.product(*[[(key, v, p, p != b) for v, p in parsed]
-                                     for key, b, parsed in typed])
+        combos = itertools.product(
+            *[[(key, v, p, p != b) for v, p in parsed] for key, b, parsed in typed]
+        )
         changesets = [tuple((k, v, p) for k, v, p, differs in combo if differs) for combo in combos]
     else:
-        changesets = [()] + [((key, v, p),) for key, b, parsed in typed for v, p in parsed if p != b]
+        changesets = [()] + [
+            ((key, v, p),) for key, b, parsed in typed for v, p in parsed if p != b
+        ]
     out, seen = [], set()
     for changes in changesets:
         same = tuple((k, repr(p)) for k, _, p in changes)
@@ -106,17 +109,21 @@ def run_config(base_cfg: RunConfig, variant: Variant, seed: int, tokens: int, ev
     per_step = cfg.train.tokens_per_step
     steps = max(1, tokens // per_step)
     if tokens < per_step:
-        log.warning("token budget %d is below one step (%d tokens): running 1 step", tokens, per_step)
-    return cfg.replace({
-        # pin the base config's data order before train.seed changes
-        "train.data_seed": base_cfg.train.data_order_seed,
-        "train.seed": seed,
-        "train.steps": steps,
-        "train.eval_every": max(1, steps // max(1, evals)),
-        # A short budget keeps its learning-rate schedule: warmup is at most a fifth of the run.
-        "train.warmup_steps": min(cfg.train.warmup_steps, max(1, steps // 5)),
-        "train.samples": 0,
-    })
+        log.warning(
+            "token budget %d is below one step (%d tokens): running 1 step", tokens, per_step
+        )
+    return cfg.replace(
+        {
+            # pin the base config's data order before train.seed changes
+            "train.data_seed": base_cfg.train.data_order_seed,
+            "train.seed": seed,
+            "train.steps": steps,
+            "train.eval_every": max(1, steps // max(1, evals)),
+            # A short budget keeps its learning-rate schedule: warmup is at most a fifth of the run.
+            "train.warmup_steps": min(cfg.train.warmup_steps, max(1, steps // 5)),
+            "train.samples": 0,
+        }
+    )
 
 
 def _plain(d):
@@ -140,8 +147,17 @@ def seeds_of(base_cfg: RunConfig, n: int) -> list[int]:
     return [base_cfg.train.seed + i for i in range(n)]
 
 
-def sweep(base_cfg: RunConfig, axes, *, tokens: int, seeds: int = 2, workdir: str, grid: bool = False,
-          evals: int = 8, report: bool = True) -> list[dict]:
+def sweep(
+    base_cfg: RunConfig,
+    axes,
+    *,
+    tokens: int,
+    seeds: int = 2,
+    workdir: str,
+    grid: bool = False,
+    evals: int = 8,
+    report: bool = True,
+) -> list[dict]:
     """Trains every (variant, seed) not yet done, then writes results.csv/.md and ablation.png.
 
     Args:
@@ -154,42 +170,60 @@ def sweep(base_cfg: RunConfig, axes, *, tokens: int, seeds: int = 2, workdir: st
     Raises:
       SweepInterrupted when a signal stopped a run (call again to resume).
     """
-    from llama_jax import trainer  # jax and the model only when a sweep actually runs
-
     variants = make_variants(base_cfg, axes, grid)
     seed_list = seeds_of(base_cfg, seeds)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "sweep.json"), "w") as f:  # a record; runs check their own
-        json.dump({"axes": [[k, list(v)] for k, v in axes], "grid": grid, "tokens": int(tokens),
-                   "seeds": seed_list, "evals": int(evals), "variants": [v.name for v in variants],
-                   "base": base_cfg.to_dict()}, f, indent=1)
+        json.dump(
+            {
+                "axes": [[k, list(v)] for k, v in axes],
+                "grid": grid,
+                "tokens": int(tokens),
+                "seeds": seed_list,
+                "evals": int(evals),
+                "variants": [v.name for v in variants],
+                "base": base_cfg.to_dict(),
+            },
+            f,
+            indent=1,
+        )
     total = len(variants) * len(seed_list)
     for i, (variant, seed) in enumerate(itertools.product(variants, seed_list)):
         run_dir = os.path.join(workdir, variant.name, f"seed{seed}")
         cfg = run_config(base_cfg, variant, seed, tokens, evals)
-        os.makedirs(run_dir, exist_ok=True)
-        # A run started (or finished) under other settings is an error, never silently reused.
-        _check_or_write(os.path.join(run_dir, "config.json"), cfg.to_dict(), "run config")
-        if os.path.exists(os.path.join(run_dir, DONE)):
-            log.info("[%d/%d] %s seed %d: done, skipped", i + 1, total, variant.name, seed)
-            continue
-        log.info("[%d/%d] %s seed %d: %d steps", i + 1, total, variant.name, seed, cfg.train.steps)
-        t0 = time.time()
-        try:
-            last = trainer.train(cfg, run_dir)
-        except trainer.NonFiniteLossError as e:  # a result of the ablation, not a sweep failure
-            log.warning("%s seed %d diverged: %s", variant.name, seed, e)
-            last = {"diverged": str(e)}
-        if "stopped_by" in last:
-            raise SweepInterrupted(f"{last['stopped_by']} stopped {run_dir} at step "
-                                   f"{last.get('step')}; run the sweep again to resume")
-        with open(os.path.join(run_dir, DONE), "w") as f:
-            json.dump({"last": last, "wall_s": time.time() - t0}, f, indent=1)
+        what = f"[{i + 1}/{total}] {variant.name} seed {seed}"
+        _train_one(cfg, run_dir, what)
     rows = summarize(workdir, variants, seed_list)
     if report:
         write_tables(rows, workdir, tokens=tokens, seeds=seed_list, grid=grid)
         plot(workdir, variants, seed_list)
     return rows
+
+
+def _train_one(cfg: RunConfig, run_dir: str, what: str) -> None:
+    """Trains one (variant, seed) run into run_dir unless it is done; DONE marks it finished."""
+    from llama_jax import trainer  # jax and the model only when a sweep actually runs
+
+    os.makedirs(run_dir, exist_ok=True)
+    # A run started (or finished) under other settings is an error, never silently reused.
+    _check_or_write(os.path.join(run_dir, "config.json"), cfg.to_dict(), "run config")
+    if os.path.exists(os.path.join(run_dir, DONE)):
+        log.info("%s: done, skipped", what)
+        return
+    log.info("%s: %d steps", what, cfg.train.steps)
+    t0 = time.time()
+    try:
+        last = trainer.train(cfg, run_dir)
+    except trainer.NonFiniteLossError as e:  # a result of the ablation, not a sweep failure
+        log.warning("%s diverged: %s", what, e)
+        last = {"diverged": str(e)}
+    if "stopped_by" in last:
+        raise SweepInterrupted(
+            f"{last['stopped_by']} stopped {run_dir} at step "
+            f"{last.get('step')}; run the sweep again to resume"
+        )
+    with open(os.path.join(run_dir, DONE), "w") as f:
+        json.dump({"last": last, "wall_s": time.time() - t0}, f, indent=1)
 
 
 def read_run(run_dir: str) -> dict:
@@ -236,18 +270,22 @@ def summarize(workdir: str, variants, seeds) -> list[dict]:
         got = [read_run(r) for r in runs]
         final, final_sd = _mean_std([g["final"] for g in got])
         best, best_sd = _mean_std([g["best"] for g in got])
-        rows.append({
-            "variant": v.name,
-            "changes": " ".join(f"{k}={val}" for k, val in v.changes) or "(LLaMA)",
-            "params": stats.count_params(model),
-            "tokens": int(np.mean([g["tokens"] for g in got])),
-            "seeds": len(got),
-            "diverged": sum(g["diverged"] for g in got),
-            "final_val_loss": final, "final_val_loss_std": final_sd,
-            "best_val_loss": best, "best_val_loss_std": best_sd,
-            "final_train_loss": float(np.mean([g["train_loss"] for g in got])),
-            "tokens_per_sec": float(np.mean([g["tokens_per_sec"] for g in got])),
-        })
+        rows.append(
+            {
+                "variant": v.name,
+                "changes": " ".join(f"{k}={val}" for k, val in v.changes) or "(LLaMA)",
+                "params": stats.count_params(model),
+                "tokens": int(np.mean([g["tokens"] for g in got])),
+                "seeds": len(got),
+                "diverged": sum(g["diverged"] for g in got),
+                "final_val_loss": final,
+                "final_val_loss_std": final_sd,
+                "best_val_loss": best,
+                "best_val_loss_std": best_sd,
+                "final_train_loss": float(np.mean([g["train_loss"] for g in got])),
+                "tokens_per_sec": float(np.mean([g["tokens_per_sec"] for g in got])),
+            }
+        )
     base = next((r for r in rows if r["variant"] == "baseline"), None)
     for r in rows:
         r["delta_vs_baseline"] = r["final_val_loss"] - base["final_val_loss"] if base else math.nan
@@ -257,17 +295,31 @@ def summarize(workdir: str, variants, seeds) -> list[dict]:
 def write_tables(rows, workdir: str, *, tokens: int, seeds, grid: bool = False) -> tuple[str, str]:
     """results.csv (every number) and results.md (the readable table)."""
     csv_path, md_path = os.path.join(workdir, "results.csv"), os.path.join(workdir, "results.md")
-    cols = ["variant", "changes", "params", "tokens", "seeds", "diverged", "final_val_loss",
-            "final_val_loss_std", "best_val_loss", "best_val_loss_std", "delta_vs_baseline",
-            "final_train_loss", "tokens_per_sec"]
+    cols = [
+        "variant",
+        "changes",
+        "params",
+        "tokens",
+        "seeds",
+        "diverged",
+        "final_val_loss",
+        "final_val_loss_std",
+        "best_val_loss",
+        "best_val_loss_std",
+        "delta_vs_baseline",
+        "final_train_loss",
+        "tokens_per_sec",
+    ]
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows({c: r[c] for c in cols} for r in rows)
     lines = [
-        (f"{'Grid' if grid else 'One-factor-at-a-time'} ablation: {tokens:,} tokens per run, "
-         f"init seeds {list(seeds)} (same data order); validation loss in nats/token, "
-         "mean ± sample std over seeds."),
+        (
+            f"{'Grid' if grid else 'One-factor-at-a-time'} ablation: {tokens:,} tokens per run, "
+            f"init seeds {list(seeds)} (same data order); validation loss in nats/token, "
+            "mean ± sample std over seeds."
+        ),
         "",
         "| variant | params | final val loss | best val loss | Δ final vs baseline | tokens/s |",
         "|---|---:|---:|---:|---:|---:|",
@@ -278,8 +330,10 @@ def write_tables(rows, workdir: str, *, tokens: int, seeds, grid: bool = False) 
         else:
             loss = f"{r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f}"
             best = f"{r['best_val_loss']:.4f} ± {r['best_val_loss_std']:.4f}"
-        lines.append(f"| {r['variant']} | {r['params']:,} | {loss} | {best} | "
-                     f"{r['delta_vs_baseline']:+.4f} | {r['tokens_per_sec']:,.0f} |")
+        lines.append(
+            f"| {r['variant']} | {r['params']:,} | {loss} | {best} | "
+            f"{r['delta_vs_baseline']:+.4f} | {r['tokens_per_sec']:,.0f} |"
+        )
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return csv_path, md_path
@@ -294,8 +348,11 @@ def plot(workdir: str, variants, seeds) -> str | None:
     ax = fig.subplots()
     drawn = 0
     for v in variants:
-        curves = [read_run(os.path.join(workdir, v.name, f"seed{s}"))["curve"] for s in seeds
-                  if os.path.exists(os.path.join(workdir, v.name, f"seed{s}", DONE))]
+        curves = [
+            read_run(os.path.join(workdir, v.name, f"seed{s}"))["curve"]
+            for s in seeds
+            if os.path.exists(os.path.join(workdir, v.name, f"seed{s}", DONE))
+        ]
         curves = [c for c in curves if c]
         if not curves:
             continue
@@ -303,7 +360,9 @@ def plot(workdir: str, variants, seeds) -> str | None:
         x = np.array([t for t, _ in curves[0][:n]])
         y = np.array([[val for _, val in c[:n]] for c in curves])  # [seeds, points]
         style = {"lw": 2.5, "color": "k"} if v.name == "baseline" else {"lw": 1.5}
-        (line,) = ax.plot(x, y.mean(0), "o-", ms=3, label=f"{v.name} ({y.mean(0)[-1]:.3f})", **style)
+        (line,) = ax.plot(
+            x, y.mean(0), "o-", ms=3, label=f"{v.name} ({y.mean(0)[-1]:.3f})", **style
+        )
         if len(curves) > 1:
             ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
         drawn += 1

@@ -278,8 +278,10 @@ def cudnn_attention(q, k, v, *, causal=True, segment_ids=None, **_):
     if causal and q.shape[1] != k.shape[1]:
         # cuDNN aligns the causal mask top-left, every other impl bottom-right: refuse rather
         # than silently change which keys a query sees.
-        raise ValueError(f"cudnn attention needs T == S when causal, got T={q.shape[1]}, "
-                         f"S={k.shape[1]}; use impl='blockwise'")
+        raise ValueError(
+            f"cudnn attention needs T == S when causal, got T={q.shape[1]}, "
+            f"S={k.shape[1]}; use impl='blockwise'"
+        )
     mask = None
     if segment_ids is not None:
         mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [B, 1, T, S]

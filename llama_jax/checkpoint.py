@@ -60,7 +60,9 @@ class Checkpointer:
         """Starts an (async) save of state at step; meta must be JSON-serializable."""
         self.manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
             force=force,
         )
 
@@ -89,7 +91,9 @@ class Checkpointer:
 
     def restore_meta(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"
+        ]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -123,7 +127,9 @@ def check_resume(saved: dict | None, run: RunConfig) -> None:
         )
     for k in RESUME_WARN:
         if old[k] != new[k]:
-            log.warning("resuming with %s changed: %r -> %r (the schedule changes)", k, old[k], new[k])
+            log.warning(
+                "resuming with %s changed: %r -> %r (the schedule changes)", k, old[k], new[k]
+            )
 
 
 def export(workdir: str, output: str, step: int | None = None, dtype: str | None = None) -> str:
@@ -147,4 +153,3 @@ def export(workdir: str, output: str, step: int | None = None, dtype: str | None
     ckpt.close()
     params_io.save_params(output, jax.device_get(state.params), run.model, dtype=dtype)
     return output
-

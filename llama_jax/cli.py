@@ -64,11 +64,15 @@ def split_config_args(argv: list[str]) -> tuple[str | None, list[str], list[str]
 def add_config_help(parser: argparse.ArgumentParser, required: bool = True) -> None:
     g = parser.add_argument_group("config")
     g.add_argument(
-        "--config", metavar="FILE", required=False,
+        "--config",
+        metavar="FILE",
+        required=False,
         help="config file, e.g. configs/tiny.py" + ("" if required else " (optional)"),
     )
     g.add_argument(
-        "--config.GROUP.FIELD", metavar="VALUE", dest="_override_help",
+        "--config.GROUP.FIELD",
+        metavar="VALUE",
+        dest="_override_help",
         help="override one field (repeatable); every field is documented in configs/base.py",
     )
 

@@ -344,7 +344,7 @@ def _split_override(item: str) -> tuple[str, str]:
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """"group.field=value" -> ("group.field", value parsed to the field's type)."""
+    """ "group.field=value" -> ("group.field", value parsed to the field's type)."""
     key, value = _split_override(item)
     return key, value if _field(*_resolve_field(key)).type == "str" else parse_value(key, value)
 
@@ -354,7 +354,7 @@ def _field(group: str, name: str) -> dataclasses.Field:
 
 
 def _resolve_field(key: str) -> tuple[str, str]:
-    """"group.field" -> (group, field); an unknown one is an error listing the valid names."""
+    """ "group.field" -> (group, field); an unknown one is an error listing the valid names."""
     group, _, field = key.partition(".")
     if group not in GROUPS:
         raise UnknownFieldError(f"unknown config field {key!r}; valid groups: {sorted(GROUPS)}")
@@ -393,7 +393,9 @@ def load_file(path: str) -> RunConfig:
     from absl import flags
     from ml_collections import config_flags
 
-    path = os.path.abspath(path.split(":")[0]) + (":" + path.split(":", 1)[1] if ":" in path else "")
+    path = os.path.abspath(path.split(":")[0]) + (
+        ":" + path.split(":", 1)[1] if ":" in path else ""
+    )
     if not os.path.isfile(path.split(":")[0]):
         raise ConfigError(f"config file not found: {path}")
     root = os.path.dirname(os.path.dirname(path.split(":")[0]))

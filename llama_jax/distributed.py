@@ -33,10 +33,13 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
                 "distributed.coordinator is set: also set distributed.num_processes and "
                 "distributed.process_id (or launch under SLURM)"
             )
-        jax.distributed.initialize(
-            coordinator, num_processes=num_processes, process_id=process_id
-        )
+        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
     else:
         jax.distributed.initialize()
-    log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-             jax.process_count(), jax.local_device_count(), jax.device_count())
+    log.info(
+        "process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )

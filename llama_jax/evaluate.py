@@ -353,8 +353,13 @@ class ValidationLoss:
 
         self.eval_fn, self.n = eval_fn, train.eval_batches * train.grad_accum_steps
         self.loader = Loader(
-            dataset_dir, "val", batch_size=train.microbatch_size, seq_len=train.seq_len,
-            seed=train.data_order_seed + 1, sharding=sharding, prefetch=0,
+            dataset_dir,
+            "val",
+            batch_size=train.microbatch_size,
+            seq_len=train.seq_len,
+            seed=train.data_order_seed + 1,
+            sharding=sharding,
+            prefetch=0,
             expected_tokenizer_sha=tokenizer_sha,
         )
 

@@ -203,8 +203,14 @@ def _decode_loop(params, cache, fns, batch, max_new_tokens, seed, eos_id, on_tok
 
 
 def sample_texts(
-    params, cfg: ModelConfig, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-    *, sampling: Sampling = Sampling(temperature=0.8, top_k=40), seed: int = 0,
+    params,
+    cfg: ModelConfig,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    sampling: Sampling = Sampling(temperature=0.8, top_k=40),
+    seed: int = 0,
 ) -> list[str]:
     """Prompt + continuation texts, for a look at what a (small) model learned.
 
@@ -216,8 +222,15 @@ def sample_texts(
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
     params = jax.device_get(params)
-    out = generate(params, cfg, prompts, max(1, min(max_new_tokens, room)), sampling=sampling,
-                   seed=seed, eos_id=tokenizer.eos_id)
+    out = generate(
+        params,
+        cfg,
+        prompts,
+        max(1, min(max_new_tokens, room)),
+        sampling=sampling,
+        seed=seed,
+        eos_id=tokenizer.eos_id,
+    )
     return [tokenizer.decode(list(p) + o) for p, o in zip(prompts, out)]  # whole: keeps spaces
 
 
@@ -236,4 +249,3 @@ def load(checkpoint: str, tokenizer_path: str, dtype: str | None = None, tensor:
         mesh = make_mesh(data=1, fsdp=1, tensor=tensor, devices=jax.devices()[:tensor])
     params, cfg = load_params(checkpoint, dtype=dtype, mesh=mesh)
     return params, cfg, tokenizer, mesh
-

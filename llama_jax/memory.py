@@ -47,9 +47,7 @@ def rows_per_device(run: RunConfig, mesh) -> int:
     return max(1, run.train.microbatch_size // shd.batch_shards(mesh))
 
 
-def analytic_activations(
-    mc: ModelConfig, policy: str, rows: int, seq_len: int, tensor: int = 1
-):
+def analytic_activations(mc: ModelConfig, policy: str, rows: int, seq_len: int, tensor: int = 1):
     """Estimated activation bytes per device for one microbatch under `policy`.
 
     Saved per layer (remat.REMAT_POLICIES[policy].saved) for all layers, plus one layer's full working set while it
@@ -81,9 +79,7 @@ def analyze(run: RunConfig, mesh, policies=None, log=None) -> dict:
     opt_b = _shard_bytes(state.opt_state)
     batch_b = _shard_bytes(batch)
     step_b = _shard_bytes(state.step)
-    param_shards = (
-        round(n * np.dtype(mc.weight_dtype).itemsize / params_b) if params_b else 1
-    )
+    param_shards = round(n * np.dtype(mc.weight_dtype).itemsize / params_b) if params_b else 1
     rows, T = rows_per_device(run, mesh), run.train.seq_len
     out = {
         "config": {
@@ -102,33 +98,13 @@ def analyze(run: RunConfig, mesh, policies=None, log=None) -> dict:
         },
         "policies": [],
     }
+    shard = {"params": params_b, "optimizer": opt_b, "batch": batch_b, "step": step_b}
     for policy in policies:
-        t0 = time.perf_counter()
-        compiled = ts.compile_train_step(run.replace({"model.remat_policy": policy}), mesh)
-        seconds = time.perf_counter() - t0
-        m = compiled.memory_analysis()
-        arg, temp = int(m.argument_size_in_bytes), int(m.temp_size_in_bytes)
-        outb, alias = int(m.output_size_in_bytes), int(m.alias_size_in_bytes)
-        grads = params_b  # float32 gradients, sharded like the params
-        row = {
-            "policy": policy,
-            "params": params_b,
-            "optimizer": arg - params_b - batch_b - step_b if arg else opt_b,
-            "gradients": grads,
-            "state_total": params_b + (arg - params_b - batch_b - step_b) + grads,
-            "activations": temp - grads,
-            "batch": batch_b,
-            "compiled_argument": arg,
-            "compiled_temp": temp,
-            "compiled_output": outb,
-            "compiled_alias": alias,
-            "peak": arg + temp + outb - alias,
-            "analytic_state": 16 * n / param_shards,
-            "analytic_activations": analytic_activations(
-                mc, policy, rows, T, int(mesh.shape["tensor"])
-            ),
-            "compile_s": seconds,
-        }
+        row = _policy_row(run, mesh, policy, shard)
+        row["analytic_state"] = 16 * n / param_shards
+        row["analytic_activations"] = analytic_activations(
+            mc, policy, rows, T, int(mesh.shape["tensor"])
+        )
         row["analytic_peak"] = row["analytic_state"] + row["analytic_activations"]
         out["policies"].append(row)
         if log:
@@ -136,7 +112,59 @@ def analyze(run: RunConfig, mesh, policies=None, log=None) -> dict:
     return out
 
 
+def _policy_row(run: RunConfig, mesh, policy: str, shard: dict) -> dict:
+    """Compiles the step under one remat policy; its memory_analysis() split into parts.
+
+    shard: this device's bytes of params, optimizer state, batch and step (from shardings).
+    """
+    t0 = time.perf_counter()
+    compiled = ts.compile_train_step(run.replace({"model.remat_policy": policy}), mesh)
+    seconds = time.perf_counter() - t0
+    m = compiled.memory_analysis()
+    arg, temp = int(m.argument_size_in_bytes), int(m.temp_size_in_bytes)
+    outb, alias = int(m.output_size_in_bytes), int(m.alias_size_in_bytes)
+    params_b = shard["params"]
+    grads = params_b  # float32 gradients, sharded like the params
+    optimizer = arg - params_b - shard["batch"] - shard["step"] if arg else shard["optimizer"]
+    return {
+        "policy": policy,
+        "params": params_b,
+        "optimizer": optimizer,
+        "gradients": grads,
+        "state_total": params_b + optimizer + grads,
+        "activations": temp - grads,
+        "batch": shard["batch"],
+        "compiled_argument": arg,
+        "compiled_temp": temp,
+        "compiled_output": outb,
+        "compiled_alias": alias,
+        "peak": arg + temp + outb - alias,
+        "compile_s": seconds,
+    }
+
+
 GiB = 2**30
+
+
+def _policy_table(rows: list[dict], device_bytes: float | None) -> list[str]:
+    """The per-policy rows of format_report, in GiB per device, columns aligned."""
+    cols = ["policy", "params", "optimizer", "gradients", "state", "vs 16B/p", "activations",
+            "analytic act", "peak", "compile_s"]  # fmt: skip
+    table = []
+    for r in rows:
+        fits = "" if device_bytes is None else (" fits" if r["peak"] <= device_bytes else " OOM")
+        gib = [f"{r[k] / GiB:.2f}" for k in ("params", "optimizer", "gradients", "state_total")]
+        table.append([
+            r["policy"], *gib, f"{r['state_total'] / r['analytic_state']:.3f}",
+            f"{r['activations'] / GiB:.2f}", f"{r['analytic_activations'] / GiB:.2f}",
+            f"{r['peak'] / GiB:.2f}{fits}", f"{r['compile_s']:.1f}",
+        ])  # fmt: skip
+    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(cols)]
+    return [
+        "  ".join(h.ljust(w) for h, w in zip(cols, widths)) + "   (GiB per device)",
+        "  ".join("-" * w for w in widths),
+        *("  ".join(v.ljust(w) for v, w in zip(t, widths)) for t in table),
+    ]
 
 
 def format_report(result: dict, device_bytes: float | None = None) -> str:
@@ -156,46 +184,7 @@ def format_report(result: dict, device_bytes: float | None = None) -> str:
         ),
         f"  analytic state: 16 bytes/param / shards = {c['analytic_16_bytes_per_param'] / GiB:.2f} GiB",
     ]
-    cols = [
-        "policy",
-        "params",
-        "optimizer",
-        "gradients",
-        "state",
-        "vs 16B/p",
-        "activations",
-        "analytic act",
-        "peak",
-        "compile_s",
-    ]
-    table = []
-    for r in result["policies"]:
-        table.append(
-            [
-                r["policy"],
-                f"{r['params'] / GiB:.2f}",
-                f"{r['optimizer'] / GiB:.2f}",
-                f"{r['gradients'] / GiB:.2f}",
-                f"{r['state_total'] / GiB:.2f}",
-                f"{r['state_total'] / r['analytic_state']:.3f}",
-                f"{r['activations'] / GiB:.2f}",
-                f"{r['analytic_activations'] / GiB:.2f}",
-                f"{r['peak'] / GiB:.2f}"
-                + (
-                    ""
-                    if device_bytes is None
-                    else (" fits" if r["peak"] <= device_bytes else " OOM")
-                ),
-                f"{r['compile_s']:.1f}",
-            ]
-        )
-    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(cols)]
-    lines.append("")
-    lines.append(
-        "  ".join(h.ljust(w) for h, w in zip(cols, widths)) + "   (GiB per device)"
-    )
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(t, widths)) for t in table]
+    lines += ["", *_policy_table(result["policies"], device_bytes)]
     lines += [
         "",
         "params/optimizer: XLA's argument bytes (optimizer = arguments - params - batch).",

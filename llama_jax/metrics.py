@@ -129,15 +129,26 @@ def _human(n: float) -> str:
 
 
 def summary_block(
-    *, workdir: str, last: dict, vocab_size: int, tokens_seen: int, tokens_per_sec: float | None,
-    wall_seconds: float, checkpoints: str, plot: str | None, tokenizer: str, config: str | None,
+    *,
+    workdir: str,
+    last: dict,
+    vocab_size: int,
+    tokens_seen: int,
+    tokens_per_sec: float | None,
+    wall_seconds: float,
+    checkpoints: str,
+    plot: str | None,
+    tokenizer: str,
+    config: str | None,
     dataset: str,
 ) -> str:
     """The block a newcomer reads at the end of the main job: how far the model got (val loss
     next to a uniform guess over the vocabulary), how fast, where everything is, what next."""
     uniform = math.log(vocab_size)
     val = last.get("val_loss")
-    loss = f"val loss {val:.3f}" if val is not None else f"train loss {last.get('loss', math.nan):.3f}"
+    loss = (
+        f"val loss {val:.3f}" if val is not None else f"train loss {last.get('loss', math.nan):.3f}"
+    )
     rate = f"{_human(tokens_per_sec)} tokens/s" if tokens_per_sec else "n/a tokens/s"
     export = os.path.join(workdir, "export")
     config_arg = f"--config {config} " if config else ""

@@ -25,6 +25,7 @@ BTKH = ("batch", "length", "kv_heads", "head_dim")
 BTF = ("batch", "length", "mlp")
 BTV = ("batch", "length", "vocab")
 
+
 def _param(module, name, shape, axes, cfg: ModelConfig, init=None):
     init = init or nn.initializers.normal(cfg.init_std)
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.weight_dtype)
@@ -105,8 +106,14 @@ class Attention(nn.Module):
             o = self._cached(q, k, v, segment_ids)
         else:
             o = dot_product_attention(
-                q, k, v, impl=c.attention_impl, causal=True, segment_ids=segment_ids,
-                block_q=c.attn_block_q, block_k=c.attn_block_k,
+                q,
+                k,
+                v,
+                impl=c.attention_impl,
+                causal=True,
+                segment_ids=segment_ids,
+                block_q=c.attn_block_q,
+                block_k=c.attn_block_k,
             )  # [B, T, N, H]
         o = checkpoint_name(nn.with_logical_constraint(o, BTNH), "attn_out")
         return checkpoint_name(jnp.einsum("BTNH,NHD->BTD", o, wo.astype(dt)), "o_proj")
@@ -229,8 +236,9 @@ class Llama(nn.Module):
         x = Norm(c, name="norm")(x)
         out = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), c)
         # float32 accumulation and output: bf16 logits would round the loss and its gradient.
-        logits = jnp.einsum("BTD,DV->BTV", x, out.astype(c.compute_dtype),
-                            preferred_element_type=jnp.float32)
+        logits = jnp.einsum(
+            "BTD,DV->BTV", x, out.astype(c.compute_dtype), preferred_element_type=jnp.float32
+        )
         return nn.with_logical_constraint(logits, BTV).astype(jnp.float32)
 
 

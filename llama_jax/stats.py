@@ -59,8 +59,15 @@ def summary(cfg: ModelConfig, seq_len: int) -> dict:
 
 # Dense bf16 peak FLOP/s per device, for MFU. CPUs have no meaningful peak: MFU is n/a there.
 # Matched in order on device_kind, so the PCIe/NVL variants come before the SXM default.
-PEAK_FLOPS = {"A100": 312e12, "H100 PCIE": 756e12, "H100 NVL": 835e12, "H100": 989e12,
-              "H200": 989e12, "H800": 989e12, "B200": 2250e12}
+PEAK_FLOPS = {
+    "A100": 312e12,
+    "H100 PCIE": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "H800": 989e12,
+    "B200": 2250e12,
+}
 
 
 def device_peak_flops(device=None) -> float | None:

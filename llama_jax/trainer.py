@@ -54,13 +54,27 @@ def _log_startup(cfg: RunConfig, diff: dict, mesh: Mesh, n_params: int) -> None:
     mc, devices = cfg.model, jax.devices()
     changes = ", ".join(f"{k}={v!r} (was {d!r})" for k, (d, v) in diff.items())
     log.info("config changes from the file: %s", changes or "none")
-    log.info("devices: %d x %s (%s), processes: %d", len(devices), devices[0].device_kind,
-             devices[0].platform, jax.process_count())
+    log.info(
+        "devices: %d x %s (%s), processes: %d",
+        len(devices),
+        devices[0].device_kind,
+        devices[0].platform,
+        jax.process_count(),
+    )
     log.info("mesh: %s", dict(mesh.shape))
-    log.info("attention: %s, remat policy: %s, dtype: %s, params dtype: %s",
-             _attention_impl(mc), mc.remat_policy, mc.dtype, mc.param_dtype)
-    log.info("parameters: %s (%.3g B), tokens per step: %s", f"{n_params:,}", n_params / 1e9,
-             f"{cfg.train.tokens_per_step:,}")
+    log.info(
+        "attention: %s, remat policy: %s, dtype: %s, params dtype: %s",
+        _attention_impl(mc),
+        mc.remat_policy,
+        mc.dtype,
+        mc.param_dtype,
+    )
+    log.info(
+        "parameters: %s (%.3g B), tokens per step: %s",
+        f"{n_params:,}",
+        n_params / 1e9,
+        f"{cfg.train.tokens_per_step:,}",
+    )
 
 
 @dataclasses.dataclass
@@ -95,8 +109,9 @@ class Run:
         self.profiler = Profiler(self.cfg.train.profile_range, self.workdir)
         self.throughput = metrics.Throughput(self.tokens_seen)
         self.acc = {"skipped": jnp.zeros((), jnp.int32), "first_bad": jnp.full((), -1, jnp.int32)}
-        self.flops_per_token = stats.flops_per_token(self.cfg.model, self.cfg.train.seq_len,
-                                                     self.n_params)["6n"]
+        self.flops_per_token = stats.flops_per_token(
+            self.cfg.model, self.cfg.train.seq_len, self.n_params
+        )["6n"]
         self.peak = stats.device_peak_flops()
         self.eval_every = self.cfg.train.eval_every if self.validate is not None else 0
         # Every process must stop at the same step; across hosts agreeing costs a collective
@@ -105,8 +120,13 @@ class Run:
         self.stop_every = 1 if jax.process_count() == 1 else min(self.log_every, 10)
         from tqdm import tqdm
 
-        self.bar = tqdm(total=self.cfg.train.steps, initial=self.start, disable=not self.is_main,
-                        unit="step", dynamic_ncols=True)
+        self.bar = tqdm(
+            total=self.cfg.train.steps,
+            initial=self.start,
+            disable=not self.is_main,
+            unit="step",
+            dynamic_ncols=True,
+        )
         self.stop.install()
 
     # ---- the loop's pieces ---------------------------------------------------------------
@@ -140,9 +160,15 @@ class Run:
         m = {k: float(v) for k, v in jax.device_get(self.step_metrics).items()}
         a = {k: int(v) for k, v in jax.device_get(self.acc).items()}
         rate = self.throughput.rate(self.tokens_seen)
-        record = {"step": done, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-                  "tokens_seen": self.tokens_seen, "tokens_per_sec": rate,
-                  "skipped_steps": self.skipped_before + a["skipped"]}
+        record = {
+            "step": done,
+            "loss": m["loss"],
+            "lr": m["lr"],
+            "grad_norm": m["grad_norm"],
+            "tokens_seen": self.tokens_seen,
+            "tokens_per_sec": rate,
+            "skipped_steps": self.skipped_before + a["skipped"],
+        }
         if rate is not None and self.peak:
             record["mfu"] = rate * self.flops_per_token / (jax.device_count() * self.peak)
         if self._eval_due(done):
@@ -160,8 +186,11 @@ class Run:
 
     def _progress(self, done: int, record: dict) -> None:
         self.bar.update(done - self.bar.n)
-        post = {"loss": f"{record['loss']:.3f}", "lr": f"{record['lr']:.2e}",
-                "gnorm": f"{record['grad_norm']:.2f}"}
+        post = {
+            "loss": f"{record['loss']:.3f}",
+            "lr": f"{record['lr']:.2e}",
+            "gnorm": f"{record['grad_norm']:.2f}",
+        }
         if record["tokens_per_sec"] is not None:
             post["tok/s"] = f"{record['tokens_per_sec']:,.0f}"
         if "mfu" in record:
@@ -179,8 +208,10 @@ class Run:
         """After a stop signal: the checkpoint of `done` is written; the same command resumes."""
         self.ckpt.wait()
         signame = self.stop.signal or "signal"
-        msg = (f"{signame} received: saved step {done} to {self.ckpt.directory}; "
-               "run the same command again to resume")
+        msg = (
+            f"{signame} received: saved step {done} to {self.ckpt.directory}; "
+            "run the same command again to resume"
+        )
         log.warning(msg)
         if self.is_main:
             print(msg, flush=True)
@@ -198,12 +229,15 @@ class Run:
 
 
 def _open_data(cfg: RunConfig) -> tuple[str, Tokenizer]:
-    dataset_dir, tokenizer_path = resolve_dataset(cfg.data.path, cfg.data.tokenizer,
-                                                  cfg.model.vocab_size)
+    dataset_dir, tokenizer_path = resolve_dataset(
+        cfg.data.path, cfg.data.tokenizer, cfg.model.vocab_size
+    )
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} ({tokenizer_path}) is larger "
-                         f"than model.vocab_size={cfg.model.vocab_size}")
+        raise ValueError(
+            f"tokenizer vocab {tokenizer.vocab_size} ({tokenizer_path}) is larger "
+            f"than model.vocab_size={cfg.model.vocab_size}"
+        )
     return dataset_dir, tokenizer
 
 
@@ -217,7 +251,11 @@ def _restore_or_init(cfg: RunConfig, mesh: Mesh, ckpt: Checkpointer):
     state, meta = ckpt.restore(abstract)
     check_resume(meta.get("config"), cfg)
     log.info("resumed from %s step %d", ckpt.directory, int(state.step))
-    return state, shardings, int(meta.get("tokens_seen", int(state.step) * cfg.train.tokens_per_step))
+    return (
+        state,
+        shardings,
+        int(meta.get("tokens_seen", int(state.step) * cfg.train.tokens_per_step)),
+    )
 
 
 def _validation(cfg: RunConfig, mesh: Mesh, shardings, dataset_dir: str, tokenizer: Tokenizer):
@@ -227,8 +265,13 @@ def _validation(cfg: RunConfig, mesh: Mesh, shardings, dataset_dir: str, tokeniz
     if not (cfg.train.eval_every and cfg.train.eval_batches > 0):
         return None
     try:
-        return ValidationLoss(ts.make_eval_step(cfg, mesh, shardings), cfg.train, dataset_dir,
-                              shd.batch_sharding(mesh), tokenizer.sha256)
+        return ValidationLoss(
+            ts.make_eval_step(cfg, mesh, shardings),
+            cfg.train,
+            dataset_dir,
+            shd.batch_sharding(mesh),
+            tokenizer.sha256,
+        )
     except ValueError as e:
         log.warning("validation disabled: %s", e)
         return None
@@ -236,36 +279,58 @@ def _validation(cfg: RunConfig, mesh: Mesh, shardings, dataset_dir: str, tokeniz
 
 def setup(cfg: RunConfig, workdir: str, config_diff: dict | None = None) -> Run:
     """Mesh, data, train state (restored or fresh), step functions, checkpointer, writers."""
-    distributed.initialize(cfg.distributed.coordinator, cfg.distributed.num_processes,
-                           cfg.distributed.process_id)
+    distributed.initialize(
+        cfg.distributed.coordinator, cfg.distributed.num_processes, cfg.distributed.process_id
+    )
     os.makedirs(workdir, exist_ok=True)
     mesh = shd.make_mesh(*cfg.mesh.sizes)
     n_params = stats.count_params(cfg.model)
     dataset_dir, tokenizer = _open_data(cfg)
     _log_startup(cfg, config_diff or {}, mesh, n_params)
     c = cfg.checkpoint
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.keep,
-                        keep_period=c.keep_period, async_save=c.async_save)
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=c.keep,
+        keep_period=c.keep_period,
+        async_save=c.async_save,
+    )
     state, shardings, tokens_seen = _restore_or_init(cfg, mesh, ckpt)
     start = int(state.step)
-    loader = Loader(dataset_dir, "train", batch_size=cfg.train.batch_size,
-                    seq_len=cfg.train.seq_len, seed=cfg.train.data_order_seed,
-                    sharding=shd.batch_sharding(mesh), step=start, prefetch=cfg.data.prefetch,
-                    expected_vocab_size=cfg.model.vocab_size,
-                    expected_tokenizer_sha=tokenizer.sha256)
+    loader = Loader(
+        dataset_dir,
+        "train",
+        batch_size=cfg.train.batch_size,
+        seq_len=cfg.train.seq_len,
+        seed=cfg.train.data_order_seed,
+        sharding=shd.batch_sharding(mesh),
+        step=start,
+        prefetch=cfg.data.prefetch,
+        expected_vocab_size=cfg.model.vocab_size,
+        expected_tokenizer_sha=tokenizer.sha256,
+    )
     return Run(
-        cfg=cfg, workdir=workdir, mesh=mesh, tokenizer=tokenizer, dataset_dir=dataset_dir,
-        ckpt=ckpt, state=state, step_fn=ts.make_train_step(cfg, mesh, shardings), loader=loader,
+        cfg=cfg,
+        workdir=workdir,
+        mesh=mesh,
+        tokenizer=tokenizer,
+        dataset_dir=dataset_dir,
+        ckpt=ckpt,
+        state=state,
+        step_fn=ts.make_train_step(cfg, mesh, shardings),
+        loader=loader,
         validate=_validation(cfg, mesh, shardings, dataset_dir, tokenizer),
         writer=metrics.MetricsWriter(workdir, start, jax.process_index() == 0),
-        n_params=n_params, start=start, tokens_seen=tokens_seen,
+        n_params=n_params,
+        start=start,
+        tokens_seen=tokens_seen,
         last_saved=start if ckpt.latest_step() is not None else None,
         skipped_before=int(metrics.last_record(workdir).get("skipped_steps", 0)) if start else 0,
     )
 
 
-def train(cfg: RunConfig, workdir: str, *, config_diff: dict | None = None,
-          config_path: str | None = None) -> dict:
+def train(
+    cfg: RunConfig, workdir: str, *, config_diff: dict | None = None, config_path: str | None = None
+) -> dict:
     """Runs (or resumes) the training job described by cfg in workdir.
 
     Returns the last logged metrics, plus "stopped_by" when a signal ended the run early.
@@ -274,7 +339,9 @@ def train(cfg: RunConfig, workdir: str, *, config_diff: dict | None = None,
     run = setup(cfg, workdir, config_diff)
     try:
         if run.start == 0 and run.eval_every:  # the untrained model's loss: the curve's start
-            run.writer.write({"step": 0, "tokens_seen": 0, "val_loss": run.validate(run.state.params)})
+            run.writer.write(
+                {"step": 0, "tokens_seen": 0, "val_loss": run.validate(run.state.params)}
+            )
         for step in range(run.start, cfg.train.steps):
             run.step(step)
             done = step + 1
@@ -294,7 +361,9 @@ def train(cfg: RunConfig, workdir: str, *, config_diff: dict | None = None,
     return run.last
 
 
-def _val_prompts(dataset_dir: str, tokenizer: Tokenizer, n: int, length: int = 12) -> list[list[int]]:
+def _val_prompts(
+    dataset_dir: str, tokenizer: Tokenizer, n: int, length: int = 12
+) -> list[list[int]]:
     """The first `length` tokens (BOS included) of n documents spread over the validation
     split: prompts from text the model never trained on."""
     from llama_jax.data.format import open_split
@@ -320,18 +389,35 @@ def finish(run: Run, config_path: str | None = None) -> None:
         from llama_jax.generate import sample_texts
 
         prompts = _val_prompts(run.dataset_dir, run.tokenizer, cfg.train.samples)
-        texts = sample_texts(run.state.params, cfg.model, run.tokenizer, prompts,
-                             cfg.train.sample_tokens, seed=cfg.train.seed)
+        texts = sample_texts(
+            run.state.params,
+            cfg.model,
+            run.tokenizer,
+            prompts,
+            cfg.train.sample_tokens,
+            seed=cfg.train.seed,
+        )
         for prompt, text in zip(prompts, texts):
             if run.is_main:
                 shown = run.tokenizer.decode(prompt)
-                print(f"--- sample (prompt {shown!r}, temperature 0.8, top-k 40) ---\n{text}",
-                      flush=True)
+                print(
+                    f"--- sample (prompt {shown!r}, temperature 0.8, top-k 40) ---\n{text}",
+                    flush=True,
+                )
     if run.is_main:
-        print(metrics.summary_block(
-            workdir=run.workdir, last=run.last, vocab_size=run.tokenizer.vocab_size,
-            tokens_seen=run.tokens_seen, tokens_per_sec=run.throughput.mean_rate,
-            wall_seconds=time.perf_counter() - run.t_start, checkpoints=run.ckpt.directory,
-            plot=png, tokenizer=run.tokenizer.model_path, config=config_path,
-            dataset=run.dataset_dir,
-        ), flush=True)
+        print(
+            metrics.summary_block(
+                workdir=run.workdir,
+                last=run.last,
+                vocab_size=run.tokenizer.vocab_size,
+                tokens_seen=run.tokens_seen,
+                tokens_per_sec=run.throughput.mean_rate,
+                wall_seconds=time.perf_counter() - run.t_start,
+                checkpoints=run.ckpt.directory,
+                plot=png,
+                tokenizer=run.tokenizer.model_path,
+                config=config_path,
+                dataset=run.dataset_dir,
+            ),
+            flush=True,
+        )

@@ -83,11 +83,7 @@ def known_flags(names, dirs=None) -> set[str]:
     one that holds "xla_dump_to" parses them, so a name must appear in each of those.
     """
     dirs = dirs if dirs is not None else _package_dirs(("jaxlib", *_CUDA_PLUGINS))
-    files = [
-        f
-        for d in dirs
-        for f in glob.glob(os.path.join(d, "**", "*.so*"), recursive=True)
-    ]
+    files = [f for d in dirs for f in glob.glob(os.path.join(d, "**", "*.so*"), recursive=True)]
     known = set(names)
     parsers = 0
     for path in files:
@@ -106,9 +102,7 @@ def known_flags(names, dirs=None) -> set[str]:
 
 
 def user_flag_names(xla_flags: str) -> set[str]:
-    return {
-        f.lstrip("-").split("=", 1)[0] for f in xla_flags.split() if f.startswith("--")
-    }
+    return {f.lstrip("-").split("=", 1)[0] for f in xla_flags.split() if f.startswith("--")}
 
 
 def setup(environ=os.environ, *, force: bool = False, dirs=None) -> list[str]:

@@ -36,6 +36,13 @@ def tiny_dataset(tmp_path_factory):
     with open(corpus, "w") as f:
         f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
     tok = train_tokenizer(str(corpus), 512, str(root / "tok"))
-    prepare(str(corpus), tok, str(root / "data"), val_fraction=0.1, num_workers=1, progress=False,
-            verbose=False)
+    prepare(
+        str(corpus),
+        tok,
+        str(root / "data"),
+        val_fraction=0.1,
+        num_workers=1,
+        progress=False,
+        verbose=False,
+    )
     return str(root / "data"), tok

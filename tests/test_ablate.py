@@ -15,10 +15,21 @@ from llama_jax.config import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [  # as tests/test_train.py: a small float32 model, milliseconds per step
-    "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-    "model.vocab_size=512", "model.multiple_of=16", "model.max_seq_len=64",
-    "model.attn_block_q=16", "model.attn_block_k=16", "train.seq_len=32", "train.batch_size=8",
-    "train.log_every=1", "train.eval_batches=2", "checkpoint.every_steps=8", "mesh.fsdp=-1",
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.vocab_size=512",
+    "model.multiple_of=16",
+    "model.max_seq_len=64",
+    "model.attn_block_q=16",
+    "model.attn_block_k=16",
+    "train.seq_len=32",
+    "train.batch_size=8",
+    "train.log_every=1",
+    "train.eval_batches=2",
+    "checkpoint.every_steps=8",
+    "mesh.fsdp=-1",
 ]
 
 
@@ -27,21 +38,36 @@ def tiny_cfg(*extra):
 
 
 def test_parse_vary_and_tokens():
-    assert ablate.parse_vary("model.norm=rmsnorm, layernorm") == ("model.norm", ["rmsnorm", "layernorm"])
+    assert ablate.parse_vary("model.norm=rmsnorm, layernorm") == (
+        "model.norm",
+        ["rmsnorm", "layernorm"],
+    )
     for bad in ("model.norm", "=a", "model.norm="):
         with pytest.raises(ValueError, match="--vary needs"):
             ablate.parse_vary(bad)
     assert [ablate.parse_tokens(t) for t in ("2M", "500k", "1.5e6", 4096)] == [
-        2_000_000, 500_000, 1_500_000, 4096]
+        2_000_000,
+        500_000,
+        1_500_000,
+        4096,
+    ]
 
 
 def test_one_factor_at_a_time_and_grid():
     cfg = tiny_cfg()
-    axes = [("model.norm", ["rmsnorm", "layernorm"]), ("model.position", ["rope", "learned", "none"]),
-            ("train.lr", ["3e-3", "1e-3", "0.001"])]  # 3e-3 is tiny's value; 0.001 a repeat
+    axes = [
+        ("model.norm", ["rmsnorm", "layernorm"]),
+        ("model.position", ["rope", "learned", "none"]),
+        ("train.lr", ["3e-3", "1e-3", "0.001"]),
+    ]  # 3e-3 is tiny's value; 0.001 a repeat
     ofat = ablate.make_variants(cfg, axes)
     assert [v.name for v in ofat] == [
-        "baseline", "norm=layernorm", "position=learned", "position=none", "train.lr=1e-3"]
+        "baseline",
+        "norm=layernorm",
+        "position=learned",
+        "position=none",
+        "train.lr=1e-3",
+    ]
     assert ofat[2].changes == (("model.position", "learned"),)
     grid = ablate.make_variants(cfg, axes, grid=True)
     assert len(grid) == 2 * 3 * 2 and grid[0].name == "baseline"
@@ -78,24 +104,46 @@ def test_sweep_writes_results_and_resumes_without_rerunning(tmp_path, tiny_datas
     # 1. a sweep of the baseline alone (both seeds) finishes
     ablate.sweep(cfg, [("model.norm", ["rmsnorm"])], tokens=tokens, seeds=2, workdir=wd, evals=4)
     base0 = os.path.join(wd, "baseline", "seed0")
-    stamp = {s: os.stat(os.path.join(wd, "baseline", f"seed{s}", "done.json")).st_mtime_ns
-             for s in (0, 1)}
+    stamp = {
+        s: os.stat(os.path.join(wd, "baseline", f"seed{s}", "done.json")).st_mtime_ns
+        for s in (0, 1)
+    }
     # 2. the CLI adds a variant; SIGTERM stops its first run at step 3 (saved, sweep exits)
-    args = [sys.executable, "-m", "launch.ablate", "--config", f"{ROOT}/configs/tiny.py",
-            "--vary", "model.norm=rmsnorm,layernorm", "--tokens", str(tokens), "--seeds", "2",
-            "--workdir", wd, "--evals", "4", *(f"--config.{o}" for o in [*SMALL, data])]
+    args = [
+        sys.executable,
+        "-m",
+        "launch.ablate",
+        "--config",
+        f"{ROOT}/configs/tiny.py",
+        "--vary",
+        "model.norm=rmsnorm,layernorm",
+        "--tokens",
+        str(tokens),
+        "--seeds",
+        "2",
+        "--workdir",
+        wd,
+        "--evals",
+        "4",
+        *(f"--config.{o}" for o in [*SMALL, data]),
+    ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "LLAMA_JAX_SIGNAL_AT_STEP": "15:3"}
-    r = subprocess.run(args, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        args, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "interrupted: SIGTERM stopped" in r.stdout, r.stdout[-2000:]
     ln0 = os.path.join(wd, "norm=layernorm", "seed0")
     assert _steps(ln0) == [0, 1, 2, 3] and not os.path.exists(os.path.join(ln0, "done.json"))
     assert not os.path.exists(os.path.join(wd, "norm=layernorm", "seed1"))
     # 3. the same sweep again: baseline skipped, layernorm seed 0 resumes at step 3, seed 1 runs
-    rows = ablate.sweep(cfg, [("model.norm", ["rmsnorm", "layernorm"])], tokens=tokens, seeds=2,
-                        workdir=wd, evals=4)
+    rows = ablate.sweep(
+        cfg, [("model.norm", ["rmsnorm", "layernorm"])], tokens=tokens, seeds=2, workdir=wd, evals=4
+    )
     for s in (0, 1):
-        assert os.stat(os.path.join(wd, "baseline", f"seed{s}", "done.json")).st_mtime_ns == stamp[s]
+        assert (
+            os.stat(os.path.join(wd, "baseline", f"seed{s}", "done.json")).st_mtime_ns == stamp[s]
+        )
     assert _steps(ln0) == list(range(9)) == _steps(base0)  # step 0: the initial val loss
 
     assert [r["variant"] for r in rows] == ["baseline", "norm=layernorm"]

@@ -85,9 +85,7 @@ def test_gpu_check_dry_run(tmp_path):
     tail = r.stdout[r.stdout.rindex("## summary") :]
     for policy in ("save_linear", "full", "none"):
         assert f"step       {policy}" in tail
-    assert (
-        "skipped" in (tmp_path / "pytest.txt").read_text()
-    )  # not passed: there is no GPU
+    assert "skipped" in (tmp_path / "pytest.txt").read_text()  # not passed: there is no GPU
     saved = json.loads((tmp_path / "bench.json").read_text())
     steps = [s for s in saved["results"]["step"] if "tokens/s" in s]
     assert {s["policy"] for s in steps} == {"save_linear", "full", "none"}
@@ -99,9 +97,7 @@ def test_gpu_check_dry_run(tmp_path):
 def test_is_oom_recognizes_xla_messages():
     from llama_jax.bench.step import is_oom
 
-    assert is_oom(
-        RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
-    )
+    assert is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate"))
     assert not is_oom(ValueError("shapes do not match"))
 
 
@@ -137,9 +133,7 @@ def test_xla_flags_added_unless_user_set_them():
 
 
 def test_xla_flags_unknown_to_this_jaxlib_are_dropped(monkeypatch):
-    monkeypatch.setitem(
-        xla_flags.GPU_FLAGS, "xla_gpu_no_such_flag_anywhere", ("true", "test")
-    )
+    monkeypatch.setitem(xla_flags.GPU_FLAGS, "xla_gpu_no_such_flag_anywhere", ("true", "test"))
     env = {}
     added = xla_flags.setup(env, force=True)
     assert added and not any("no_such_flag" in a for a in added)

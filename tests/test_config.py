@@ -34,9 +34,15 @@ def test_every_config_file_builds(path):
 def test_types_are_checked_and_ints_widen_to_floats():
     d = RunConfig().to_dict()
     d["train"]["lr"] = 1  # an int where a float is expected is fine
-    assert RunConfig.from_dict(d).train.lr == 1.0 and isinstance(RunConfig.from_dict(d).train.lr, float)
-    for group, field, bad in [("model", "dim", "64"), ("train", "steps", 2.5),
-                              ("train", "batch_size", True), ("checkpoint", "async_save", 1)]:
+    assert RunConfig.from_dict(d).train.lr == 1.0 and isinstance(
+        RunConfig.from_dict(d).train.lr, float
+    )
+    for group, field, bad in [
+        ("model", "dim", "64"),
+        ("train", "steps", 2.5),
+        ("train", "batch_size", True),
+        ("checkpoint", "async_save", 1),
+    ]:
         d = RunConfig().to_dict()
         d[group][field] = bad
         with pytest.raises(ConfigError, match=f"{group}.{field}="):
@@ -45,8 +51,12 @@ def test_types_are_checked_and_ints_widen_to_floats():
 
 @pytest.mark.parametrize(
     "field, table",
-    [("remat_policy", REMAT_POLICIES), ("attention_impl", IMPLEMENTATIONS),
-     ("dtype", config.DTYPES), ("param_dtype", config.DTYPES)],
+    [
+        ("remat_policy", REMAT_POLICIES),
+        ("attention_impl", IMPLEMENTATIONS),
+        ("dtype", config.DTYPES),
+        ("param_dtype", config.DTYPES),
+    ],
 )
 def test_choice_fields_are_checked_against_their_table(field, table):
     """ModelConfig(remat_policy="x") no longer constructs: the error lists the table's names."""
@@ -59,8 +69,11 @@ def test_replace_parses_strings_and_refuses_unknown_fields():
     cfg = load(TINY)
     new = cfg.replace(["train.lr=1e-2", "train.skip_nonfinite=true", "model.n_layers=2"])
     assert (new.train.lr, new.train.skip_nonfinite, new.model.n_layers) == (1e-2, True, 2)
-    assert cfg.diff(new) == {"train.lr": (3e-3, 1e-2), "train.skip_nonfinite": (False, True),
-                             "model.n_layers": (4, 2)}
+    assert cfg.diff(new) == {
+        "train.lr": (3e-3, 1e-2),
+        "train.skip_nonfinite": (False, True),
+        "model.n_layers": (4, 2),
+    }
     assert cfg.model.n_layers == 4  # frozen: the original is untouched
     with pytest.raises(KeyError, match="'model.dimm'; valid in model: .*'dim'"):
         cfg.replace(["model.dimm=3"])
@@ -79,13 +92,27 @@ TOOLS = {
     "train": ("launch.train", ["--workdir", "/nonexistent/never-written"]),
     "inspect": ("launch.inspect", []),
     "benchmark": ("launch.benchmark", ["step"]),
-    "ablate": ("launch.ablate", ["--vary", "model.norm=rmsnorm", "--tokens", "1k",
-                                 "--workdir", "/nonexistent/never-written"]),
-    "convert": ("launch.convert", ["--from", "hf", "--to", "ours", "--input", "/nonexistent",
-                                   "--output", "/nonexistent/out"]),
+    "ablate": (
+        "launch.ablate",
+        [
+            "--vary",
+            "model.norm=rmsnorm",
+            "--tokens",
+            "1k",
+            "--workdir",
+            "/nonexistent/never-written",
+        ],
+    ),
+    "convert": (
+        "launch.convert",
+        ["--from", "hf", "--to", "ours", "--input", "/nonexistent", "--output", "/nonexistent/out"],
+    ),
 }
 CASES = {
-    "misspelt field": (["--config.model.dimm=3"], "unknown config field 'model.dimm'; valid in model:"),
+    "misspelt field": (
+        ["--config.model.dimm=3"],
+        "unknown config field 'model.dimm'; valid in model:",
+    ),
     "bad value": (["--config.model.n_layers=two"], "config field model.n_layers: invalid literal"),
 }
 
@@ -126,10 +153,28 @@ def test_missing_config_file_is_the_same_error_everywhere(capsys):
 def test_the_real_command_line():
     """The same from a shell: a subprocess, space-separated override values, exit status 2."""
     r = subprocess.run(
-        [sys.executable, "-m", "launch.inspect", "--config", TINY, "--config.model.n_layers", "2",
-         "--json"], capture_output=True, text=True, cwd=ROOT, check=True)
+        [
+            sys.executable,
+            "-m",
+            "launch.inspect",
+            "--config",
+            TINY,
+            "--config.model.n_layers",
+            "2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
     assert '"parameters"' in r.stdout
-    r = subprocess.run([sys.executable, "-m", "launch.train", "--config", TINY,
-                        "--config.train.stepz=3"], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and r.stderr.strip().startswith("error: UnknownFieldError: unknown "
-                                                             "config field 'train.stepz'")
+    r = subprocess.run(
+        [sys.executable, "-m", "launch.train", "--config", TINY, "--config.train.stepz=3"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 2 and r.stderr.strip().startswith(
+        "error: UnknownFieldError: unknown config field 'train.stepz'"
+    )

@@ -20,9 +20,7 @@ from llama_jax.attention import (
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.skipif(
-    jax.default_backend() != "gpu", reason="needs a GPU (cuDNN)"
-)
+pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (cuDNN)")
 
 IMPLS = {
     "cudnn": cudnn_attention,
@@ -41,9 +39,7 @@ def _inputs(B, T, N, K, H, dtype=jnp.bfloat16, seed=0):
 
 def _f32(fn):
     """fn evaluated in float32 on upcast inputs: the reference for bf16 implementations."""
-    return lambda q, k, v: fn(
-        q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
-    )
+    return lambda q, k, v: fn(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
 
 
 def _fwd_bwd(attn, q, k, v, ct):
@@ -109,6 +105,4 @@ def test_llama_step_on_gpu_cudnn_matches_blockwise_loss():
         _, metrics = step(state, jax.device_put(batch, shd.batch_sharding(mesh)))
         losses[impl] = float(metrics["loss"])
     assert np.isfinite(losses["cudnn"])
-    assert abs(losses["cudnn"] - losses["blockwise"]) < 2e-2 * abs(
-        losses["blockwise"]
-    ), losses
+    assert abs(losses["cudnn"] - losses["blockwise"]) < 2e-2 * abs(losses["blockwise"]), losses

@@ -15,8 +15,9 @@ LONG_REASON = "# long:"
 
 
 def _ruff(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "ruff", *args], cwd=cwd, capture_output=True,
-                          text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "ruff", *args], cwd=cwd, capture_output=True, text=True
+    )
 
 
 def test_ruff_clean():
@@ -71,8 +72,12 @@ def import_graph() -> dict[str, set[str]]:
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 # "from llama_jax import x" imports the module llama_jax.x when it is one
-                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
-                           else node.module for a in node.names]
+                targets = [
+                    f"{node.module}.{a.name}"
+                    if f"{node.module}.{a.name}" in modules
+                    else node.module
+                    for a in node.names
+                ]
             else:
                 continue
             deps |= {t for t in targets if t in modules and t != name}
@@ -88,7 +93,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(n)
         for m in sorted(graph[n]):
             if state.get(m) == "open":
-                return stack[stack.index(m):] + [m]
+                return stack[stack.index(m) :] + [m]
             if m not in state and (cycle := visit(m)):
                 return cycle
         state[n] = "done"
@@ -111,8 +116,11 @@ def test_no_import_cycle_in_the_library():
 
 
 def test_only_config_imports_ml_collections():
-    users = [_module_name(p) for p in (ROOT / "llama_jax").rglob("*.py")
-             if re.search(r"^\s*(from|import) ml_collections", p.read_text(), re.M)]
+    users = [
+        _module_name(p)
+        for p in (ROOT / "llama_jax").rglob("*.py")
+        if re.search(r"^\s*(from|import) ml_collections", p.read_text(), re.M)
+    ]
     assert users == ["llama_jax.config"], users
 
 

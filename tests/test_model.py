@@ -23,8 +23,17 @@ PUBLISHED = {  # parameter counts of the released checkpoints
 
 
 def tiny(**kw) -> ModelConfig:
-    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=97, multiple_of=16,
-                dtype="float32", attention_impl="reference", max_seq_len=64)
+    base = dict(
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=4,
+        vocab_size=97,
+        multiple_of=16,
+        dtype="float32",
+        attention_impl="reference",
+        max_seq_len=64,
+    )
     return ModelConfig(**{**base, **kw})
 
 
@@ -34,6 +43,7 @@ def init(cfg, T=8, seed=0):
 
 
 # ---- an independent float64 LLaMA forward (Meta's formulation: complex rotary) ----
+
 
 def np_rmsnorm(x, w, eps):
     return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
@@ -85,8 +95,13 @@ def test_logits_match_float64_numpy(n_kv_heads):
     params = init(cfg)
     # Non-trivial norm scales so a missing or misplaced norm weight shows.
     params = jax.tree_util.tree_map_with_path(
-        lambda path, a: a * (1 + 0.3 * jax.random.normal(jax.random.key(1), a.shape))
-        if "scale" in jax.tree_util.keystr(path) else a, params)
+        lambda path, a: (
+            a * (1 + 0.3 * jax.random.normal(jax.random.key(1), a.shape))
+            if "scale" in jax.tree_util.keystr(path)
+            else a
+        ),
+        params,
+    )
     tokens = jax.random.randint(jax.random.key(2), (2, 19), 0, cfg.vocab_size)
     got = np.asarray(Llama(cfg).apply(params, tokens), np.float64)
     want = np_llama(params["params"], tokens, cfg)
@@ -118,7 +133,9 @@ def test_published_parameter_counts(name):
 def test_inspect_cli_json():
     out = subprocess.run(
         [sys.executable, "-m", "launch.inspect", "--config", "configs/llama_7b.py", "--json"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     info = json.loads(out)
     assert info["parameters"] == 6_738_415_616
@@ -128,8 +145,16 @@ def test_inspect_cli_json():
 
 def test_inspect_cli_unknown_field_is_one_line():
     r = subprocess.run(
-        [sys.executable, "-m", "launch.inspect", "--config", "configs/tiny.py",
-         "--config.model.dimm=3"], capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "launch.inspect",
+            "--config",
+            "configs/tiny.py",
+            "--config.model.dimm=3",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert r.returncode != 0
     assert r.stderr.strip().count("\n") == 0 and "dimm" in r.stderr

@@ -57,8 +57,12 @@ def test_notebook_executes(name, kernel_env, monkeypatch):
     for k, v in kernel_env.items():
         monkeypatch.setenv(k, v)
     nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": str(ROOT / "notebooks")}})
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(ROOT / "notebooks")}},
+    )
     client.execute()  # raises CellExecutionError, with the cell and traceback, on any failure
     text = _text(nb)
     assert "fast mode" in text
@@ -66,8 +70,14 @@ def test_notebook_executes(name, kernel_env, monkeypatch):
         assert "final validation loss" in text and "reloaded" in text and "===== greedy" in text
         assert _images(nb) >= 1
     elif name == "ablations":
-        for variant in ("baseline", "norm=layernorm", "norm_placement=post", "mlp=gelu",
-                        "position=learned", "position=none"):
+        for variant in (
+            "baseline",
+            "norm=layernorm",
+            "norm_placement=post",
+            "mlp=gelu",
+            "position=learned",
+            "position=none",
+        ):
             assert f"| {variant} |" in text
         assert _images(nb) >= 1
     else:

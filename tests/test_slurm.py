@@ -35,8 +35,9 @@ def _unavailable(msg):
 
 def _sinfo_ok(env):
     try:
-        r = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True,
-                           timeout=20)
+        r = subprocess.run(
+            ["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, timeout=20
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return r.returncode == 0 and any(s.startswith(("idle", "mix")) for s in r.stdout.split())
@@ -68,17 +69,36 @@ def slurm_env():
 
 
 def _cpu_env(env, devices):
-    return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return {
+        **env,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
 
 
 def test_srun_processes_find_each_other(slurm_env):
     r = subprocess.run(
-        ["srun", "-n", "2", f"--job-name={JOB_NAME}", "--kill-on-bad-exit=1", "--time=5",
-         sys.executable, "launch/slurm/check_jax.py"],
-        cwd=ROOT, env=_cpu_env(slurm_env, 2), capture_output=True, text=True, timeout=300)
+        [
+            "srun",
+            "-n",
+            "2",
+            f"--job-name={JOB_NAME}",
+            "--kill-on-bad-exit=1",
+            "--time=5",
+            sys.executable,
+            "launch/slurm/check_jax.py",
+        ],
+        cwd=ROOT,
+        env=_cpu_env(slurm_env, 2),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
-    reports = sorted((json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")),
-                     key=lambda d: d["process_index"])
+    reports = sorted(
+        (json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")),
+        key=lambda d: d["process_index"],
+    )
     assert [d["process_index"] for d in reports] == [0, 1], r.stdout
     for d in reports:
         assert d["process_count"] == 2 and d["slurm_procid"] == str(d["process_index"])
@@ -93,16 +113,37 @@ def test_sbatch_two_tasks_match_one_process(tmp_path, tiny_dataset, slurm_env):
     one = run_train(tmp_path / "one", tiny_dataset, *short, devices=4)
     t1 = time.time()
     assert one.returncode == 0
-    env = {**slurm_env, "CPU_DEVICES_PER_TASK": "2", "PYTHON": sys.executable,
-           "WORKDIR": str(tmp_path / "two"), "XLA_FLAGS": ""}
+    env = {
+        **slurm_env,
+        "CPU_DEVICES_PER_TASK": "2",
+        "PYTHON": sys.executable,
+        "WORKDIR": str(tmp_path / "two"),
+        "XLA_FLAGS": "",
+    }
     env.pop("JAX_PLATFORMS", None)  # the script's CPU_DEVICES_PER_TASK sets it
     out = tmp_path / "slurm-%j.out"
     r = subprocess.run(
-        ["sbatch", "--wait", "--parsable", f"--job-name={JOB_NAME}", f"--output={out}",
-         "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0",
-         "--time=10", "launch/slurm/train.sbatch", f"{ROOT}/configs/tiny.py",
-         *[f"--config.{o}" for o in opts]],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        [
+            "sbatch",
+            "--wait",
+            "--parsable",
+            f"--job-name={JOB_NAME}",
+            f"--output={out}",
+            "--ntasks=2",
+            "--ntasks-per-node=2",
+            "--cpus-per-task=1",
+            "--gpus-per-node=0",
+            "--time=10",
+            "launch/slurm/train.sbatch",
+            f"{ROOT}/configs/tiny.py",
+            *[f"--config.{o}" for o in opts],
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     print(f"1 process: {t1 - t0:.0f} s, sbatch 2 tasks: {time.time() - t1:.0f} s")
     job = r.stdout.strip().split(";")[0]
     log_path = str(out).replace("%j", job)

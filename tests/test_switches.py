@@ -22,9 +22,18 @@ from llama_jax.model import Block, Llama, Norm
 
 
 def cfg_of(**kw) -> ModelConfig:
-    base = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 61,
-            "multiple_of": 16, "dtype": "float32", "attention_impl": "reference",
-            "max_seq_len": 32, "remat_policy": "none"}
+    base = {
+        "dim": 32,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "vocab_size": 61,
+        "multiple_of": 16,
+        "dtype": "float32",
+        "attention_impl": "reference",
+        "max_seq_len": 32,
+        "remat_policy": "none",
+    }
     return ModelConfig(**{**base, **kw})
 
 
@@ -58,6 +67,7 @@ def _jitted(cfg):
 
 
 # ---- independent float64 forward, from the definitions of each choice ----
+
 
 def np_norm(x, p, cfg):
     if cfg.norm == "layernorm":  # Ba et al. 2016: centre, scale to unit variance, gain, bias
@@ -132,7 +142,9 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("switches", VARIANTS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "llama")
+@pytest.mark.parametrize(
+    "switches", VARIANTS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "llama"
+)
 def test_each_variant_matches_float64_reference(switches):
     cfg = cfg_of(**switches)
     params = init(cfg)
@@ -146,15 +158,30 @@ def test_each_variant_matches_float64_reference(switches):
 
 def test_defaults_are_llama():
     cfg = ModelConfig()
-    assert (cfg.norm, cfg.norm_placement, cfg.mlp, cfg.position) == ("rmsnorm", "pre", "swiglu", "rope")
+    assert (cfg.norm, cfg.norm_placement, cfg.mlp, cfg.position) == (
+        "rmsnorm",
+        "pre",
+        "swiglu",
+        "rope",
+    )
     base = load("configs/tiny.py").model
-    assert (base.norm, base.norm_placement, base.mlp, base.position) == ("rmsnorm", "pre", "swiglu", "rope")
+    assert (base.norm, base.norm_placement, base.mlp, base.position) == (
+        "rmsnorm",
+        "pre",
+        "swiglu",
+        "rope",
+    )
     # exactly Meta's parameter set: no biases, no position table, the gated w3
-    names = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(
-        stats.param_shapes(cfg_of()))}
+    names = {
+        jax.tree_util.keystr(k)
+        for k, _ in jax.tree_util.tree_leaves_with_path(stats.param_shapes(cfg_of()))
+    }
     assert names == {
-        "['tok_embeddings']", "['output']", "['norm']['scale']",
-        "['layers']['attention_norm']['scale']", "['layers']['ffn_norm']['scale']",
+        "['tok_embeddings']",
+        "['output']",
+        "['norm']['scale']",
+        "['layers']['attention_norm']['scale']",
+        "['layers']['ffn_norm']['scale']",
         *(f"['layers']['attention']['{w}']" for w in ("wq", "wk", "wv", "wo")),
         *(f"['layers']['feed_forward']['{w}']" for w in ("w1", "w2", "w3")),
     }
@@ -175,8 +202,9 @@ def test_layernorm_has_the_mean_and_bias_terms():
     assert not np.allclose(rms_shift, rms, atol=1e-2)  # RMSNorm keeps the mean
     assert set(ln_params["params"]) == {"scale", "bias"} and set(rms_params["params"]) == {"scale"}
     bias = {"params": {**ln_params["params"], "bias": jnp.full((16,), 0.5)}}
-    np.testing.assert_allclose(Norm(cfg_of(norm="layernorm", dim=16)).apply(bias, x), ln + 0.5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        Norm(cfg_of(norm="layernorm", dim=16)).apply(bias, x), ln + 0.5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
@@ -187,10 +215,16 @@ def test_post_norm_block_outputs_a_normalized_stream(norm):
     for placement in ("pre", "post"):
         cfg = cfg_of(norm=norm, norm_placement=placement)
         shapes = jax.eval_shape(
-            lambda cfg=cfg: nn.unbox(Block(cfg).init(jax.random.key(1), x, pos, None)))
+            lambda cfg=cfg: nn.unbox(Block(cfg).init(jax.random.key(1), x, pos, None))
+        )
         params = jax.tree_util.tree_map_with_path(  # unit gains, zero biases, random weights
-            lambda path, s: (np.ones if "scale" in jax.tree_util.keystr(path) else np.zeros)(s.shape)
-            if "norm" in jax.tree_util.keystr(path) else 0.2 * rng.standard_normal(s.shape), shapes)
+            lambda path, s: (
+                (np.ones if "scale" in jax.tree_util.keystr(path) else np.zeros)(s.shape)
+                if "norm" in jax.tree_util.keystr(path)
+                else 0.2 * rng.standard_normal(s.shape)
+            ),
+            shapes,
+        )
         y, _ = jax.jit(Block(cfg).apply)(params, x, pos, None)
         y = np.asarray(y, np.float64)
         if norm == "layernorm":
@@ -210,10 +244,13 @@ def test_gelu_parameter_count_matches_swiglu(name):
     shapes = stats.param_shapes(gelu)["layers"]["feed_forward"]
     assert set(shapes) == {"w1", "w2"}  # no gate: a plain two-matrix MLP
     assert shapes["w1"].shape[-1] == gelu.mlp_dim > swiglu.hidden_dim
+
     # the MLP itself (the only part that differs) matches to within 1% as well
     def mlp(c):
-        return sum(np.prod(s.shape) for s in jax.tree.leaves(
-            stats.param_shapes(c)["layers"]["feed_forward"]))
+        return sum(
+            np.prod(s.shape)
+            for s in jax.tree.leaves(stats.param_shapes(c)["layers"]["feed_forward"])
+        )
 
     assert abs(mlp(gelu) - mlp(swiglu)) <= 0.01 * mlp(swiglu)
 
@@ -254,7 +291,9 @@ def test_no_positions_last_token_ignores_order_of_earlier_tokens(position):
         assert not np.allclose(a, b, atol=1e-3)
 
 
-@pytest.mark.parametrize("switches", [VARIANTS[-1], {"position": "none"}], ids=["all-switched", "position=none"])
+@pytest.mark.parametrize(
+    "switches", [VARIANTS[-1], {"position": "none"}], ids=["all-switched", "position=none"]
+)
 def test_kv_cache_decode_matches_full_forward(switches):
     """Generation (llama_jax.generate) works for the variants: the cached path gives the
     full-sequence logits, so a learned-position, post-norm or position-free model samples right."""
@@ -262,21 +301,34 @@ def test_kv_cache_decode_matches_full_forward(switches):
     params = init(cfg)["params"]
     tokens = jax.random.randint(jax.random.key(5), (1, 9), 0, cfg.vocab_size)
     full = apply(cfg, {"params": params}, tokens)
-    shapes = jax.eval_shape(lambda: Llama(cfg).init(
-        jax.random.key(0), jnp.zeros((1, 9), jnp.int32), positions=jnp.zeros((1, 9), jnp.int32),
-        decode=True)["cache"])
+    shapes = jax.eval_shape(
+        lambda: Llama(cfg).init(
+            jax.random.key(0),
+            jnp.zeros((1, 9), jnp.int32),
+            positions=jnp.zeros((1, 9), jnp.int32),
+            decode=True,
+        )["cache"]
+    )
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # 9 empty slots
     got = []
     for lo, hi in [(0, 5), (5, 6), (6, 7), (7, 8), (8, 9)]:  # prefill 5 tokens, then one at a time
-        out, mut = apply(cfg, {"params": params, "cache": cache}, tokens[:, lo:hi],
-                         positions=jnp.arange(lo, hi)[None], decode=True, mutable=("cache",))
+        out, mut = apply(
+            cfg,
+            {"params": params, "cache": cache},
+            tokens[:, lo:hi],
+            positions=jnp.arange(lo, hi)[None],
+            decode=True,
+            mutable=("cache",),
+        )
         cache = mut["cache"]
         got.append(out)
     np.testing.assert_allclose(jnp.concatenate(got, 1), full, atol=1e-4, rtol=1e-4)
 
 
 def test_bad_switch_value_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"model.position='alibi'; valid: \['rope', 'learned', 'none'\]"):
+    with pytest.raises(
+        ValueError, match=r"model.position='alibi'; valid: \['rope', 'learned', 'none'\]"
+    ):
         cfg_of(position="alibi")
     cfg = load("configs/tiny.py", ["model.mlp=gelu", "model.norm_placement=post"])
     mc = cfg.model

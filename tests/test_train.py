@@ -16,12 +16,27 @@ from llama_jax.config import load
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SMALL = [  # a small float32 model on the test dataset: each step takes milliseconds
-    "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-    "model.vocab_size=512", "model.multiple_of=16", "model.max_seq_len=64",
-    "model.attn_block_q=16", "model.attn_block_k=16",
-    "train.seq_len=32", "train.batch_size=8", "train.steps=16", "train.warmup_steps=4",
-    "train.log_every=1", "train.eval_every=8", "train.eval_batches=2", "train.samples=0",
-    "checkpoint.every_steps=8", "checkpoint.keep=3", "mesh.data=1", "mesh.fsdp=-1",
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.vocab_size=512",
+    "model.multiple_of=16",
+    "model.max_seq_len=64",
+    "model.attn_block_q=16",
+    "model.attn_block_k=16",
+    "train.seq_len=32",
+    "train.batch_size=8",
+    "train.steps=16",
+    "train.warmup_steps=4",
+    "train.log_every=1",
+    "train.eval_every=8",
+    "train.eval_batches=2",
+    "train.samples=0",
+    "checkpoint.every_steps=8",
+    "checkpoint.keep=3",
+    "mesh.data=1",
+    "mesh.fsdp=-1",
 ]
 
 
@@ -37,11 +52,27 @@ def losses(workdir):
 
 def run_train(workdir, dataset, *extra, env=None, devices=4, check=True):
     args = [f"--config.{o}" for o in [*SMALL, f"data.path={dataset[0]}", *extra]]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
-    r = subprocess.run([sys.executable, "-m", "launch.train", f"--config={ROOT}/configs/tiny.py",
-                        f"--workdir={workdir}", *args], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        **(env or {}),
+    }
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.train",
+            f"--config={ROOT}/configs/tiny.py",
+            f"--workdir={workdir}",
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check and r.returncode != 0:
         raise AssertionError(f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
     return r
@@ -70,28 +101,40 @@ def test_blockwise_and_reference_give_the_same_loss_curve(tmp_path, tiny_dataset
 
     curves = {}
     for impl in ("blockwise", "reference"):
-        cfg = small_cfg(tiny_dataset, f"model.attention_impl={impl}", "train.steps=8",
-                        "train.eval_every=0")
+        cfg = small_cfg(
+            tiny_dataset, f"model.attention_impl={impl}", "train.steps=8", "train.eval_every=0"
+        )
         trainer.train(cfg, str(tmp_path / impl))
         curves[impl] = np.array([losses(tmp_path / impl)[s] for s in range(1, 9)])
     np.testing.assert_allclose(curves["blockwise"], curves["reference"], rtol=2e-5)
 
 
-@pytest.mark.parametrize("async_save,kill_at,resume_from", [(False, 12, 8), (True, 9, None)],
-                         ids=["sync-save", "kill-during-async-save"])
+@pytest.mark.parametrize(
+    "async_save,kill_at,resume_from",
+    [(False, 12, 8), (True, 9, None)],
+    ids=["sync-save", "kill-during-async-save"],
+)
 def test_resume_after_sigkill_is_exact(tmp_path, tiny_dataset, async_save, kill_at, resume_from):
     opt = f"checkpoint.async_save={async_save}"
     straight = run_train(tmp_path / "straight", tiny_dataset, opt)
     assert straight.returncode == 0
-    r = run_train(tmp_path / "killed", tiny_dataset, opt,
-                  env={"LLAMA_JAX_SIGNAL_AT_STEP": f"9:{kill_at}"}, check=False)
+    r = run_train(
+        tmp_path / "killed",
+        tiny_dataset,
+        opt,
+        env={"LLAMA_JAX_SIGNAL_AT_STEP": f"9:{kill_at}"},
+        check=False,
+    )
     assert r.returncode == -signal.SIGKILL
     assert max(losses(tmp_path / "killed")) == kill_at - 1  # killed before logging kill_at
     with open(tmp_path / "killed" / "metrics.jsonl", "a") as f:
         f.write('{"step": 12, "lo')  # a line torn by the kill must not block the resume
     resumed = run_train(tmp_path / "killed", tiny_dataset, opt)
     if resume_from:
-        assert f"resumed from {tmp_path / 'killed' / 'checkpoints'} step {resume_from}" in resumed.stderr
+        assert (
+            f"resumed from {tmp_path / 'killed' / 'checkpoints'} step {resume_from}"
+            in resumed.stderr
+        )
     # With an async save cut short, whichever checkpoint was complete is used (step 8 or none);
     # a partial one never is, and either way the losses are those of the uninterrupted run.
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "killed")
@@ -107,8 +150,11 @@ def test_sigterm_saves_and_next_run_continues(tmp_path, tiny_dataset):
     # Resuming with another batch size would silently change the data order: refused.
     r = run_train(tmp_path, tiny_dataset, "train.batch_size=16", check=False)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("error: ValueError: resuming with a "
-                                                        "different data order")
+    assert (
+        r.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: ValueError: resuming with a different data order")
+    )
     r = run_train(tmp_path, tiny_dataset)
     assert "resumed from" in r.stderr and "step 5" in r.stderr
     assert sorted(losses(tmp_path)) == list(range(1, 17))
@@ -143,8 +189,11 @@ def test_restore_onto_other_meshes_gives_the_same_next_loss(tmp_path, tiny_datas
     ckpt.save(1, state, {"step": 1})
     ckpt.wait()
     _, want = step(state, b1)
-    for data, fsdp, tensor, devices in [(1, 2, 4, jax.devices()), (1, 1, 1, jax.devices()[:1]),
-                                        (2, 1, 4, jax.devices())]:
+    for data, fsdp, tensor, devices in [
+        (1, 2, 4, jax.devices()),
+        (1, 1, 1, jax.devices()[:1]),
+        (2, 1, 4, jax.devices()),
+    ]:
         c = cfg.replace({"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor})
         m = shd.make_mesh(*c.mesh.sizes, devices=devices)
         abstract, sh = ts.abstract_train_state(c, m)
@@ -182,10 +231,24 @@ def test_two_processes_match_one_and_checkpoint_restores(tmp_path, tiny_dataset)
     assert one.returncode == 0
     args = [f"--config.{o}" for o in [*SMALL, f"data.path={tiny_dataset[0]}", "mesh.fsdp=4"]]
     r = subprocess.run(
-        [sys.executable, "-m", "launch.local_cluster", "--num-processes", "2",
-         "--devices-per-process", "2", "--", f"--config={ROOT}/configs/tiny.py",
-         f"--workdir={tmp_path / 'two'}", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "launch.local_cluster",
+            "--num-processes",
+            "2",
+            "--devices-per-process",
+            "2",
+            "--",
+            f"--config={ROOT}/configs/tiny.py",
+            f"--workdir={tmp_path / 'two'}",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-5000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == list(range(1, 17))

@@ -17,11 +17,22 @@ from llama_jax.remat import REMAT_POLICIES
 
 
 def tiny_config(model=None, **train):
-    mc = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32,
-              max_seq_len=32, dtype="float32", attention_impl="reference",
-              remat_policy="save_linear")
+    mc = dict(
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=128,
+        multiple_of=32,
+        max_seq_len=32,
+        dtype="float32",
+        attention_impl="reference",
+        remat_policy="save_linear",
+    )
     tc = dict(batch_size=16, seq_len=32, lr=1e-3, warmup_steps=0, steps=100, seed=1)
-    return RunConfig(model=ModelConfig(**{**mc, **(model or {})}), train=TrainConfig(**{**tc, **train}))
+    return RunConfig(
+        model=ModelConfig(**{**mc, **(model or {})}), train=TrainConfig(**{**tc, **train})
+    )
 
 
 def mesh_of(data, fsdp, tensor):

@@ -24,14 +24,37 @@ gathered = multihost_utils.process_allgather(np.array([i, 10 * i + 1], np.int32)
 # A jitted cross-process reduction over every device of the job.
 x = multihost_utils.host_local_array_to_global_array(
     np.full((jax.local_device_count(),), i + 1, np.float32),
-    jax.sharding.Mesh(np.array(jax.devices()), ("d",)), jax.sharding.PartitionSpec("d"))
-total = float(jax.jit(jnp.sum, out_shardings=jax.sharding.NamedSharding(
-    jax.sharding.Mesh(np.array(jax.devices()), ("d",)), jax.sharding.PartitionSpec()))(x))
+    jax.sharding.Mesh(np.array(jax.devices()), ("d",)),
+    jax.sharding.PartitionSpec("d"),
+)
+total = float(
+    jax.jit(
+        jnp.sum,
+        out_shardings=jax.sharding.NamedSharding(
+            jax.sharding.Mesh(np.array(jax.devices()), ("d",)), jax.sharding.PartitionSpec()
+        ),
+    )(x)
+)
 want_total = jax.local_device_count() * n * (n + 1) / 2
-ok = (gathered.tolist() == [[p, 10 * p + 1] for p in range(n)] and total == want_total
-      and jax.device_count() == n * jax.local_device_count())
-print(json.dumps({"process_index": i, "process_count": n, "slurm_procid": os.environ.get("SLURM_PROCID"),
-                  "local_devices": jax.local_device_count(), "global_devices": jax.device_count(),
-                  "allgather": gathered.tolist(), "psum": total, "ok": ok}), flush=True)
+ok = (
+    gathered.tolist() == [[p, 10 * p + 1] for p in range(n)]
+    and total == want_total
+    and jax.device_count() == n * jax.local_device_count()
+)
+print(
+    json.dumps(
+        {
+            "process_index": i,
+            "process_count": n,
+            "slurm_procid": os.environ.get("SLURM_PROCID"),
+            "local_devices": jax.local_device_count(),
+            "global_devices": jax.device_count(),
+            "allgather": gathered.tolist(),
+            "psum": total,
+            "ok": ok,
+        }
+    ),
+    flush=True,
+)
 jax.distributed.shutdown()
 sys.exit(0 if ok else 1)

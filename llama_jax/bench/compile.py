@@ -30,9 +30,7 @@ def _compile_seconds(cfg: ModelConfig, seq_len: int) -> tuple[float, int]:
 
     def loss(p, t):
         logits = model.apply(p, t)
-        return optax.softmax_cross_entropy_with_integer_labels(
-            logits[:, :-1], t[:, 1:]
-        ).mean()
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], t[:, 1:]).mean()
 
     t0 = time.perf_counter()
     lowered = jax.jit(jax.value_and_grad(loss)).lower(params, tokens)

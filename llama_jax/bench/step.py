@@ -39,25 +39,19 @@ def add_args(parser):
         default=",".join(REMAT_POLICIES),
         help=f"comma-separated remat policies to compare; valid: {','.join(REMAT_POLICIES)}",
     )
-    parser.add_argument(
-        "--step-repeats", type=int, default=5, help="timed steps per row"
-    )
+    parser.add_argument("--step-repeats", type=int, default=5, help="timed steps per row")
     parser.add_argument(
         "--step-compile-only",
         action="store_true",
         help="only compile and report memory",
     )
-    parser.add_argument(
-        "--step-batch", type=int, default=0, help="global batch; 0 = config's"
-    )
+    parser.add_argument("--step-batch", type=int, default=0, help="global batch; 0 = config's")
     parser.add_argument(
         "--step-extra-batches",
         default="",
         help="more batch sizes for the fastest policy",
     )
-    parser.add_argument(
-        "--step-seq-len", type=int, default=0, help="sequence length; 0 = config's"
-    )
+    parser.add_argument("--step-seq-len", type=int, default=0, help="sequence length; 0 = config's")
     parser.add_argument(
         "--step-matmul",
         type=int,
@@ -80,19 +74,14 @@ def matmul_flops(n: int, dtype, repeats: int = 5) -> dict:
 
 def _random_batch(cfg: RunConfig, mesh):
     B, T = cfg.train.batch_size, cfg.train.seq_len
-    toks = np.random.default_rng(0).integers(
-        0, cfg.model.vocab_size, (B, T + 1), dtype=np.int32
-    )
+    toks = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (B, T + 1), dtype=np.int32)
     host = {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
     return jax.device_put(host, shd.batch_sharding(mesh))
 
 
 def is_oom(e: BaseException) -> bool:
     msg = str(e)
-    return any(
-        s in msg
-        for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM")
-    )
+    return any(s in msg for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM"))
 
 
 def _hwm_bytes():
@@ -103,9 +92,7 @@ def _hwm_bytes():
     return None if not s else s.get("peak_bytes_in_use")
 
 
-def _one_row(
-    cfg: RunConfig, mesh, policy, repeats, compile_only, flops, peak, matmul_rate
-) -> dict:
+def _one_row(cfg: RunConfig, mesh, policy, repeats, compile_only, flops, peak, matmul_rate) -> dict:
     cfg = cfg.replace({"model.remat_policy": policy})
     B, T = cfg.train.batch_size, cfg.train.seq_len
     n_dev = mesh.devices.size
@@ -137,9 +124,7 @@ def _one_row(
             return metrics
 
         t = time_fn(one_step, warmup=1, repeats=repeats)
-        achieved = (
-            flops["total"] * B * T / t["median"] / n_dev
-        )  # model FLOP/s per device
+        achieved = flops["total"] * B * T / t["median"] / n_dev  # model FLOP/s per device
         achieved_6n = flops["6n"] * B * T / t["median"] / n_dev
         row.update(
             {
@@ -176,14 +161,8 @@ def run(args) -> list[dict]:
     if getattr(args, "step_dtype", ""):
         changes["model.dtype"] = args.step_dtype
     cfg = load_config(args).replace(changes)
-    policies = [
-        p for p in str(getattr(args, "step_policies", "save_linear")).split(",") if p
-    ]
-    extra = [
-        int(b)
-        for b in str(getattr(args, "step_extra_batches", "") or "").split(",")
-        if b
-    ]
+    policies = [p for p in str(getattr(args, "step_policies", "save_linear")).split(",") if p]
+    extra = [int(b) for b in str(getattr(args, "step_extra_batches", "") or "").split(",") if b]
     compile_only = bool(getattr(args, "step_compile_only", False))
     repeats = int(getattr(args, "step_repeats", 5))
 
@@ -208,9 +187,7 @@ def run(args) -> list[dict]:
         }
 
     for policy in policies:
-        rows.append(
-            _one_row(cfg, mesh, policy, repeats, compile_only, flops, peak, matmul_rate)
-        )
+        rows.append(_one_row(cfg, mesh, policy, repeats, compile_only, flops, peak, matmul_rate))
     timed = [r for r in rows if "step_s" in r]
     if extra and timed:
         best = max(timed, key=lambda r: r["tokens/s"])

@@ -132,7 +132,9 @@ def resolve_dataset(path: str, tokenizer: str, vocab_size: int) -> tuple[str, st
     path, the built-in default corpus at `vocab_size`."""
     if path:
         if not os.path.exists(os.path.join(path, "metadata.json")):
-            raise FileNotFoundError(f"data.path={path!r} is not a prepared dataset (no metadata.json)")
+            raise FileNotFoundError(
+                f"data.path={path!r} is not a prepared dataset (no metadata.json)"
+            )
         tokenizer = tokenizer or os.path.join(path, "tokenizer.model")
         if not os.path.exists(tokenizer):
             raise FileNotFoundError(f"tokenizer not found: {tokenizer!r}; set data.tokenizer")
@@ -143,4 +145,3 @@ def resolve_dataset(path: str, tokenizer: str, vocab_size: int) -> tuple[str, st
             "own tokenizer; prepare a dataset with yours (launch.prepare_data)"
         )
     return ensure_default_dataset(vocab_size=vocab_size)
-
