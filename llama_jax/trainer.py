@@ -106,6 +106,8 @@ class Run:
 
     def __post_init__(self):
         self.is_main = jax.process_index() == 0
+        # A run resumed at its last step trains nothing but still reports where it got to.
+        self.last = metrics.last_record(self.workdir) if self.start else {}
         self.profiler = Profiler(self.cfg.train.profile_range, self.workdir)
         self.throughput = metrics.Throughput(self.tokens_seen)
         self.acc = {"skipped": jnp.zeros((), jnp.int32), "first_bad": jnp.full((), -1, jnp.int32)}
