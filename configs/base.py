@@ -75,6 +75,13 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def steps_for_tokens(c: ml_collections.ConfigDict, tokens: float) -> int:
+    """Optimizer steps that train `tokens` tokens at c's batch_size x seq_len (the nearest
+    whole step: within half a step's tokens). Overriding batch_size or seq_len on the command
+    line afterwards keeps these steps, so set train.steps too to keep the token count."""
+    return round(tokens / (c.train.batch_size * c.train.seq_len))
+
+
 def get_config() -> ml_collections.ConfigDict:
     """The schema's defaults as a config file of their own (launch.convert's overrides)."""
     return base_config()

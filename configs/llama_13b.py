@@ -1,6 +1,6 @@
 """LLaMA-13B as in Table 2 of the paper (13,015,864,320 parameters released)."""
 
-from configs.base import base_config
+from configs.base import base_config, steps_for_tokens
 
 
 def get_config():
@@ -10,5 +10,5 @@ def get_config():
     c.model.n_heads = 40
     c.train.lr = 3e-4  # peak learning rate from Table 2
     c.train.batch_size = 2048  # 4M tokens per step at seq_len 2048
-    c.train.steps = 250_000  # 1.0T tokens / 4M tokens per step
+    c.train.steps = steps_for_tokens(c, 1.0e12)  # 1.0T tokens, as the paper trained
     return c

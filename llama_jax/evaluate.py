@@ -88,17 +88,22 @@ class Scorer:
         return out
 
     def rolling(self, tokens: Sequence[int]) -> tuple[float, int]:
-        """Log-likelihood of tokens[1:] given tokens[0] (e.g. BOS), in disjoint windows of
-        max_seq_len predictions; returns (sum log p, number of tokens predicted)."""
+        """Log-likelihood of tokens[1:] given tokens[0] (e.g. BOS), each token predicted once,
+        in disjoint runs of max_seq_len predictions; returns (sum log p, tokens predicted).
+
+        As lm-eval's rolling loglikelihood: every window sees a full max_seq_len of context
+        where the text has it, so the last, shorter run of predictions is scored after the
+        max_seq_len tokens before its end, not after the one token before its start.
+        """
         return self.rolling_many([tokens])[0]
 
     def rolling_many(self, docs: Sequence[Sequence[int]]) -> list[tuple[float, int]]:
         L = self.cfg.max_seq_len
         rows, owner = [], []
         for d, toks in enumerate(docs):
-            for start in range(1, len(toks), L):
-                window = list(toks[start - 1 : start + L])
-                rows.append((window, len(window) - 1))
+            for start in range(1, len(toks), L):  # predicts toks[start:end]
+                end = min(start + L, len(toks))
+                rows.append((list(toks[max(0, end - L - 1) : end]), end - start))
                 owner.append(d)
         sums = [0.0] * len(docs)
         for d, (lp, _) in zip(owner, self.score(rows)):

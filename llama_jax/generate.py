@@ -27,7 +27,7 @@ PAD_BUCKET = 16  # prompt batches are padded to a multiple of this, so lengths s
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """temperature 0 is greedy; top_k 0 and top_p 1.0 disable those filters."""
+    """temperature 0 (or top_p 0) is greedy; top_k 0 and top_p 1.0 disable those filters."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -36,7 +36,7 @@ class Sampling:
 
 def sample_logits(logits, rng, s: Sampling):
     """[B, V] float logits -> [B] int32 tokens: greedy, or temperature + top-k + nucleus (top-p)."""
-    if s.temperature <= 0.0:
+    if s.temperature <= 0.0 or s.top_p <= 0.0:  # top_p 0 keeps only the most likely token
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / s.temperature
     if s.top_k > 0:
@@ -47,6 +47,8 @@ def sample_logits(logits, rng, s: Sampling):
         probs = jax.nn.softmax(sorted_desc, axis=-1)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
+        # before[0] is 0 < top_p, so at least the top token is kept (top_p 0 returned above:
+        # it would keep none, and index -1 would wrap to the least likely, keeping all)
         n_keep = jnp.sum(before < s.top_p, axis=-1, keepdims=True)  # [B, 1]
         cutoff = jnp.take_along_axis(sorted_desc, n_keep - 1, axis=-1)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)

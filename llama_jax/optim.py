@@ -17,15 +17,16 @@ NO_DECAY_NAMES = ("scale", "bias")
 
 
 def make_schedule(train: TrainConfig) -> optax.Schedule:
-    """Linear warmup from 0 to train.lr over warmup_steps, then cosine down to
-    min_lr_ratio * lr at train.steps (held there afterwards)."""
+    """Linear warmup to train.lr over warmup_steps, then cosine down to min_lr_ratio * lr at
+    train.steps (held there afterwards). Step s of the warmup uses lr * (s + 1) / warmup_steps,
+    as Megatron and nanoGPT do: the first update is a real one, not lr 0."""
     peak, warmup, total = train.lr, train.warmup_steps, train.steps
     end = peak * train.min_lr_ratio
     decay_steps = max(total - warmup, 1)
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
-        warm = peak * step / max(warmup, 1)
+        warm = peak * (step + 1) / max(warmup, 1)
         progress = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
         cosine = end + (peak - end) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
         return jnp.where(step < warmup, warm, cosine)

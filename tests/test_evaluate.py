@@ -139,6 +139,43 @@ def test_scorer_against_direct_forward(trained):
     np.testing.assert_allclose(total, first + rest, rtol=1e-4)
 
 
+def test_rolling_windows_get_full_context():
+    """Hand-worked windows for max_seq_len 4 and 11 tokens: predictions 1-4 from token 0,
+    5-8 after tokens 4-7, and 9-10 after tokens 6-9 (a full 4 tokens of context; before the
+    fix the last window saw token 8 alone). The reference scores each window by one plain
+    forward pass over exactly that context, in float64 log-softmax."""
+    cfg = ModelConfig(
+        dim=32,
+        n_layers=1,
+        n_heads=2,
+        vocab_size=16,
+        multiple_of=16,
+        max_seq_len=4,
+        dtype="float32",
+        attention_impl="reference",
+        init_std=0.5,
+    )
+    model = Llama(cfg)
+    params = nn.unbox(model.init(jax.random.PRNGKey(1), jnp.zeros((1, 4), jnp.int32)))["params"]
+    toks = [int(t) for t in np.random.default_rng(3).integers(0, 16, 11)]
+
+    def window_logp(context_start, first, last):  # log p(toks[first..last] | toks[context_start:])
+        inputs = np.asarray([toks[context_start:last]], np.int32)
+        logits = np.asarray(model.apply({"params": params}, inputs), np.float64)[0]
+        m = logits.max(-1, keepdims=True)
+        logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+        return sum(logp[t - 1 - context_start, toks[t]] for t in range(first, last + 1))
+
+    want = window_logp(0, 1, 4) + window_logp(4, 5, 8) + window_logp(6, 9, 10)
+    short = window_logp(0, 1, 4) + window_logp(4, 5, 8) + window_logp(8, 9, 10)
+    got, n = ev.Scorer(params, cfg, batch_size=2, bucket=4).rolling(toks)
+    assert n == 10
+    # float32 forward passes of the same logits in other padded shapes: rounding ~1e-6
+    # relative per log-prob, 10 terms; 1e-4 leaves room and is far below what context changes
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert abs(short - want) > 100 * 1e-4 * abs(want)  # the test can tell the old windows apart
+
+
 def test_perplexity_and_bits_per_byte(trained, tmp_path):
     from llama_jax.data.format import write_token_dataset
 

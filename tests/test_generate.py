@@ -97,6 +97,10 @@ def test_sample_logits_filters():
     # top_p=0.7: 0.5 is short of it, 0.5 + 0.3 reaches it -> the first two tokens
     np.testing.assert_allclose(freq(gen.Sampling(1.0, top_p=0.7)), top2, atol=0.03)
     assert freq(gen.Sampling(0.0))[0] == 1.0
+    # top_p 0 is greedy, and a p below the top token's mass keeps that token alone (before the
+    # fix, p=0 kept no token, the index wrapped, and the whole distribution was sampled)
+    assert freq(gen.Sampling(1.0, top_p=0.0))[0] == 1.0
+    assert freq(gen.Sampling(1.0, top_p=1e-6))[0] == 1.0
 
 
 def test_sharded_cache_same_tokens(params, want):

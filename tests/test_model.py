@@ -160,6 +160,20 @@ def test_inspect_cli_unknown_field_is_one_line():
     assert r.stderr.strip().count("\n") == 0 and "dimm" in r.stderr
 
 
+# Training tokens of each model in the paper (Table 1 / Figure 1): 1.0T for 7B and 13B, 1.4T for
+# 33B and 65B.
+PAPER_TOKENS = {"llama_7b": 1.0e12, "llama_13b": 1.0e12, "llama_33b": 1.4e12, "llama_65b": 1.4e12}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_TOKENS))
+def test_paper_token_budgets(name):
+    """steps x batch x seq is the paper's token count to within one step's tokens (it was
+    250,000 / 350,000 steps = 1.049T / 1.468T, 5% over)."""
+    t = load(f"configs/{name}.py").train
+    assert t.tokens_per_step == 2048 * 2048  # the paper's 4M-token batches
+    assert abs(t.steps * t.tokens_per_step - PAPER_TOKENS[name]) <= t.tokens_per_step
+
+
 def test_unknown_model_field_and_bad_shapes():
     with pytest.raises(ValueError, match="unknown model config field.*'dimm'"):
         ModelConfig.from_dict({"dimm": 3})

@@ -73,11 +73,13 @@ def rel_err(a, b):
 
 def test_schedule_hand_values():
     sched = make_schedule(TrainConfig(lr=3e-4, warmup_steps=2000, steps=12000, min_lr_ratio=0.1))
-    # step: value, worked out by hand (cosine over the 10000 post-warmup steps to 3e-5)
+    # step: value, worked out by hand (cosine over the 10000 post-warmup steps to 3e-5). Warmup
+    # step s uses lr (s + 1) / 2000: the first step updates (lr 0 there made it a no-op).
     want = {
-        0: 0.0,
-        1000: 1.5e-4,  # half way up the linear warmup
-        2000: 3e-4,  # peak
+        0: 1.5e-7,  # 3e-4 / 2000
+        999: 1.5e-4,  # half way up the linear warmup: 3e-4 * 1000 / 2000
+        1999: 3e-4,  # the last warmup step reaches the peak
+        2000: 3e-4,  # peak: the cosine starts
         4500: 3e-5 + 2.7e-4 * 0.5 * (1 + math.cos(math.pi / 4)),  # quarter of the decay
         7000: 1.65e-4,  # mid-decay: 3e-5 + 2.7e-4 / 2
         12000: 3e-5,  # end: 10% of peak
