@@ -47,6 +47,7 @@ SUMMARY_COLUMNS = {
         "tokens/s",
         "model_TFLOP/s/dev",
         "MFU_6n",
+        "MFU_palm",
         "MFU_causal",
         "of_matmul",
         "mem_GiB",

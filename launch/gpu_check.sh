@@ -3,7 +3,7 @@
 #   (a) the GPU-only tests: cuDNN vs blockwise vs float32 reference parity (tests/test_gpu.py)
 #   (b) attention fwd+bwd per implementation, bf16, H=128, T=2048..16384
 #   (c) the llama_1b train step at seq 2048: remat policies save_linear, full, none at batch 8,
-#       then the fastest one at batch 4 and 16: tokens/s, 6N MFU, causal MFU, peak memory
+#       then the fastest one at batch 4 and 16: tokens/s, MFU (6N, PaLM, causal), peak memory
 #       (an OOM is reported as a row), and ends with one summary table.
 #
 #   bash launch/gpu_check.sh            # on the GPU machine, from anywhere

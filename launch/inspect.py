@@ -113,6 +113,10 @@ def run(c: cli.Command):
         f"(6N {_human(info['flops_per_token_6n'])} + causal attention "
         f"{_human(info['flops_per_token_attention'])} at seq {info['seq_len']})"
     )
+    print(
+        f"FLOPs/token (PaLM)   {_human(info['flops_per_token_palm'])} (6 x non-embedding params "
+        "+ 12 L D T: the MFU basis of PaLM and MaxText)"
+    )
     for key in ("params", "adamw", "grads"):
         print(f"{key + ' bytes':<21}{_human(info[key + '_bytes'], 'B')}")
 

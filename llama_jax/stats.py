@@ -22,16 +22,31 @@ def count_params(cfg: ModelConfig) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int | None = None) -> dict:
-    """Training FLOPs per token (forward + backward = 3x forward).
+    """Training FLOPs per token (forward + backward = 3x forward) on three bases.
 
     "6n": 6 x all parameters, the paper's accounting (the embedding lookup counts too, as in
     its 48% MFU figure). "attention": the score and value matmuls, 2*2*T*D per layer forward for
     full attention, halved because causal attention skips the masked half, times 3 for
-    training. "total" is their sum, the causal basis.
+    training. "total" is their sum, the causal basis. "palm": PaLM's (appendix B, used by
+    MaxText's tables): 6 x the non-embedding parameters (all but the token and learned position
+    tables, whose lookups do no matmul; the untied output layer stays) + 12 x L x D x T, the
+    attention matmuls of full, unmasked attention.
     """
     n = count_params(cfg) if n_params is None else n_params
     attention = 3 * 2 * 2 * cfg.n_layers * cfg.dim * seq_len / 2
-    return {"6n": 6.0 * n, "attention": attention, "total": 6.0 * n + attention}
+    embedding = cfg.vocab_size * cfg.dim + (
+        cfg.max_seq_len * cfg.dim if cfg.position == "learned" else 0
+    )
+    palm = 6.0 * (n - embedding) + 12.0 * cfg.n_layers * cfg.dim * seq_len
+    return {"6n": 6.0 * n, "attention": attention, "total": 6.0 * n + attention, "palm": palm}
+
+
+def mfu(tokens_per_sec: float, flops: dict, devices: int, peak: float | None) -> dict:
+    """Model FLOPs utilization on the paper's 6N basis and on PaLM's (see flops_per_token),
+    each labelled; {} when the device has no known peak (CPUs)."""
+    if not peak:
+        return {}
+    return {f"mfu_{k}": tokens_per_sec * flops[k] / (devices * peak) for k in ("6n", "palm")}
 
 
 def state_bytes(cfg: ModelConfig, n_params: int | None = None) -> dict:
@@ -48,6 +63,7 @@ def summary(cfg: ModelConfig, seq_len: int) -> dict:
         "parameters": n,
         "flops_per_token": flops["total"],
         "flops_per_token_6n": flops["6n"],
+        "flops_per_token_palm": flops["palm"],
         "flops_per_token_attention": flops["attention"],
         "seq_len": seq_len,
         "hidden_dim": cfg.mlp_dim,

@@ -113,7 +113,7 @@ class Run:
         self.acc = {"skipped": jnp.zeros((), jnp.int32), "first_bad": jnp.full((), -1, jnp.int32)}
         self.flops_per_token = stats.flops_per_token(
             self.cfg.model, self.cfg.train.seq_len, self.n_params
-        )["6n"]
+        )
         self.peak = stats.device_peak_flops()
         self.eval_every = self.cfg.train.eval_every if self.validate is not None else 0
         # Every process must stop at the same step; across hosts agreeing costs a collective
@@ -171,8 +171,8 @@ class Run:
             "tokens_per_sec": rate,
             "skipped_steps": self.skipped_before + a["skipped"],
         }
-        if rate is not None and self.peak:
-            record["mfu"] = rate * self.flops_per_token / (jax.device_count() * self.peak)
+        if rate is not None:  # mfu_6n (the paper's basis) and mfu_palm, on a known device
+            record.update(stats.mfu(rate, self.flops_per_token, jax.device_count(), self.peak))
         if self._eval_due(done):
             record["val_loss"] = self.validate(self.state.params)
         self.writer.write(record)
@@ -195,8 +195,8 @@ class Run:
         }
         if record["tokens_per_sec"] is not None:
             post["tok/s"] = f"{record['tokens_per_sec']:,.0f}"
-        if "mfu" in record:
-            post["mfu"] = f"{record['mfu']:.1%}"
+        if "mfu_6n" in record:
+            post["mfu(6N/PaLM)"] = f"{record['mfu_6n']:.1%}/{record['mfu_palm']:.1%}"
         if record.get("val_loss") is not None:
             post["val"] = f"{record['val_loss']:.3f}"
         self.bar.set_postfix(post, refresh=False)

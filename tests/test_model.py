@@ -160,6 +160,22 @@ def test_inspect_cli_unknown_field_is_one_line():
     assert r.stderr.strip().count("\n") == 0 and "dimm" in r.stderr
 
 
+def test_mfu_on_the_paper_and_palm_bases():
+    """Both MFU conventions, labelled: the paper's 6N and PaLM's 6 x non-embedding + 12 L D T,
+    checked by hand for 7B at seq 2048 (the embedding table is 32000 x 4096)."""
+    cfg = load("configs/llama_7b.py").model
+    flops = stats.flops_per_token(cfg, 2048)
+    n = 6_738_415_616
+    assert flops["6n"] == 6 * n
+    assert flops["palm"] == 6 * (n - 32000 * 4096) + 12 * 32 * 4096 * 2048
+    # 380 tokens/s/GPU (the paper's 65B-scale rate, here on 7B shapes) on 8 devices of 312 TFLOP/s
+    got = stats.mfu(8 * 380.0, flops, devices=8, peak=312e12)
+    assert got == pytest.approx(
+        {"mfu_6n": 380 * 6 * n / 312e12, "mfu_palm": 380 * flops["palm"] / 312e12}
+    )
+    assert stats.mfu(1000.0, flops, devices=1, peak=None) == {}  # CPUs: no vendor peak, no MFU
+
+
 # Training tokens of each model in the paper (Table 1 / Figure 1): 1.0T for 7B and 13B, 1.4T for
 # 33B and 65B.
 PAPER_TOKENS = {"llama_7b": 1.0e12, "llama_13b": 1.0e12, "llama_33b": 1.4e12, "llama_65b": 1.4e12}

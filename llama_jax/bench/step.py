@@ -6,8 +6,9 @@ python -m launch.benchmark step --config configs/tiny.py [--step-policies full,s
 The last row is the device's own matmul rate (a square matmul in the step's dtype), the
 physical limit: every step row reports its model FLOP/s (6N + causal attention) as a fraction
 of it ("of_matmul"), so CPUs and unknown GPUs get a meaningful utilization where MFU against
-the vendor's peak is n/a. MFU is given on both bases: "MFU_6n" (the paper's 6 FLOPs per
-parameter per token) and "MFU_causal" (plus causal attention: half the score matrix, never
+the vendor's peak is n/a. MFU is given on three bases: "MFU_6n" (the paper's 6 FLOPs per
+parameter per token), "MFU_palm" (PaLM's, as MaxText reports: 6 x non-embedding parameters +
+12 x L x D x T) and "MFU_causal" (6N plus causal attention: half the score matrix, never
 the full square). step_s is the median of --step-repeats timed steps after a warm-up step,
 with min and max. mem_GiB is XLA's compiled peak (arguments + temporaries + non-donated
 outputs); on GPU, hwm_GiB is the allocator's high-water mark of the whole process so far.
@@ -125,7 +126,7 @@ def _one_row(cfg: RunConfig, mesh, policy, repeats, compile_only, flops, peak, m
 
         t = time_fn(one_step, warmup=1, repeats=repeats)
         achieved = flops["total"] * B * T / t["median"] / n_dev  # model FLOP/s per device
-        achieved_6n = flops["6n"] * B * T / t["median"] / n_dev
+        by_basis = stats.mfu(B * T / t["median"], flops, n_dev, peak)
         row.update(
             {
                 "step_s": t["median"],
@@ -134,7 +135,8 @@ def _one_row(cfg: RunConfig, mesh, policy, repeats, compile_only, flops, peak, m
                 "tokens/s": B * T / t["median"],
                 "tokens/s/dev": B * T / t["median"] / n_dev,
                 "model_TFLOP/s/dev": achieved / 1e12,
-                "MFU_6n": None if peak is None else achieved_6n / peak,
+                "MFU_6n": by_basis.get("mfu_6n"),
+                "MFU_palm": by_basis.get("mfu_palm"),
                 "MFU_causal": None if peak is None else achieved / peak,
                 "of_matmul": achieved / matmul_rate,
             }
