@@ -9,6 +9,8 @@ Parameters and activations carry logical axis names only; sharding.py maps them 
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,33 @@ BTNH = ("batch", "length", "heads", "head_dim")
 BTKH = ("batch", "length", "kv_heads", "head_dim")
 BTF = ("batch", "length", "mlp")
 BTV = ("batch", "length", "vocab")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def embed_lookup(table, tokens, dtype):
+    """table[tokens] in `dtype`: [V, D] float32 master table, [B, T] ints -> [B, T, D].
+
+    The forward casts first and gathers the table over the FSDP axis (a lookup into a table
+    split along embed forces XLA to rematerialize the whole table on every device), so the
+    gather moves compute-dtype bytes. The backward sums each token's cotangents in float32:
+    jnp.take's own transpose would scatter-add into a bf16 [V, D] buffer, where a frequent
+    token's thousands of contributions round away (its gradient off by tens of percent).
+    """
+    table = nn.with_logical_constraint(table.astype(dtype), ("vocab", None))
+    return jnp.take(table, tokens, axis=0)
+
+
+def _embed_fwd(table, tokens, dtype):
+    return embed_lookup(table, tokens, dtype), (table, tokens)
+
+
+def _embed_bwd(dtype, res, g):
+    table, tokens = res
+    grad = jnp.zeros(table.shape, jnp.float32).at[tokens].add(g.astype(jnp.float32))
+    return grad.astype(table.dtype), None
+
+
+embed_lookup.defvjp(_embed_fwd, _embed_bwd)
 
 
 def _param(module, name, shape, axes, cfg: ModelConfig, init=None):
@@ -209,11 +238,7 @@ class Llama(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         emb = _param(self, "tok_embeddings", (c.vocab_size, c.dim), ("vocab", "embed"), c)
-        # Gather the table over the FSDP axis first: a lookup into a table split along embed
-        # forces XLA to rematerialize the whole table on every device instead.
-        # Cast first, so the gather moves compute-dtype bytes.
-        emb = nn.with_logical_constraint(emb.astype(c.compute_dtype), ("vocab", None))
-        x = jnp.take(emb, tokens, axis=0)  # [B, T, D]
+        x = embed_lookup(emb, tokens, c.compute_dtype)  # [B, T, D]
         if c.position == "learned":
             pos = _param(self, "pos_embeddings", (c.max_seq_len, c.dim), (None, "embed"), c)
             x = x + jnp.take(pos, positions, axis=0).astype(c.compute_dtype)
