@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_batches = 8  # batches per validation evaluation
     t.skip_nonfinite = False  # skip (and count) steps with a non-finite loss instead of stopping
     t.profile_steps = ""  # "a,b": write a jax.profiler trace of steps a..b to the workdir
-    t.samples = 3  # greedy samples printed at the end of the run
+    t.samples = 3  # samples (validation prompts, temperature 0.8, top-k 40) printed at the end
     t.sample_tokens = 64  # length of each sample
 
     c.mesh = ml_collections.ConfigDict()

@@ -27,7 +27,7 @@ def run(c: cli.Command):
     try:
         axes = [ablate.parse_vary(v) for v in a.vary]
         ablate.sweep(
-            c.run,
+            c.cfg,
             axes,
             tokens=ablate.parse_tokens(a.tokens),
             seeds=a.seeds,

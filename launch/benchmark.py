@@ -74,20 +74,25 @@ def summary_rows(results: dict[str, list[dict]]) -> list[dict]:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The sections named decide which flags exist: find them first (all of them for --help).
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("section", nargs="*")
+    sections = pre.parse_known_args(cli.split_config_args(argv)[2])[0].section
+    names = [n for n in SECTIONS if "all" in sections or n in sections or not sections]
     parser = argparse.ArgumentParser(prog="python -m launch.benchmark", description=__doc__)
     parser.add_argument("section", nargs="+", choices=[*SECTIONS, "all"])
     parser.add_argument("--json", action="store_true", help="one JSON object per section")
     parser.add_argument("--summary", action="store_true", help="end with one summary table")
     parser.add_argument("--json-out", default="", help="write all rows to this JSON file")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    sections = parser.parse_known_args(cli.split_config_args(argv)[2])[0].section
-    names = list(SECTIONS) if "all" in sections else list(dict.fromkeys(sections))
     modules = [importlib.import_module(SECTIONS[name]) for name in names]
     for module in modules:
         module.add_args(parser)
     c = cli.parse(parser, argv, config="optional", default_config=DEFAULT_CONFIG)
+    names = list(SECTIONS) if "all" in c.args.section else list(dict.fromkeys(c.args.section))
+    modules = [importlib.import_module(SECTIONS[name]) for name in names]
     args = c.args
-    args.run = c.run
+    args.run = c.cfg
     results = {}
     for name, module in zip(names, modules):
         results[name] = module.run(args)

@@ -37,7 +37,7 @@ def run(c: cli.Command):
     )
     print(
         f"wrote {a.dst} checkpoint to {a.output}: dim={cfg.dim} n_layers={cfg.n_layers} "
-        f"n_heads={cfg.n_heads} n_kv_heads={cfg.n_kv_heads} vocab_size={cfg.vocab_size} "
+        f"n_heads={cfg.n_heads} n_kv_heads={cfg.kv_heads} vocab_size={cfg.vocab_size} "
         f"ffn={cfg.hidden_dim} param_dtype={cfg.param_dtype}"
     )
 

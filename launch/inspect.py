@@ -35,7 +35,7 @@ def simulated_devices(argv) -> int:
     n = 1
     for axis in ("data", "fsdp", "tensor"):
         v = _argv_value(argv, f"config.mesh.{axis}")
-        if v is not None and int(v) > 0:
+        if v is not None and v.isdigit() and int(v) > 0:  # a bad value: the config's error
             n *= int(v)
     return n
 
@@ -74,7 +74,7 @@ def _memory(c: cli.Command) -> dict:
     from llama_jax import memory
     from llama_jax import sharding as shd
 
-    cfg, a = c.run, c.args
+    cfg, a = c.cfg, c.args
     mesh = shd.make_mesh(*cfg.mesh.sizes)
     if "train.batch_size" not in c.overrides:
         batch = a.rows_per_device * shd.batch_shards(mesh)
@@ -93,7 +93,7 @@ def _memory(c: cli.Command) -> dict:
 
 
 def run(c: cli.Command):
-    cfg, a = c.run, c.args
+    cfg, a = c.cfg, c.args
     info = stats.summary(cfg.model, cfg.train.seq_len)
     if a.memory:
         from llama_jax import memory

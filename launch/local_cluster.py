@@ -43,9 +43,9 @@ def launch(
             "-m",
             module,
             *args,
-            f"--coordinator=127.0.0.1:{port}",
-            f"--num_processes={num_processes}",
-            f"--process_id={i}",
+            f"--config.distributed.coordinator=127.0.0.1:{port}",
+            f"--config.distributed.num_processes={num_processes}",
+            f"--config.distributed.process_id={i}",
         ]
         p = subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -34,10 +34,11 @@ def fail(e: BaseException) -> None:
 
 class Command(NamedTuple):
     args: argparse.Namespace  # the tool's own flags
-    run: Any  # config.RunConfig, or None for a tool whose config is optional and not given
+    cfg: Any  # config.RunConfig, or None for a tool whose config is optional and not given
     overrides: dict[str, Any]  # {"group.field": typed value} as given on the command line
     diff: dict[str, tuple[Any, Any]]  # {"group.field": (file's value, value)} where they differ
     config_path: str | None
+    argv: list[str]  # the arguments as given (to print the command again)
 
 
 def split_config_args(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
@@ -61,14 +62,16 @@ def split_config_args(argv: list[str]) -> tuple[str | None, list[str], list[str]
     return path, overrides, rest
 
 
-def add_config_help(parser: argparse.ArgumentParser, required: bool = True) -> None:
+def add_config_help(parser: argparse.ArgumentParser, mode: str = "required") -> None:
+    """Lists the config flags in --help (they are parsed before argparse sees the rest)."""
     g = parser.add_argument_group("config")
-    g.add_argument(
-        "--config",
-        metavar="FILE",
-        required=False,
-        help="config file, e.g. configs/tiny.py" + ("" if required else " (optional)"),
-    )
+    if mode != "overrides":
+        g.add_argument(
+            "--config",
+            metavar="FILE",
+            help="config file, e.g. configs/tiny.py"
+            + (" (optional)" if mode == "optional" else ""),
+        )
     g.add_argument(
         "--config.GROUP.FIELD",
         metavar="VALUE",
@@ -95,19 +98,19 @@ def parse(
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if config == "none":  # a tool without a config: --config* are unknown flags to argparse
-        return Command(parser.parse_args(argv), None, {}, {}, None)
-    add_config_help(parser, required=config == "required")
+        return Command(parser.parse_args(argv), None, {}, {}, None, argv)
+    add_config_help(parser, config)
     path, overrides, rest = split_config_args(argv)
     args = parser.parse_args(rest)  # argparse's own usage errors exit 2 too
     if config == "overrides":
-        return Command(args, None, _typed_overrides(path, overrides), {}, None)
+        return Command(args, None, _typed_overrides(path, overrides), {}, None, argv)
     path = path or default_config
     if path is None:
         if config == "required":
             fail(cfgmod.ConfigError("--config FILE is required (e.g. --config configs/tiny.py)"))
         if overrides:
             fail(cfgmod.ConfigError("--config.* overrides need --config FILE"))
-        return Command(args, None, {}, {}, None)
+        return Command(args, None, {}, {}, None, argv)
     try:
         from_file = cfgmod.load_file(path)
         run = from_file.replace(overrides)
@@ -115,7 +118,7 @@ def parse(
         fail(e)
     flat = run.flat()
     given = {item.partition("=")[0]: flat[item.partition("=")[0]] for item in overrides}
-    return Command(args, run, given, from_file.diff(run), path)
+    return Command(args, run, given, from_file.diff(run), path, argv)
 
 
 def _typed_overrides(path: str | None, overrides: list[str]) -> dict[str, Any]:

@@ -1,11 +1,11 @@
 """The typed run config: one frozen dataclass per group, built once at the entry point.
 
 configs/<name>.py files return an ml_collections ConfigDict (configs/base.py is the schema
-users read, one comment per field). `load(path, overrides)` applies `group.field=value`
-overrides to it with ml_collections' config_flags and turns it into a `RunConfig`, validated
-field by field; below the entry points every function takes a RunConfig (or one of its
-groups, or plain arguments), never a ConfigDict. This is the only library module that
-imports ml_collections.
+users read, one comment per field). `load(path, overrides)` reads the file with
+ml_collections' config_flags, turns it into a `RunConfig` validated field by field, and applies
+`group.field=value` overrides parsed to each field's type; below the entry points every
+function takes a RunConfig (or one of its groups, or plain arguments), never a ConfigDict.
+This is the only library module that imports ml_collections.
 """
 
 from __future__ import annotations
@@ -36,6 +36,15 @@ MODEL_CHOICES = {
     "mlp": ("mlp", ("swiglu", "gelu")),
     "position": ("position", ("rope", "learned", "none")),
 }
+
+
+def dtype_of(dtype):
+    """A jnp dtype from a DTYPES name (or a dtype, returned as is); None stays None."""
+    if dtype is None or not isinstance(dtype, str):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {sorted(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def dtype_name(dtype) -> str:
@@ -124,18 +133,22 @@ class ModelConfig(_Group):
     position: str = "rope"
 
     def __post_init__(self):
-        if self.n_kv_heads in (-1, 0, None):
-            object.__setattr__(self, "n_kv_heads", self.n_heads)
         if self.dim % self.n_heads:
             raise ConfigError(
                 f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}"
             )
-        if self.n_heads % self.n_kv_heads:
+        if self.n_kv_heads < -1 or self.n_kv_heads == 0 or self.n_heads % self.kv_heads:
             raise ConfigError(
                 f"model.n_heads={self.n_heads} is not a multiple of "
-                f"model.n_kv_heads={self.n_kv_heads}"
+                f"model.n_kv_heads={self.n_kv_heads} (-1 = n_heads)"
             )
         _check_choices("model", self, MODEL_CHOICES)
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads K: n_kv_heads, or n_heads when that is -1 (multi-head attention).
+        The field keeps the -1, so overriding n_heads alone keeps a config multi-head."""
+        return self.n_heads if self.n_kv_heads == -1 else self.n_kv_heads
 
     @property
     def head_dim(self) -> int:
@@ -404,5 +417,10 @@ def load_file(path: str) -> RunConfig:
     argv = ["llama_jax", f"--config={path}"]
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, flag_values=fv, sys_argv=argv)
-    fv(argv)
-    return RunConfig.from_dict(fv["config"].value)
+    try:
+        fv(argv)
+        cd = fv["config"].value
+    except Exception as e:  # noqa: BLE001 - whatever the file's get_config() raised
+        cause = e.__cause__ or e
+        raise ConfigError(f"config file {path}: {type(cause).__name__}: {cause}") from e
+    return RunConfig.from_dict(cd)

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from llama_jax.config import DTYPES, ModelConfig, dtype_name
+from llama_jax.config import ModelConfig, dtype_name, dtype_of
 
 FORMATS = ("hf", "meta", "ours")
 
@@ -71,8 +71,8 @@ LAYOUTS = {
     "same": (_same, _same, None),
     "T": (_transpose, _transpose, None),
     "q": (_qkv_in("n_heads"), _qkv_out, "n_heads"),
-    "k": (_qkv_in("n_kv_heads"), _qkv_out, "n_kv_heads"),
-    "v": (_qkv_in("n_kv_heads"), _qkv_out, None),
+    "k": (_qkv_in("kv_heads"), _qkv_out, "kv_heads"),
+    "v": (_qkv_in("kv_heads"), _qkv_out, None),
     "o": (_wo_in, _wo_out, None),
 }
 
@@ -147,7 +147,7 @@ def _check_supported(c: ModelConfig, fmt: str):
 
 
 def _expected_shape(w: _Weight, c: ModelConfig) -> tuple[int, ...]:
-    D, N, K, H, F, V = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_dim, c.vocab_size
+    D, N, K, H, F, V = c.dim, c.n_heads, c.kv_heads, c.head_dim, c.hidden_dim, c.vocab_size
     shapes = {
         "tok_embeddings": (V, D),
         "wq": (D, N, H),
@@ -176,7 +176,7 @@ def _get(tree: dict, path: tuple[str, ...]):
 
 
 def _np_dtype(dtype):
-    return None if dtype is None else np.dtype(DTYPES[dtype] if isinstance(dtype, str) else dtype)
+    return None if dtype is None else np.dtype(dtype_of(dtype))
 
 
 def _read_tree(get: Callable[[str, _Weight], np.ndarray], c: ModelConfig, dtype) -> dict:
@@ -306,7 +306,7 @@ def config_to_hf(c: ModelConfig, torch_dtype: str) -> dict:
         "intermediate_size": c.hidden_dim,
         "num_hidden_layers": c.n_layers,
         "num_attention_heads": c.n_heads,
-        "num_key_value_heads": c.n_kv_heads,
+        "num_key_value_heads": c.kv_heads,
         "head_dim": c.head_dim,
         "vocab_size": c.vocab_size,
         "rms_norm_eps": c.norm_eps,
@@ -351,7 +351,7 @@ def config_to_meta(c: ModelConfig) -> dict:
         "dim": c.dim,
         "n_layers": c.n_layers,
         "n_heads": c.n_heads,
-        "n_kv_heads": c.n_kv_heads,
+        "n_kv_heads": c.kv_heads,
         "vocab_size": c.vocab_size,
         "multiple_of": c.multiple_of,
         "norm_eps": c.norm_eps,
@@ -443,9 +443,7 @@ def write_hf(path: str, tree: dict, c: ModelConfig, max_shard_bytes: int = 5 << 
 
     os.makedirs(path, exist_ok=True)
     dtype = np.asarray(_get(tree, ("norm", "scale"))).dtype
-    torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[
-        dtype_name(dtype)
-    ]
+    torch_dtype = dtype_name(dtype)  # transformers' torch_dtype names are ours
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config_to_hf(c, torch_dtype), f, indent=2)
 

@@ -54,7 +54,7 @@ def analytic_activations(mc: ModelConfig, policy: str, rows: int, seq_len: int, 
     is recomputed in the backward pass, plus the float32 logits, their softmax and gradient.
     Tensor parallelism splits the head/mlp/vocab parts; counted as an even split here.
     """
-    D, F, KH = mc.dim, mc.mlp_dim, mc.n_kv_heads * mc.head_dim
+    D, F, KH = mc.dim, mc.mlp_dim, mc.kv_heads * mc.head_dim
     item = np.dtype(mc.compute_dtype).itemsize
     tokens = rows * seq_len
     saved = REMAT_POLICIES[policy].saved(D, F, KH) * tokens * item * mc.n_layers

@@ -139,11 +139,12 @@ def summary_block(
     checkpoints: str,
     plot: str | None,
     tokenizer: str,
-    config: str | None,
+    command: str | None,
     dataset: str,
 ) -> str:
     """The block a newcomer reads at the end of the main job: how far the model got (val loss
-    next to a uniform guess over the vocabulary), how fast, where everything is, what next."""
+    next to a uniform guess over the vocabulary), how fast, where everything is, what next.
+    command: the command line that ran this (the same again, with more steps, extends it)."""
     uniform = math.log(vocab_size)
     val = last.get("val_loss")
     loss = (
@@ -151,7 +152,7 @@ def summary_block(
     )
     rate = f"{_human(tokens_per_sec)} tokens/s" if tokens_per_sec else "n/a tokens/s"
     export = os.path.join(workdir, "export")
-    config_arg = f"--config {config} " if config else ""
+    again = command or f"python -m launch.train --config CONFIG --workdir {workdir}"
     lines = [
         "=" * 72,
         f"done: {loss} nats/token (uniform over {vocab_size} tokens: {uniform:.3f}), step "
@@ -163,8 +164,7 @@ def summary_block(
         f"  loss plot    {plot or '(none)'}",
         f"  TensorBoard  tensorboard --logdir {os.path.join(workdir, 'tb')}",
         "next:",
-        f"  resume/extend  python -m launch.train {config_arg}--workdir {workdir} "
-        "--config.train.steps=N",
+        f"  resume/extend  {again} --config.train.steps=N",
         f"  export         python -m launch.export --workdir {workdir} --output {export}",
         f"  generate       python -m launch.generate --checkpoint {export} --tokenizer {tokenizer}"
         " --prompt 'def '",

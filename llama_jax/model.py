@@ -117,7 +117,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, segment_ids=None):
         c = self.cfg
-        D, N, K, H, dt = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.compute_dtype
+        D, N, K, H, dt = c.dim, c.n_heads, c.kv_heads, c.head_dim, c.compute_dtype
         out_init = nn.initializers.normal(c.init_std / (2 * c.n_layers) ** 0.5)
         wq = _param(self, "wq", (D, N, H), ("embed", "heads", "head_dim"), c)
         wk = _param(self, "wk", (D, K, H), ("embed", "kv_heads", "head_dim"), c)

@@ -18,18 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llama_jax.config import DTYPES, ModelConfig, dtype_name
+from llama_jax.config import ModelConfig, dtype_name, dtype_of
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "model_config.json"
-
-
-def _dtype(dtype):
-    if dtype is None or not isinstance(dtype, str):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def _cast(tree, dtype):
@@ -66,14 +58,14 @@ def save_params(path: str, params, model_cfg: ModelConfig, dtype=None) -> str:
 
     path = os.path.abspath(path)
     os.makedirs(path, exist_ok=True)
-    tree = _cast(_inner(params), _dtype(dtype))
+    tree = _cast(_inner(params), dtype_of(dtype))
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(path, PARAMS_DIR), tree)
     ckptr.wait_until_finished()
     if jax.process_index() == 0:
         cfg = dataclasses.asdict(model_cfg)
         if dtype is not None:  # the stored weights are the master weights from now on
-            cfg["param_dtype"] = dtype_name(_dtype(dtype))
+            cfg["param_dtype"] = dtype_name(dtype_of(dtype))
         with open(os.path.join(path, CONFIG_FILE), "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
     return path
@@ -107,7 +99,7 @@ def load_params(path: str, dtype=None, sharding=None, mesh=None):
     path = os.path.abspath(path)
     model_cfg = load_config(path)
     if dtype is not None:
-        model_cfg = dataclasses.replace(model_cfg, param_dtype=dtype_name(_dtype(dtype)))
+        model_cfg = dataclasses.replace(model_cfg, param_dtype=dtype_name(dtype_of(dtype)))
     ckptr = ocp.StandardCheckpointer()
     params_dir = os.path.join(path, PARAMS_DIR)
     stored = ckptr.metadata(params_dir).item_metadata.tree
@@ -122,7 +114,7 @@ def load_params(path: str, dtype=None, sharding=None, mesh=None):
         shardings = jax.tree.map(lambda _: sharding, stored)
     else:
         shardings = sharding
-    want = _dtype(dtype)
+    want = dtype_of(dtype)
 
     def abstract(meta, shard):
         dt = meta.dtype

@@ -68,7 +68,7 @@ def summary(cfg: ModelConfig, seq_len: int) -> dict:
         "seq_len": seq_len,
         "hidden_dim": cfg.mlp_dim,
         "head_dim": cfg.head_dim,
-        "n_kv_heads": cfg.n_kv_heads,
+        "n_kv_heads": cfg.kv_heads,
         **{f"{k}_bytes": v for k, v in state_bytes(cfg, n).items()},
     }
 

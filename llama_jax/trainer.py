@@ -331,12 +331,13 @@ def setup(cfg: RunConfig, workdir: str, config_diff: dict | None = None) -> Run:
 
 
 def train(
-    cfg: RunConfig, workdir: str, *, config_diff: dict | None = None, config_path: str | None = None
+    cfg: RunConfig, workdir: str, *, config_diff: dict | None = None, command: str | None = None
 ) -> dict:
     """Runs (or resumes) the training job described by cfg in workdir.
 
     Returns the last logged metrics, plus "stopped_by" when a signal ended the run early.
-    Raises NonFiniteLossError on a non-finite loss (unless train.skip_nonfinite).
+    Raises NonFiniteLossError on a non-finite loss (unless train.skip_nonfinite). command:
+    the command line that runs this again (shown in the end-of-run summary).
     """
     run = setup(cfg, workdir, config_diff)
     try:
@@ -359,53 +360,63 @@ def train(
         run.ckpt.wait()
     finally:
         run.close()
-    finish(run, config_path)
+    finish(run, command)
     return run.last
 
 
 def _val_prompts(
     dataset_dir: str, tokenizer: Tokenizer, n: int, length: int = 12
 ) -> list[list[int]]:
-    """The first `length` tokens (BOS included) of n documents spread over the validation
-    split: prompts from text the model never trained on."""
+    """The first `length` tokens of n documents spread over the validation split: prompts
+    from text the model never trained on. Documents start at BOS (after EOS for a tokenizer
+    without one); an empty split gives no prompts."""
     from llama_jax.data.format import open_split
 
     split = open_split(dataset_dir, "val")
     tokens = np.asarray(split[: min(split.shape[0], 1 << 20)].read().result()).astype(np.int64)
-    starts = np.flatnonzero(tokens == tokenizer.bos_id)
+    if tokenizer.bos_id >= 0 and (tokens == tokenizer.bos_id).any():
+        starts = np.flatnonzero(tokens == tokenizer.bos_id)
+    else:
+        starts = np.concatenate([[0], np.flatnonzero(tokens == tokenizer.eos_id) + 1])
+        starts = starts[starts < len(tokens)]
+    if n <= 0 or not len(starts):
+        return []
     picks = starts[np.linspace(0, len(starts) - 1, num=min(n, len(starts))).astype(int)]
     prompts = []
     for s in picks:
         p = tokens[s : s + length].tolist()
-        prompts.append(p[: p.index(tokenizer.eos_id)] if tokenizer.eos_id in p else p)
+        p = p[: p.index(tokenizer.eos_id)] if tokenizer.eos_id in p else p
+        if p:
+            prompts.append(p)
     return prompts
 
 
-def finish(run: Run, config_path: str | None = None) -> None:
-    """After the last step: loss.png, samples from validation prompts, the summary block."""
-    cfg = run.cfg
-    png = metrics.plot_losses(run.workdir) if run.is_main else None
-    if cfg.train.samples > 0 and run.n_params > 2e9:
-        log.info("no samples: %d parameters are too many to gather on one host", run.n_params)
-    elif cfg.train.samples > 0:
-        from llama_jax.generate import sample_texts
+def _samples(run: Run) -> None:
+    """Samples continuing validation prompts (train.samples of them), printed by process 0."""
+    from llama_jax.generate import Sampling, sample_texts
 
-        prompts = _val_prompts(run.dataset_dir, run.tokenizer, cfg.train.samples)
-        texts = sample_texts(
-            run.state.params,
-            cfg.model,
-            run.tokenizer,
-            prompts,
-            cfg.train.sample_tokens,
-            seed=cfg.train.seed,
-        )
-        for prompt, text in zip(prompts, texts):
-            if run.is_main:
-                shown = run.tokenizer.decode(prompt)
-                print(
-                    f"--- sample (prompt {shown!r}, temperature 0.8, top-k 40) ---\n{text}",
-                    flush=True,
-                )
+    cfg, sampling = run.cfg, Sampling(temperature=0.8, top_k=40)
+    if run.n_params > 2e9:
+        log.info("no samples: %d parameters are too many to gather on one host", run.n_params)
+        return
+    prompts = _val_prompts(run.dataset_dir, run.tokenizer, cfg.train.samples)
+    if not prompts:
+        log.info("no samples: no validation prompts")
+        return
+    texts = sample_texts(run.state.params, cfg.model, run.tokenizer, prompts,
+                         cfg.train.sample_tokens, sampling=sampling, seed=cfg.train.seed)  # fmt: skip
+    for prompt, text in zip(prompts, texts):
+        if run.is_main:
+            shown = run.tokenizer.decode(prompt)
+            what = f"temperature {sampling.temperature}, top-k {sampling.top_k}"
+            print(f"--- sample (prompt {shown!r}, {what}) ---\n{text}", flush=True)
+
+
+def finish(run: Run, command: str | None = None) -> None:
+    """After the last step: loss.png, samples from validation prompts, the summary block."""
+    png = metrics.plot_losses(run.workdir) if run.is_main else None
+    if run.cfg.train.samples > 0:
+        _samples(run)
     if run.is_main:
         print(
             metrics.summary_block(
@@ -418,7 +429,7 @@ def finish(run: Run, config_path: str | None = None) -> None:
                 checkpoints=run.ckpt.directory,
                 plot=png,
                 tokenizer=run.tokenizer.model_path,
-                config=config_path,
+                command=command,
                 dataset=run.dataset_dir,
             ),
             flush=True,

@@ -178,3 +178,46 @@ def test_the_real_command_line():
     assert r.returncode == 2 and r.stderr.strip().startswith(
         "error: UnknownFieldError: unknown config field 'train.stepz'"
     )
+
+
+def test_overriding_n_heads_keeps_a_config_multi_head():
+    """n_kv_heads -1 (= n_heads) stays -1 in the config, so an override of n_heads alone gives
+    multi-head attention, not grouped-query attention against the file's head count."""
+    cfg = load(f"{ROOT}/configs/llama_7b.py", ["model.n_heads=16"])
+    assert (cfg.model.n_kv_heads, cfg.model.kv_heads) == (-1, 16)
+    assert load(f"{ROOT}/configs/llama_7b.py", ["model.n_heads=64"]).model.kv_heads == 64
+
+
+def test_an_error_inside_a_config_file_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "configs" / "bad.py"
+    bad.parent.mkdir()
+    bad.write_text("def get_config():\n    raise RuntimeError('no such size')\n")
+    with pytest.raises(ConfigError, match="config file .*bad.py: RuntimeError: no such size"):
+        load(str(bad))
+    code, err = _run_in_process("launch.inspect", ["--config", str(bad)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "no such size" in err
+
+
+@pytest.mark.parametrize("field", ["norm", "norm_placement", "mlp", "position"])
+def test_every_switch_value_changes_the_model(field):
+    """The ablation switches are checked against config.MODEL_CHOICES; every listed value must
+    reach a branch of its own in model.py (no value silently taking another's path)."""
+    import jax
+    import jax.numpy as jnp
+
+    from llama_jax.model import Llama
+
+    base = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16,
+                       max_seq_len=16, dtype="float32", attention_impl="reference")  # fmt: skip
+    tokens = jnp.arange(12)[None] % 64
+    outs = {}
+    for value in config.MODEL_CHOICES[field][1]:
+        model = Llama(dataclasses.replace(base, **{field: value}))
+        params = model.init(jax.random.key(0), tokens)
+        outs[value] = jax.numpy.asarray(model.apply(params, tokens))
+    values = list(outs)
+    for i, a in enumerate(values):
+        for b in values[i + 1 :]:
+            assert not jnp.allclose(outs[a], outs[b]), (
+                f"model.{field}: {a} and {b} give the same logits"
+            )

@@ -72,7 +72,7 @@ def np_llama(p, tokens, cfg):
             q = np_rotary(np.einsum("td,dnh->tnh", h, a["wq"]), cfg.rope_theta)
             k = np_rotary(np.einsum("td,dkh->tkh", h, a["wk"]), cfg.rope_theta)
             v = np.einsum("td,dkh->tkh", h, a["wv"])
-            rep = cfg.n_heads // cfg.n_kv_heads
+            rep = cfg.n_heads // cfg.kv_heads
             k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)  # [T, N, H]
             s = np.einsum("tnh,snh->nts", q, k) / np.sqrt(cfg.head_dim)
             s = np.where(mask, s, -np.inf)

@@ -95,7 +95,7 @@ def np_attention(h, a, cfg):  # causal softmax attention of one layer, GQA by re
     v = np.einsum("td,dkh->tkh", h, a["wv"])
     if cfg.position == "rope":
         q, k = np_rope(q, cfg.rope_theta), np_rope(k, cfg.rope_theta)
-    rep = cfg.n_heads // cfg.n_kv_heads
+    rep = cfg.n_heads // cfg.kv_heads
     k, v = np.repeat(k, rep, 1), np.repeat(v, rep, 1)
     s = np.einsum("tnh,snh->nts", q, k) / np.sqrt(cfg.head_dim)
     s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
