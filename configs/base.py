@@ -19,6 +19,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.max_seq_len = 2048  # longest sequence the model is built for (learned positions, KV cache)
     m.dtype = "bfloat16"  # compute dtype of activations and matmuls
     m.param_dtype = "float32"  # dtype of the master weights
+    # dtype of the residual stream x + attn(x) + mlp(...) across layers; float32 keeps bf16
+    # rounding from piling up with depth (see BENCHMARKS.md); = dtype gives all-bf16 adds
+    m.residual_dtype = "float32"
     m.init_std = 0.02  # stddev of the normal init of weight matrices
     m.attention_impl = "auto"  # reference | blockwise | cudnn | auto (cudnn on GPU when it fits)
     m.attn_block_q = 512  # query tile of blockwise attention

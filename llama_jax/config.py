@@ -28,6 +28,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 MODEL_CHOICES = {
     "dtype": ("dtype", tuple(DTYPES)),
     "param_dtype": ("dtype", tuple(DTYPES)),
+    "residual_dtype": ("dtype", tuple(DTYPES)),
     "attention_impl": ("attention impl", tuple(VALID_IMPLS)),
     "remat_policy": ("remat policy", tuple(REMAT_POLICIES)),
     # The ablation switches (model.py branches on them).
@@ -122,6 +123,7 @@ class ModelConfig(_Group):
     max_seq_len: int = 2048
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
+    residual_dtype: str = "float32"
     init_std: float = 0.02
     attention_impl: str = "auto"
     attn_block_q: int = 512
@@ -174,6 +176,11 @@ class ModelConfig(_Group):
     @property
     def weight_dtype(self):
         return DTYPES[self.param_dtype]
+
+    @property
+    def residual(self):
+        """dtype of the residual stream between sublayers (the scan carry)."""
+        return DTYPES[self.residual_dtype]
 
 
 @dataclasses.dataclass(frozen=True)

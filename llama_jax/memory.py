@@ -50,14 +50,17 @@ def rows_per_device(run: RunConfig, mesh) -> int:
 def analytic_activations(mc: ModelConfig, policy: str, rows: int, seq_len: int, tensor: int = 1):
     """Estimated activation bytes per device for one microbatch under `policy`.
 
-    Saved per layer (remat.REMAT_POLICIES[policy].saved) for all layers, plus one layer's full working set while it
-    is recomputed in the backward pass, plus the float32 logits, their softmax and gradient.
-    Tensor parallelism splits the head/mlp/vocab parts; counted as an even split here.
+    Saved per layer (remat.REMAT_POLICIES[policy].saved) for all layers, plus one layer's
+    full working set while it is recomputed in the backward pass, plus the float32 logits,
+    their softmax and gradient. The block input (D per token, the scan carry) is saved in the
+    residual dtype. Tensor parallelism splits the head/mlp/vocab parts; counted as an even
+    split here.
     """
     D, F, KH = mc.dim, mc.mlp_dim, mc.kv_heads * mc.head_dim
-    item = np.dtype(mc.compute_dtype).itemsize
+    item, res_item = np.dtype(mc.compute_dtype).itemsize, np.dtype(mc.residual).itemsize
     tokens = rows * seq_len
-    saved = REMAT_POLICIES[policy].saved(D, F, KH) * tokens * item * mc.n_layers
+    per_token = REMAT_POLICIES[policy].saved(D, F, KH) * item + D * (res_item - item)
+    saved = per_token * tokens * mc.n_layers
     working = REMAT_POLICIES["none"].saved(D, F, KH) * tokens * item if policy != "none" else 0
     logits = 3 * tokens * mc.vocab_size * 4 // tensor
     return saved // (tensor if policy != "full" else 1) + working // tensor + logits

@@ -212,12 +212,15 @@ class Block(nn.Module):
         c = self.cfg
         attn, mlp = Attention(c, self.decode, name="attention"), MLP(c, name="feed_forward")
         attn_norm, ffn_norm = Norm(c, name="attention_norm"), Norm(c, name="ffn_norm")
+        # x, the residual stream, stays in residual_dtype; sublayers compute in compute_dtype
+        # and their outputs are added to it in residual_dtype.
+        r, cd = c.residual, c.compute_dtype
         if c.norm_placement == "pre":
-            x = x + attn(attn_norm(x), positions, segment_ids)
-            x = x + mlp(ffn_norm(x))
+            x = x + attn(attn_norm(x), positions, segment_ids).astype(r)
+            x = x + mlp(ffn_norm(x)).astype(r)
         else:
-            x = attn_norm(x + attn(x, positions, segment_ids))
-            x = ffn_norm(x + mlp(x))
+            x = attn_norm(x + attn(x.astype(cd), positions, segment_ids).astype(r)).astype(r)
+            x = ffn_norm(x + mlp(x.astype(cd)).astype(r)).astype(r)
         return nn.with_logical_constraint(x, BTD), None
 
 
@@ -238,10 +241,10 @@ class Llama(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         emb = _param(self, "tok_embeddings", (c.vocab_size, c.dim), ("vocab", "embed"), c)
-        x = embed_lookup(emb, tokens, c.compute_dtype)  # [B, T, D]
+        x = embed_lookup(emb, tokens, c.compute_dtype).astype(c.residual)  # [B, T, D]
         if c.position == "learned":
             pos = _param(self, "pos_embeddings", (c.max_seq_len, c.dim), (None, "embed"), c)
-            x = x + jnp.take(pos, positions, axis=0).astype(c.compute_dtype)
+            x = x + jnp.take(pos, positions, axis=0).astype(c.residual)
         x = nn.with_logical_constraint(x, BTD)
 
         block = Block
