@@ -64,6 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.path = ""  # prepared dataset dir (launch.prepare_data); "" = built-in default corpus
     c.data.tokenizer = ""  # sentencepiece .model; "" = the default corpus's tokenizer
     c.data.prefetch = 2  # batches prepared ahead by the loader thread
+    # resume on data other than the checkpoint's (another tokenizer or re-prepared dataset)
+    c.data.allow_dataset_change = False
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000  # steps between checkpoints; 0 = only at the end

@@ -109,6 +109,28 @@ RESUME_FIXED = ("train.batch_size", "train.seq_len", "data.path")
 RESUME_WARN = ("train.steps", "train.lr", "train.warmup_steps", "train.min_lr_ratio")
 
 
+def check_resume_data(saved: dict | None, current: dict, run: RunConfig) -> None:
+    """Raises when the data differs from the checkpoint's: saved and current are
+    data.format.fingerprint()s (tokenizer and prepared-metadata hashes)."""
+    if not saved:  # a checkpoint from before fingerprints: nothing to compare
+        log.warning("checkpoint has no dataset fingerprint: cannot check the data it trained on")
+        return
+    changed = [f"{k} {saved.get(k, '?')[:12]}... -> {v[:12]}..." for k, v in current.items()
+               if saved.get(k) != v]  # fmt: skip
+    if not changed:
+        return
+    if run.data.allow_dataset_change:
+        log.warning("resuming on a different dataset (%s), as data.allow_dataset_change says",
+                    "; ".join(changed))  # fmt: skip
+        return
+    raise ValueError(
+        f"resuming on a different dataset than the checkpoint ({'; '.join(changed)}): the "
+        f"tokenizer or the prepared data at data.path={run.data.path!r} changed; use the "
+        "original data, a new --workdir, or --config.data.allow_dataset_change=true to "
+        "continue on this data on purpose"
+    )
+
+
 def check_resume(saved: dict | None, run: RunConfig) -> None:
     """Raises when run's data order differs from the checkpoint's (saved: its config dict);
     warns when the schedule changes."""

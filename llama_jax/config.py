@@ -272,6 +272,7 @@ class DataConfig(_Group):
     path: str = ""
     tokenizer: str = ""
     prefetch: int = 2
+    allow_dataset_change: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

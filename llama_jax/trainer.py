@@ -21,10 +21,11 @@ from jax.sharding import Mesh
 from llama_jax import distributed, metrics, stats
 from llama_jax import sharding as shd
 from llama_jax import train_step as ts
-from llama_jax.checkpoint import Checkpointer, check_resume
+from llama_jax.checkpoint import Checkpointer, check_resume, check_resume_data
 from llama_jax.config import RunConfig
 from llama_jax.control import Profiler, StopFlag, inject_fault
 from llama_jax.data.default_corpus import resolve_dataset
+from llama_jax.data.format import fingerprint
 from llama_jax.data.loader import Loader
 from llama_jax.data.tokenizer import Tokenizer
 
@@ -86,6 +87,7 @@ class Run:
     mesh: Mesh
     tokenizer: Tokenizer
     dataset_dir: str
+    data_fingerprint: dict  # data.format.fingerprint(): stored with every checkpoint
     ckpt: Checkpointer
     state: Any  # train_step.TrainState
     step_fn: Any
@@ -202,7 +204,8 @@ class Run:
         self.bar.set_postfix(post, refresh=False)
 
     def save(self, done: int) -> None:
-        meta = {"step": done, "tokens_seen": self.tokens_seen, "config": self.cfg.to_dict()}
+        meta = {"step": done, "tokens_seen": self.tokens_seen, "config": self.cfg.to_dict(),
+                "dataset": self.data_fingerprint}  # fmt: skip
         self.ckpt.save(done, self.state, meta)
         self.last_saved = done
 
@@ -243,15 +246,16 @@ def _open_data(cfg: RunConfig) -> tuple[str, Tokenizer]:
     return dataset_dir, tokenizer
 
 
-def _restore_or_init(cfg: RunConfig, mesh: Mesh, ckpt: Checkpointer):
+def _restore_or_init(cfg: RunConfig, mesh: Mesh, ckpt: Checkpointer, data: dict):
     """(state, state shardings, tokens_seen): the latest checkpoint (after checking it continues
-    this run's data order), else a fresh init."""
+    this run's data and data order; data: this run's dataset fingerprint), else a fresh init."""
     abstract, shardings = ts.abstract_train_state(cfg, mesh)
     if ckpt.latest_step() is None:
         state, _ = ts.create_train_state(cfg, mesh)
         return state, shardings, 0
     state, meta = ckpt.restore(abstract)
     check_resume(meta.get("config"), cfg)
+    check_resume_data(meta.get("dataset"), data, cfg)
     log.info("resumed from %s step %d", ckpt.directory, int(state.step))
     return (
         state,
@@ -296,7 +300,8 @@ def setup(cfg: RunConfig, workdir: str, config_diff: dict | None = None) -> Run:
         keep_period=c.keep_period,
         async_save=c.async_save,
     )
-    state, shardings, tokens_seen = _restore_or_init(cfg, mesh, ckpt)
+    data = fingerprint(dataset_dir, tokenizer.sha256)
+    state, shardings, tokens_seen = _restore_or_init(cfg, mesh, ckpt, data)
     start = int(state.step)
     loader = Loader(
         dataset_dir,
@@ -316,6 +321,7 @@ def setup(cfg: RunConfig, workdir: str, config_diff: dict | None = None) -> Run:
         mesh=mesh,
         tokenizer=tokenizer,
         dataset_dir=dataset_dir,
+        data_fingerprint=data,
         ckpt=ckpt,
         state=state,
         step_fn=ts.make_train_step(cfg, mesh, shardings),

@@ -257,3 +257,28 @@ def test_two_processes_match_one_and_checkpoint_restores(tmp_path, tiny_dataset)
     r = run_train(tmp_path / "two", tiny_dataset, "train.steps=18", "mesh.fsdp=1", devices=1)
     assert "resumed from" in r.stderr and "step 16" in r.stderr
     assert max(losses(tmp_path / "two")) == 18
+
+
+def test_resume_refuses_another_dataset_at_the_same_path(tmp_path, tiny_dataset):
+    """Every checkpoint stores the tokenizer's and the prepared metadata's sha256; a dataset
+    re-prepared at the same path (here: its metadata changed) is refused on resume with a
+    one-line error that names the override, and the override resumes on purpose."""
+    import shutil
+
+    from llama_jax import trainer
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset[0], data)
+    cfg = small_cfg((str(data),), "train.steps=4", "checkpoint.every_steps=2", "train.eval_every=0")
+    trainer.train(cfg, str(tmp_path / "run"))
+    meta = json.loads((data / "metadata.json").read_text())
+    meta["sources"] = ["a re-prepared corpus"]
+    (data / "metadata.json").write_text(json.dumps(meta))
+    longer = cfg.replace({"train.steps": 6})
+    with pytest.raises(
+        ValueError,
+        match="resuming on a different dataset .*metadata_sha256.*data.allow_dataset_change=true",
+    ):
+        trainer.train(longer, str(tmp_path / "run"))
+    last = trainer.train(longer.replace({"data.allow_dataset_change": True}), str(tmp_path / "run"))
+    assert last["step"] == 6

@@ -14,6 +14,7 @@ any other version (/1: documents without BOS) with a request to re-run prepare_d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -163,3 +164,14 @@ def open_split(dataset_dir: str, split: str):
             "path": os.path.join(dataset_dir.removeprefix("file://"), split),
         }
     return ts.open({"driver": "zarr3", "kvstore": kvstore, "open": True}, read=True).result()
+
+
+def fingerprint(dataset_dir: str, tokenizer_sha256: str) -> dict:
+    """What a checkpoint records of the data it trained on: the tokenizer's sha256 and the
+    sha256 of the prepared dataset's metadata (token counts, shards, sources), so a resumed run
+    can tell a re-prepared dataset at the same path, or another tokenizer, from its own."""
+    meta = json.dumps(read_metadata(dataset_dir), sort_keys=True).encode()
+    return {
+        "tokenizer_sha256": tokenizer_sha256,
+        "metadata_sha256": hashlib.sha256(meta).hexdigest(),
+    }
