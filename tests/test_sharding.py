@@ -195,8 +195,40 @@ def test_create_train_state_is_layout_independent(reference):
     assert len(moments) >= len(jax.tree.leaves(state.params)) and not any(m.any() for m in moments)
 
 
+U32 = 2.0**-24  # float32 unit roundoff
+# How far a sharded step may be from the reference, in units of this machine's own float32
+# reordering noise (see `noise`): sharding splits and regroups the same float32 sums (over
+# devices, over tensor-parallel partial products), which is a reordering; the error of one
+# reordering is a random variable, and `noise` is the largest of 4 draws, so allow a few times
+# it: 10x. The error scales with the machine's float32 behaviour (CPU, XLA codegen, threads),
+# and so does the bound; a fixed 1e-5 did not (w2's own reordering noise is ~5e-6 here).
+NOISE_FACTOR = 10
+
+
+@pytest.fixture(scope="module")
+def noise(reference):
+    """This machine's float32 reordering noise of the step: the unsharded step on the same
+    batch with its rows permuted (the same sums, added in another order), 4 permutations;
+    per quantity, the largest relative error against the reference."""
+    cfg, batch = reference["cfg"], reference["batch"]
+    mesh = mesh_of(1, 1, 1)
+    _, shardings = ts.abstract_train_state(cfg, mesh)
+    step = ts.make_train_step(cfg, mesh, shardings)
+    out = {}
+    for seed in range(4):
+        perm = np.random.default_rng(seed).permutation(batch["targets"].shape[0])
+        state = jax.device_put(reference["state"], shardings)
+        state, metrics = step(state, {k: v[perm] for k, v in batch.items()})
+        errs = {"grad_norm": rel_err(metrics["grad_norm"], reference["gnorm"])}
+        for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(state.params),
+                                     jax.tree.leaves(reference["new"])):  # fmt: skip
+            errs[jax.tree_util.keystr(path)] = rel_err(got, want)
+        out = {k: max(v, out.get(k, 0.0)) for k, v in errs.items()}
+    return out
+
+
 @pytest.mark.parametrize("sizes", [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
-def test_step_matches_unsharded_reference(reference, sizes):
+def test_step_matches_unsharded_reference(reference, noise, sizes):
     """Same initial state and batch -> same loss and updated params on every mesh; and the
     compiled state arguments are sharded fsdp ways (tensor parallelism shards some more)."""
     cfg, batch = reference["cfg"], reference["batch"]
@@ -214,12 +246,20 @@ def test_step_matches_unsharded_reference(reference, sizes):
 
     state, metrics = step(state, batch)
     assert int(state.step) == 1
-    assert rel_err(metrics["loss"], reference["loss"]) < 1e-5
-    assert rel_err(metrics["grad_norm"], reference["gnorm"]) < 1e-5
+    # The loss is a float32 sum of n = B x T masked token losses: any order of it is within
+    # n u32 / (1 - n u32) relative of the exact sum (Higham's bound), ~3e-5 for n = 512; the
+    # reference is one such order, so two orders differ by at most twice that.
+    n = batch["targets"].size
+    assert rel_err(metrics["loss"], reference["loss"]) <= 2 * n * U32 / (1 - n * U32)
+    floor = 4 * U32  # rounding of the float32 result itself, where the noise measured ~0
+    assert rel_err(metrics["grad_norm"], reference["gnorm"]) <= NOISE_FACTOR * max(
+        noise["grad_norm"], floor
+    )
     assert float(metrics["tokens"]) == batch["loss_mask"].sum()
     assert float(metrics["lr"]) == pytest.approx(cfg.train.lr)
     flat_got = jax.tree_util.tree_leaves_with_path(state.params)
     flat_want = jax.tree.leaves(reference["new"])
     for (path, got), want in zip(flat_got, flat_want):
-        err = rel_err(got, want)
-        assert err < 1e-5, (jax.tree_util.keystr(path), err)
+        name, err = jax.tree_util.keystr(path), rel_err(got, want)
+        bound = NOISE_FACTOR * max(noise[name], floor)
+        assert err <= bound, (name, err, bound, noise[name])
