@@ -110,11 +110,18 @@ def test_frequent_tokens_embedding_rows(tiny_reference):
         assert rel <= REL_L2, f"token {v} ({counts[v]} occurrences): relative error {rel:.3f}"
 
 
-def test_wide_model_bf16_gradients_match_float32():
-    """dim 512: wider dot products (more terms per float32 accumulation, same bf16 inputs)."""
+@pytest.fixture(scope="module")
+def wide_reference():
     params = _params(WIDE)
-    want = _grads(WIDE, params, "float32", "none", "reference")
-    _check(_grads(WIDE, params, "bfloat16", "save_linear", "blockwise"), want, "wide")
+    return params, _grads(WIDE, params, "float32", "none", "reference")
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "reference"])
+@pytest.mark.parametrize("policy", sorted(REMAT_POLICIES))
+def test_wide_model_bf16_gradients_match_float32(wide_reference, policy, impl):
+    """dim 512: wider dot products (more terms per float32 accumulation, same bf16 inputs)."""
+    params, want = wide_reference
+    _check(_grads(WIDE, params, "bfloat16", policy, impl), want, f"wide {policy} {impl}")
 
 
 def test_bf16_loss_curve_follows_float32():
