@@ -88,10 +88,34 @@ def _check_choices(group: str, obj, choices: Mapping[str, tuple]) -> None:
             )
 
 
+# The allowed range of a numeric field, by name; every numeric field of every group has one
+# (tests/test_config.py checks), so a bad value is refused when the config is built, not found
+# out as a ZeroDivisionError, a negative learning rate or a run that trains nothing.
+RULES = {
+    "any": lambda v: True,
+    ">= 1": lambda v: v >= 1,
+    ">= 0": lambda v: v >= 0,
+    "> 0": lambda v: v > 0,
+    ">= -1": lambda v: v >= -1,
+    "-1 or >= 1": lambda v: v == -1 or v >= 1,
+    "-1 or > 0": lambda v: v == -1 or v > 0,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+}
+
+
 class _Group:
-    """Shared construction of the config groups: from a dict, strictly."""
+    """Shared construction and checks of the config groups: from a dict, strictly; every
+    numeric field within its RANGES rule."""
 
     GROUP = ""
+    RANGES: dict[str, str] = {}
+
+    def __post_init__(self):
+        for name, rule in self.RANGES.items():
+            value = getattr(self, name)
+            if not RULES[rule](value):
+                raise ConfigError(f"{self.GROUP}.{name}={value!r}: must be {rule}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]):
@@ -111,6 +135,12 @@ class ModelConfig(_Group):
     """Model hyper-parameters; field names follow the reference LLaMA ModelArgs."""
 
     GROUP = "model"
+    RANGES = {
+        "dim": ">= 1", "n_layers": ">= 1", "n_heads": ">= 1", "n_kv_heads": "-1 or >= 1",
+        "vocab_size": ">= 1", "multiple_of": ">= 1", "ffn_dim_multiplier": "-1 or > 0",
+        "norm_eps": "> 0", "rope_theta": "> 0", "max_seq_len": ">= 1", "init_std": "> 0",
+        "attn_block_q": ">= 1", "attn_block_k": ">= 1",
+    }  # fmt: skip
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
@@ -135,11 +165,12 @@ class ModelConfig(_Group):
     position: str = "rope"
 
     def __post_init__(self):
+        super().__post_init__()
         if self.dim % self.n_heads:
             raise ConfigError(
                 f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}"
             )
-        if self.n_kv_heads < -1 or self.n_kv_heads == 0 or self.n_heads % self.kv_heads:
+        if self.n_heads % self.kv_heads:
             raise ConfigError(
                 f"model.n_heads={self.n_heads} is not a multiple of "
                 f"model.n_kv_heads={self.n_kv_heads} (-1 = n_heads)"
@@ -188,6 +219,13 @@ class TrainConfig(_Group):
     """The optimization run: steps, batch, optimizer, schedule, logging cadence."""
 
     GROUP = "train"
+    RANGES = {
+        "steps": ">= 1", "batch_size": ">= 1", "seq_len": ">= 1", "seed": "any",
+        "data_seed": ">= -1", "lr": "> 0", "warmup_steps": ">= 0", "min_lr_ratio": "in [0, 1]",
+        "b1": "in [0, 1)", "b2": "in [0, 1)", "eps": "> 0", "weight_decay": ">= 0",
+        "clip_norm": "> 0", "grad_accum_steps": ">= 1", "log_every": ">= 1",
+        "eval_every": ">= 0", "eval_batches": ">= 0", "samples": ">= 0", "sample_tokens": ">= 1",
+    }  # fmt: skip
     steps: int = 250_000
     batch_size: int = 2048
     seq_len: int = 2048
@@ -211,9 +249,7 @@ class TrainConfig(_Group):
     sample_tokens: int = 64
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "grad_accum_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
+        super().__post_init__()
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(
                 f"train.batch_size={self.batch_size} is not divisible by "
@@ -256,6 +292,7 @@ class MeshConfig(_Group):
     """Device mesh sizes; one of them may be -1 (all devices left over)."""
 
     GROUP = "mesh"
+    RANGES = {"data": "-1 or >= 1", "fsdp": "-1 or >= 1", "tensor": "-1 or >= 1"}
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
@@ -269,6 +306,7 @@ class MeshConfig(_Group):
 @dataclasses.dataclass(frozen=True)
 class DataConfig(_Group):
     GROUP = "data"
+    RANGES = {"prefetch": ">= 0"}
     path: str = ""
     tokenizer: str = ""
     prefetch: int = 2
@@ -278,6 +316,7 @@ class DataConfig(_Group):
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig(_Group):
     GROUP = "checkpoint"
+    RANGES = {"every_steps": ">= 0", "keep": ">= 1", "keep_period": ">= 0"}
     every_steps: int = 1000
     keep: int = 3
     keep_period: int = 0
@@ -287,6 +326,7 @@ class CheckpointConfig(_Group):
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig(_Group):
     GROUP = "distributed"
+    RANGES = {"num_processes": ">= 0", "process_id": ">= -1"}
     coordinator: str = ""
     num_processes: int = 0
     process_id: int = -1

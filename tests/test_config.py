@@ -4,6 +4,7 @@ tables that implement them, and one command-line style with one error path in ev
 import dataclasses
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -221,3 +222,30 @@ def test_every_switch_value_changes_the_model(field):
             assert not jnp.allclose(outs[a], outs[b]), (
                 f"model.{field}: {a} and {b} give the same logits"
             )
+
+
+BAD_VALUE = {  # a value each rule refuses (and the boundary it sits at)
+    ">= 1": 0, ">= 0": -1, "> 0": 0, ">= -1": -2, "-1 or >= 1": 0, "-1 or > 0": 0,
+    "in [0, 1]": 1.5, "in [0, 1)": 1.0,
+}  # fmt: skip
+RANGED = [(g, f, rule) for g, cls in config.GROUPS.items() for f, rule in cls.RANGES.items()
+          if rule != "any"]  # fmt: skip
+
+
+def test_every_numeric_field_has_a_range():
+    for group, cls in config.GROUPS.items():
+        for f in dataclasses.fields(cls):
+            if f.type in ("int", "float"):
+                assert f.name in cls.RANGES, f"{group}.{f.name} has no range rule"
+
+
+@pytest.mark.parametrize("group, field, rule", RANGED, ids=[f"{g}.{f}" for g, f, _ in RANGED])
+def test_out_of_range_values_are_refused(group, field, rule):
+    """Each numeric field, one value just outside its rule: a one-line error naming the field
+    and the rule (train.batch_size=0 used to train with loss 0.0, train.lr=-1 to climb)."""
+    d = RunConfig().to_dict()
+    d[group][field] = BAD_VALUE[rule]
+    if isinstance(getattr(RunConfig(), group).__dataclass_fields__[field].default, float):
+        d[group][field] = float(d[group][field])
+    with pytest.raises(ConfigError, match=f"{group}.{field}=.*must be {re.escape(rule)}"):
+        RunConfig.from_dict(d)
