@@ -72,6 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 3  # most recent checkpoints kept
     c.checkpoint.keep_period = 0  # also keep every step divisible by this; 0 = none
     c.checkpoint.async_save = True  # write checkpoints in the background
+    # start over in a workdir whose metrics survive but whose checkpoints/ is gone
+    c.checkpoint.allow_restart = False
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator = ""  # host:port of process 0; "" = auto (SLURM) or single process

@@ -321,6 +321,7 @@ class CheckpointConfig(_Group):
     keep: int = 3
     keep_period: int = 0
     async_save: bool = True
+    allow_restart: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,12 +41,18 @@ class MetricsWriter:
         self.tb = None
         if not enabled:
             return
-        # Steps after the checkpoint we resume from were lost: drop their records.
+        # Steps after the checkpoint we resume from were lost: drop their records. The kept
+        # ones go to a new file renamed over the old one, so a kill or a full disk during the
+        # rewrite leaves the old file whole, never a truncated history.
         if os.path.exists(self.path):
             with open(self.path) as f:
                 keep = [line for line in f if _record_step(line) <= resume_step]
-            with open(self.path, "w") as f:
+            tmp = f"{self.path}.tmp"
+            with open(tmp, "w") as f:
                 f.writelines(keep)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
         try:
             from tensorboardX import SummaryWriter
 

@@ -283,6 +283,28 @@ def _validation(cfg: RunConfig, mesh: Mesh, shardings, dataset_dir: str, tokeniz
         return None
 
 
+def _check_history(workdir: str, allow_restart: bool) -> None:
+    """Refuses to restart from step 0 over a run whose checkpoints/ directory is gone (a wrong
+    mount, a clean-up script): metrics.jsonl would be cut back to step 0. With allow_restart
+    the old metrics are kept aside as metrics.jsonl.before-restart-<time> and the run starts
+    over. A checkpoints/ directory without a complete checkpoint is a run killed before its
+    first save: it restarts, as before."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    last = metrics.last_record(workdir)
+    if os.path.isdir(ckpt_dir) or not last.get("step"):
+        return
+    if not allow_restart:
+        raise FileNotFoundError(
+            f"{workdir} holds metrics up to step {last['step']} but no checkpoints/ directory: "
+            "restore the checkpoints (wrong mount?), use a new --workdir, or set "
+            "--config.checkpoint.allow_restart=true to start over (the old metrics are kept)"
+        )
+    if jax.process_index() == 0:
+        path = os.path.join(workdir, metrics.METRICS_FILE)
+        os.replace(path, f"{path}.before-restart-{time.strftime('%Y%m%d-%H%M%S')}")
+    log.warning("checkpoint.allow_restart: starting %s over from step 0", workdir)
+
+
 def setup(cfg: RunConfig, workdir: str, config_diff: dict | None = None) -> Run:
     """Mesh, data, train state (restored or fresh), step functions, checkpointer, writers."""
     distributed.initialize(
@@ -294,6 +316,7 @@ def setup(cfg: RunConfig, workdir: str, config_diff: dict | None = None) -> Run:
     dataset_dir, tokenizer = _open_data(cfg)
     _log_startup(cfg, config_diff or {}, mesh, n_params)
     c = cfg.checkpoint
+    _check_history(workdir, c.allow_restart)
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"),
         keep=c.keep,

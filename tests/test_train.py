@@ -282,3 +282,46 @@ def test_resume_refuses_another_dataset_at_the_same_path(tmp_path, tiny_dataset)
         trainer.train(longer, str(tmp_path / "run"))
     last = trainer.train(longer.replace({"data.allow_dataset_change": True}), str(tmp_path / "run"))
     assert last["step"] == 6
+
+
+def test_lost_checkpoints_do_not_silently_restart(tmp_path, tiny_dataset):
+    """A workdir whose checkpoints/ is gone (wrong mount, a clean-up script) used to restart at
+    step 0 and cut metrics.jsonl back to step 0. Now: a one-line error, unless
+    checkpoint.allow_restart, which starts over and keeps the old metrics aside."""
+    import shutil
+
+    from llama_jax import trainer
+
+    cfg = small_cfg(tiny_dataset, "train.steps=4", "checkpoint.every_steps=2", "train.eval_every=0")
+    trainer.train(cfg, str(tmp_path))
+    before = (tmp_path / "metrics.jsonl").read_text()
+    shutil.rmtree(tmp_path / "checkpoints")
+    with pytest.raises(FileNotFoundError, match="metrics up to step 4 but no checkpoints/"):
+        trainer.train(cfg, str(tmp_path))
+    assert (tmp_path / "metrics.jsonl").read_text() == before  # history untouched
+    trainer.train(cfg.replace({"checkpoint.allow_restart": True}), str(tmp_path))
+    kept = list(tmp_path.glob("metrics.jsonl.before-restart-*"))
+    assert len(kept) == 1 and kept[0].read_text() == before
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
+
+
+def test_metrics_rewrite_never_truncates_history(tmp_path):
+    """Resuming drops the records after the checkpoint by rewriting metrics.jsonl. Interrupted
+    (here: the file-size limit hit mid-write, as a full disk would), the old file must stay
+    whole; an in-place rewrite left only what it had written so far."""
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": s, "loss": 1.0, "pad": "x" * 200}) + "\n" for s in range(1, 31)]
+    path.write_text("".join(rows))
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))\n"
+        "from llama_jax.metrics import MetricsWriter\n"
+        "try:\n"
+        f"    MetricsWriter({str(tmp_path)!r}, resume_step=20, enabled=True)\n"
+        "except OSError as e:\n"
+        "    print('interrupted:', e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert "interrupted" in r.stdout, r.stdout + r.stderr
+    assert path.read_text() == "".join(rows)
