@@ -1,10 +1,15 @@
-"""What steers a training loop from outside: stop signals, the profiler's step range, and
-fault injection for tests."""
+"""What steers a training loop from outside: stop signals, the profiler's step range, fault
+injection for tests, and the lock that keeps a second run out of a workdir."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import signal
+import socket
+import time
 
 import jax
 import numpy as np
@@ -66,3 +71,67 @@ def inject_fault(step: int) -> None:
     spec = os.environ.get("LLAMA_JAX_SIGNAL_AT_STEP")
     if spec and int(spec.split(":")[1]) == step:
         os.kill(os.getpid(), int(spec.split(":")[0]))
+
+
+class WorkdirLock:
+    """One run per workdir: <workdir>/run.lock, created atomically by process 0, holding the
+    holder's host and pid; removed when the run ends. A lock whose pid is gone on this host is
+    stale (a killed run) and is taken over with a warning; a live holder, or one on another
+    host (whose pid cannot be checked from here), is a one-line error naming it."""
+
+    NAME = "run.lock"
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, self.NAME)
+        self.held = False
+
+    def acquire(self) -> None:
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%F %T")}
+        for _ in range(2):  # a second try after removing a stale lock
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._take_over_if_stale(me["host"])
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise RuntimeError(f"could not take {self.path}")
+
+    def _take_over_if_stale(self, host: str) -> None:
+        try:
+            with open(self.path) as f:
+                holder = json.load(f)
+        except (OSError, ValueError):  # torn by a kill while it was written: stale
+            holder = {"host": host, "pid": -1}
+        pid, where = holder.get("pid", -1), holder.get("host", "?")
+        if where != host or _alive(pid):
+            raise RuntimeError(
+                f"{os.path.dirname(self.path)} is in use by pid {pid} on host {where} since "
+                f"{holder.get('since', '?')}: one run per workdir. If that run is dead, delete "
+                f"{self.path}"
+            )
+        logging.getLogger(__name__).warning(
+            "taking over the stale lock of dead pid %s (%s)", pid, self.path
+        )
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)
+
+    def release(self) -> None:
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

@@ -23,7 +23,7 @@ from llama_jax import sharding as shd
 from llama_jax import train_step as ts
 from llama_jax.checkpoint import Checkpointer, check_resume, check_resume_data
 from llama_jax.config import RunConfig
-from llama_jax.control import Profiler, StopFlag, inject_fault
+from llama_jax.control import Profiler, StopFlag, WorkdirLock, inject_fault
 from llama_jax.data.default_corpus import resolve_dataset
 from llama_jax.data.format import fingerprint
 from llama_jax.data.loader import Loader
@@ -307,9 +307,6 @@ def _check_history(workdir: str, allow_restart: bool) -> None:
 
 def setup(cfg: RunConfig, workdir: str, config_diff: dict | None = None) -> Run:
     """Mesh, data, train state (restored or fresh), step functions, checkpointer, writers."""
-    distributed.initialize(
-        cfg.distributed.coordinator, cfg.distributed.num_processes, cfg.distributed.process_id
-    )
     os.makedirs(workdir, exist_ok=True)
     mesh = shd.make_mesh(*cfg.mesh.sizes)
     n_params = stats.count_params(cfg.model)
@@ -368,6 +365,20 @@ def train(
     Raises NonFiniteLossError on a non-finite loss (unless train.skip_nonfinite). command:
     the command line that runs this again (shown in the end-of-run summary).
     """
+    distributed.initialize(
+        cfg.distributed.coordinator, cfg.distributed.num_processes, cfg.distributed.process_id
+    )
+    os.makedirs(workdir, exist_ok=True)
+    lock = WorkdirLock(workdir)
+    if jax.process_index() == 0:  # one holder per job: the others follow process 0
+        lock.acquire()
+    try:
+        return _train(cfg, workdir, config_diff, command)
+    finally:
+        lock.release()
+
+
+def _train(cfg: RunConfig, workdir: str, config_diff: dict | None, command: str | None) -> dict:
     run = setup(cfg, workdir, config_diff)
     try:
         if run.start == 0 and run.eval_every:  # the untrained model's loss: the curve's start

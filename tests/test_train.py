@@ -325,3 +325,27 @@ def test_metrics_rewrite_never_truncates_history(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert "interrupted" in r.stdout, r.stdout + r.stderr
     assert path.read_text() == "".join(rows)
+
+
+def test_one_run_per_workdir(tmp_path, tiny_dataset):
+    """A second run on a workdir in use is a one-line error naming the holder (two runs used
+    to train and write side by side); the lock of a killed run is taken over; a finished run
+    leaves no lock behind."""
+    import socket
+
+    from llama_jax import trainer
+
+    cfg = small_cfg(tiny_dataset, "train.steps=2", "train.eval_every=0")
+    lock = tmp_path / "run.lock"
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": alive.pid, "since": "x"}))
+        with pytest.raises(RuntimeError, match=f"in use by pid {alive.pid} on host .*one run per"):
+            trainer.train(cfg, str(tmp_path))
+        assert not (tmp_path / "metrics.jsonl").exists()  # it wrote nothing
+    finally:
+        alive.kill()
+        alive.wait()
+    # the holder is dead now (a killed run): its stale lock is taken over
+    assert trainer.train(cfg, str(tmp_path))["step"] == 2
+    assert not lock.exists()
