@@ -74,6 +74,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True  # write checkpoints in the background
     # start over in a workdir whose metrics survive but whose checkpoints/ is gone
     c.checkpoint.allow_restart = False
+    # on resume, refuse any config change (beyond mesh/distributed); default: list them, go on
+    c.checkpoint.strict_resume = False
+    # a checkpoint that cannot be restored: fallback (move it to corrupt-<step>, resume from the
+    # newest older one) | fail
+    c.checkpoint.on_corrupt = "fallback"
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator = ""  # host:port of process 0; "" = auto (SLURM) or single process

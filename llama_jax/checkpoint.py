@@ -91,9 +91,54 @@ class Checkpointer:
 
     def restore_meta(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-            "meta"
-        ]
+        try:
+            args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+            return self.manager.restore(step, args=args)["meta"]
+        except Exception as e:  # noqa: BLE001 - as in restore(): any failure to read is corruption
+            raise CorruptCheckpointError(
+                f"cannot read checkpoint step {step} metadata from {self.directory}: "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            ) from e
+
+    def restore_newest(self, abstract_state, check=None, fallback: bool = True):
+        """(state, meta) of the newest checkpoint that restores, or None when there is none.
+
+        check(meta) runs before each restore and may raise (a config that does not fit is the
+        user's error, not corruption). A step that cannot be read is moved aside to
+        corrupt-<step> and the next older one tried (fallback), or raised (fallback=False);
+        if none restores, that is an error too: never a silent restart from step 0.
+        """
+        corrupt = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                meta = self.restore_meta(step)
+                if check is not None:
+                    check(meta)
+                return self.restore(abstract_state, step)
+            except CorruptCheckpointError as e:
+                if not fallback:
+                    raise CorruptCheckpointError(
+                        f"{e}; checkpoint.on_corrupt=fallback would continue from an older one"
+                    ) from e
+                log.warning("%s; moved aside, trying the next older checkpoint", e)
+                corrupt.append(self._set_aside(step))
+        if corrupt:
+            raise CorruptCheckpointError(
+                f"no checkpoint in {self.directory} restores (moved aside: {corrupt})"
+            )
+        return None
+
+    def _set_aside(self, step: int) -> str:
+        """Moves step's directory to corrupt-<step> (process 0; the others wait) and forgets it."""
+        from jax.experimental import multihost_utils
+
+        dest = os.path.join(self.directory, f"corrupt-{step}")
+        if jax.process_index() == 0:
+            os.replace(os.path.join(self.directory, str(step)), dest)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"llama_jax checkpoint {step} set aside")
+        self.manager.reload()
+        return dest
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -106,7 +151,10 @@ class Checkpointer:
 # Fields that fix which tokens each step sees: changing them on resume would silently skip or
 # repeat data. Schedule fields may change (extending a run), with a warning.
 RESUME_FIXED = ("train.batch_size", "train.seq_len", "data.path")
-RESUME_WARN = ("train.steps", "train.lr", "train.warmup_steps", "train.min_lr_ratio")
+# The run's environment, free to change on resume without a word: the mesh (restore re-shards
+# onto any mesh), multi-process settings, loader prefetch and the resume switches themselves.
+RESUME_FREE = ("mesh.", "distributed.", "data.prefetch", "data.allow_dataset_change",
+               "checkpoint.allow_restart", "checkpoint.strict_resume")  # fmt: skip
 
 
 def check_resume_data(saved: dict | None, current: dict, run: RunConfig) -> None:
@@ -132,8 +180,11 @@ def check_resume_data(saved: dict | None, current: dict, run: RunConfig) -> None
 
 
 def check_resume(saved: dict | None, run: RunConfig) -> None:
-    """Raises when run's data order differs from the checkpoint's (saved: its config dict);
-    warns when the schedule changes."""
+    """Compares run with the config stored in the checkpoint (saved), field by field, before
+    anything is restored. Refused, naming the fields and both values: a different data order
+    (silently skipped or repeated data), and a model of another parameter shape (it cannot be
+    restored; orbax would call it corruption). Any other change is listed in one warning, or
+    refused under checkpoint.strict_resume."""
     if not saved:
         return
     before = RunConfig.from_dict(saved)
@@ -147,11 +198,33 @@ def check_resume(saved: dict | None, run: RunConfig) -> None:
             + "; ".join(bad)
             + "): use the original values or a new --workdir"
         )
-    for k in RESUME_WARN:
-        if old[k] != new[k]:
-            log.warning(
-                "resuming with %s changed: %r -> %r (the schedule changes)", k, old[k], new[k]
-            )
+    changed = {
+        k: (old[k], new[k]) for k in old if old[k] != new[k] and not k.startswith(RESUME_FREE)
+    }
+    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+    if _param_shapes(before.model) != _param_shapes(run.model):
+        shape = "; ".join(
+            f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if k.startswith("model.")
+        )
+        raise ValueError(
+            f"resuming with a model of another shape than the checkpoint ({shape}): its "
+            "parameters do not fit; use the original values or a new --workdir"
+        )
+    if changed and run.checkpoint.strict_resume:
+        raise ValueError(
+            f"resuming with a changed config ({listed}) under checkpoint.strict_resume: use the "
+            "original values, or drop strict_resume to accept the changes"
+        )
+    if changed:
+        log.warning("resuming with a changed config (the checkpoint's -> now): %s", listed)
+
+
+def _param_shapes(model) -> list:
+    """The parameter tree's structure, shapes and dtypes (nothing allocated)."""
+    from llama_jax.stats import param_shapes
+
+    shapes = param_shapes(model)
+    return [jax.tree.structure(shapes), [(x.shape, x.dtype) for x in jax.tree.leaves(shapes)]]
 
 
 def export(workdir: str, output: str, step: int | None = None, dtype: str | None = None) -> str:

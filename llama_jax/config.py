@@ -24,6 +24,9 @@ from llama_jax.remat import REMAT_POLICIES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Choice-valued fields of each group -> the valid names, each from the table that implements it.
+# What a run does with a checkpoint that cannot be restored (checkpoint.Checkpointer
+# .restore_newest): move it aside and continue from the newest older one, or stop.
+ON_CORRUPT = ("fallback", "fail")
 # field -> (what it names, valid names)
 MODEL_CHOICES = {
     "dtype": ("dtype", tuple(DTYPES)),
@@ -322,6 +325,14 @@ class CheckpointConfig(_Group):
     keep_period: int = 0
     async_save: bool = True
     allow_restart: bool = False
+    strict_resume: bool = False
+    on_corrupt: str = "fallback"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choices(
+            "checkpoint", self, {"on_corrupt": ("corrupt-checkpoint action", ON_CORRUPT)}
+        )
 
 
 @dataclasses.dataclass(frozen=True)

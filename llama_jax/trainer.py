@@ -250,12 +250,17 @@ def _restore_or_init(cfg: RunConfig, mesh: Mesh, ckpt: Checkpointer, data: dict)
     """(state, state shardings, tokens_seen): the latest checkpoint (after checking it continues
     this run's data and data order; data: this run's dataset fingerprint), else a fresh init."""
     abstract, shardings = ts.abstract_train_state(cfg, mesh)
-    if ckpt.latest_step() is None:
+
+    def check(meta):  # before anything is restored: a refused config is not corruption
+        check_resume(meta.get("config"), cfg)
+        check_resume_data(meta.get("dataset"), data, cfg)
+
+    fallback = cfg.checkpoint.on_corrupt == "fallback"
+    restored = ckpt.restore_newest(abstract, check, fallback=fallback)
+    if restored is None:
         state, _ = ts.create_train_state(cfg, mesh)
         return state, shardings, 0
-    state, meta = ckpt.restore(abstract)
-    check_resume(meta.get("config"), cfg)
-    check_resume_data(meta.get("dataset"), data, cfg)
+    state, meta = restored
     log.info("resumed from %s step %d", ckpt.directory, int(state.step))
     return (
         state,

@@ -349,3 +349,50 @@ def test_one_run_per_workdir(tmp_path, tiny_dataset):
     # the holder is dead now (a killed run): its stale lock is taken over
     assert trainer.train(cfg, str(tmp_path))["step"] == 2
     assert not lock.exists()
+
+
+def test_resume_compares_every_field(tmp_path, tiny_dataset, caplog):
+    """On resume every field is compared with the checkpoint's config, before anything is
+    restored: a model of another shape is refused naming the field (orbax used to call it a
+    corrupt checkpoint), other changes are listed in one warning (weight decay, clip norm and
+    rope theta used to change silently), or refused under checkpoint.strict_resume."""
+    import logging
+
+    from llama_jax import trainer
+
+    cfg = small_cfg(tiny_dataset, "train.steps=2", "train.eval_every=0")
+    trainer.train(cfg, str(tmp_path))
+    more = cfg.replace({"train.steps": 3})
+    with pytest.raises(ValueError, match=r"model of another shape .*model.dim: 64 -> 32"):
+        trainer.train(more.replace({"model.dim": 32}), str(tmp_path))
+    drift = more.replace({"train.weight_decay": 0.0, "model.rope_theta": 500.0})
+    with pytest.raises(
+        ValueError, match=r"changed config \(.*train.weight_decay: 0.1 -> 0.0.*strict"
+    ):
+        trainer.train(drift.replace({"checkpoint.strict_resume": True}), str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="llama_jax.checkpoint"):
+        assert trainer.train(drift, str(tmp_path))["step"] == 3
+    warned = [r.getMessage() for r in caplog.records if "changed config" in r.getMessage()]
+    assert len(warned) == 1 and "model.rope_theta: 10000.0 -> 500.0" in warned[0], warned
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, tiny_dataset):
+    """The newest checkpoint cut short (its largest array file emptied): the run moves it to
+    checkpoints/corrupt-<step> and continues from the newest one that restores, with the
+    losses of the uninterrupted run (it used to stop with exit 2); on_corrupt=fail stops."""
+    from llama_jax import trainer
+    from llama_jax.checkpoint import CorruptCheckpointError
+
+    cfg = small_cfg(tiny_dataset, "train.steps=6", "checkpoint.every_steps=2", "train.eval_every=0")
+    trainer.train(cfg, str(tmp_path / "straight"))
+    short = cfg.replace({"train.steps": 4})
+    trainer.train(short, str(tmp_path / "run"))
+    files = [p for p in (tmp_path / "run" / "checkpoints" / "4").rglob("*") if p.is_file()]
+    max(files, key=lambda p: p.stat().st_size).write_bytes(b"")
+    with pytest.raises(CorruptCheckpointError, match="step 4"):
+        trainer.train(cfg.replace({"checkpoint.on_corrupt": "fail"}), str(tmp_path / "run"))
+    assert trainer.train(cfg, str(tmp_path / "run"))["step"] == 6
+    assert (tmp_path / "run" / "checkpoints" / "corrupt-4").is_dir()
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "run")
+    assert sorted(b) == list(range(1, 7))
+    np.testing.assert_array_equal([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)])
