@@ -12,6 +12,7 @@ checkpoint. See llama_jax/ablate.py.
 
 import argparse
 import logging
+import sys
 
 from llama_jax import cli
 
@@ -35,9 +36,9 @@ def run(c: cli.Command):
             grid=a.grid,
             evals=a.evals,
         )
-    except ablate.SweepInterrupted as e:  # like launch.train: saved, exit 0, rerun resumes
+    except ablate.SweepInterrupted as e:  # like launch.train: saved; rerunning resumes
         print(f"interrupted: {e}", flush=True)
-        return
+        sys.exit(cli.RESUME_EXIT)
     with open(f"{a.workdir}/results.md") as f:
         print(f.read(), end="")
     print(f"wrote {a.workdir}/results.csv, results.md, ablation.png", flush=True)

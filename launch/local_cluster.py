@@ -13,6 +13,8 @@ import subprocess
 import sys
 import threading
 
+RESUME_EXIT = 75  # llama_jax.cli.RESUME_EXIT (not imported: this launcher starts no jax)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -55,13 +57,22 @@ def launch(
         t.start()
         pumps.append(t)
 
-    def forward(signum, frame):  # SIGTERM/SIGINT reach every process: they save and exit
+    def forward(signum, frame):  # SIGTERM/SIGINT/SIGUSR1 reach every process: they save, exit
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(s, forward)
+    status = _wait_all(procs)
+    for t in pumps:
+        t.join(timeout=5)
+    return status or next((p.returncode for p in procs if p.returncode), 0)
+
+
+def _wait_all(procs) -> int:
+    """Waits for every process; on the first failure (not 0, not a clean RESUME_EXIT stop)
+    kills the rest, since a lone survivor would wait for its peers forever. Returns it (or 0)."""
     status = 0
     while any(p.poll() is None for p in procs):
         for p in procs:
@@ -69,14 +80,12 @@ def launch(
                 rc = p.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
                 continue
-            if rc != 0 and status == 0:
+            if rc not in (0, RESUME_EXIT) and status == 0:
                 status = rc
-                for q in procs:  # a lone survivor would wait for its peers forever
+                for q in procs:
                     if q.poll() is None:
                         q.kill()
-    for t in pumps:
-        t.join(timeout=5)
-    return status or next((p.returncode for p in procs if p.returncode), 0)
+    return status
 
 
 def main(argv=None):

@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import shlex
+import sys
 
 from llama_jax import cli
 
@@ -29,7 +30,9 @@ def run(c: cli.Command):
     workdir = c.args.workdir or os.path.join("runs", name)
     # The same command again resumes the run (the summary block suggests it).
     again = shlex.join(["python", "-m", "launch.train", *c.argv])
-    trainer.train(c.cfg, workdir, config_diff=c.diff, command=again)
+    last = trainer.train(c.cfg, workdir, config_diff=c.diff, command=again)
+    if "stopped_by" in last:  # saved: the scheduler should run this again
+        sys.exit(cli.RESUME_EXIT)
 
 
 def parser() -> argparse.ArgumentParser:

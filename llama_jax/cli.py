@@ -16,7 +16,11 @@ import sys
 from typing import Any, NamedTuple
 
 USER_ERRORS = (ValueError, KeyError, OSError, RuntimeError)
+# Exit statuses a scheduler can act on: 0 finished; RESUME_EXIT stopped by a signal with its
+# checkpoint saved, run the same command again (SLURM: requeue); USAGE_EXIT a user-facing
+# error (one line on stderr); 1 a bug (a Python traceback).
 USAGE_EXIT = 2
+RESUME_EXIT = 75  # EX_TEMPFAIL in sysexits.h: "try again later"
 
 
 def _one_line(e: BaseException) -> str:

@@ -17,14 +17,15 @@ from jax.experimental import multihost_utils
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop finishes its step, saves and exits cleanly."""
+    """Set by SIGTERM, SIGINT or SIGUSR1 (SLURM's --signal=USR1@<seconds> warning before a
+    time limit); the loop finishes its step, saves and exits with cli.RESUME_EXIT."""
 
     def __init__(self):
         self.signal = None
         self._old = {}
 
     def install(self):
-        for s in (signal.SIGTERM, signal.SIGINT):
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             self._old[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):

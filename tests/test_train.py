@@ -144,7 +144,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, tiny_dataset, async_save, kill_
 
 def test_sigterm_saves_and_next_run_continues(tmp_path, tiny_dataset):
     r = run_train(tmp_path, tiny_dataset, env={"LLAMA_JAX_SIGNAL_AT_STEP": "15:5"}, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 75, r.stderr[-3000:]  # saved, resume me (0 is "finished")
     assert "SIGTERM received: saved step 5" in r.stdout
     assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [5]
     # Resuming with another batch size would silently change the data order: refused.
@@ -396,3 +396,15 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, tiny_dataset):
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "run")
     assert sorted(b) == list(range(1, 7))
     np.testing.assert_array_equal([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)])
+
+
+def test_sigusr1_saves_and_exits_to_be_requeued(tmp_path, tiny_dataset):
+    """SLURM's --signal=USR1@<s> warning is handled like SIGTERM: save, then exit 75 ("stopped,
+    checkpoint saved, run me again"), which train.sbatch turns into a requeue. A finished run
+    exits 0, so a scheduler can tell the two apart (SIGTERM used to exit 0 as well)."""
+    r = run_train(tmp_path, tiny_dataset, env={"LLAMA_JAX_SIGNAL_AT_STEP": f"{signal.SIGUSR1}:3"},
+                  check=False)  # fmt: skip
+    assert r.returncode == 75, r.stderr[-3000:]
+    assert "SIGUSR1 received: saved step 3" in r.stdout
+    assert run_train(tmp_path, tiny_dataset).returncode == 0
+    assert sorted(losses(tmp_path)) == list(range(1, 17))
