@@ -395,16 +395,13 @@ class _HFTensors:
     def _open(self, fname: str):
         if fname not in self.files:
             full = os.path.join(self.path, fname)
-            if fname.endswith(".safetensors"):
-                from safetensors import safe_open
-
-                self.files[fname] = safe_open(full, framework="pt")
-            else:
-                import torch
-
-                self.files[fname] = torch.load(
-                    full, map_location="cpu", mmap=True, weights_only=True
-                )
+            try:
+                self.files[fname] = _open_weights(full)
+            except Exception as e:  # noqa: BLE001 - SafetensorError, torch's UnpicklingError, ...
+                raise ValueError(
+                    f"cannot read {full} (truncated or not a weights file?): "
+                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                ) from e
         return self.files[fname]
 
     def get(self, key: str) -> np.ndarray:
@@ -435,6 +432,16 @@ def read_hf(path: str, dtype=None, overrides: dict | None = None):
         return x.astype(dt, copy=False)
 
     return _read_tree(get, c, dt), c
+
+
+def _open_weights(path: str):
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        return safe_open(path, framework="pt")
+    import torch
+
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
 
 
 def write_hf(path: str, tree: dict, c: ModelConfig, max_shard_bytes: int = 5 << 30):

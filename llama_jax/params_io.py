@@ -102,7 +102,7 @@ def load_params(path: str, dtype=None, sharding=None, mesh=None):
         model_cfg = dataclasses.replace(model_cfg, param_dtype=dtype_name(dtype_of(dtype)))
     ckptr = ocp.StandardCheckpointer()
     params_dir = os.path.join(path, PARAMS_DIR)
-    stored = ckptr.metadata(params_dir).item_metadata.tree
+    stored = _readable(lambda: ckptr.metadata(params_dir).item_metadata.tree, path)
     if mesh is not None:
         from llama_jax.model import abstract_params
         from llama_jax.sharding import tree_shardings
@@ -123,4 +123,20 @@ def load_params(path: str, dtype=None, sharding=None, mesh=None):
         return jax.ShapeDtypeStruct(tuple(meta.shape), dt, sharding=shard)
 
     target = jax.tree.map(abstract, stored, shardings)
-    return ckptr.restore(params_dir, target), model_cfg
+    return _readable(lambda: ckptr.restore(params_dir, target), path), model_cfg
+
+
+class CorruptParamsError(RuntimeError):
+    pass
+
+
+def _readable(read, path: str):
+    """read(), with whatever orbax/tensorstore raise for a truncated or damaged checkpoint
+    (a bare Exception among them) turned into one error naming the checkpoint."""
+    try:
+        return read()
+    except Exception as e:  # noqa: BLE001 - orbax's errors for bad files have no common type
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CorruptParamsError(
+            f"cannot read the params checkpoint {path}: {type(e).__name__}: {first[:300]}"
+        ) from e

@@ -323,3 +323,31 @@ def test_params_io_roundtrip(tmp_path):
     assert params["layers"]["attention"]["wq"].dtype == jnp.bfloat16
     assert params["output"].sharding == sharding
     np.testing.assert_array_equal(params["output"], tree["output"].astype(jnp.bfloat16))
+
+
+def test_truncated_inputs_are_one_line_errors(tmp_path, capsys):
+    """A truncated model.safetensors (convert) and an export with an array file emptied
+    (generate) end in one `error:` line and exit 2, not a SafetensorError traceback or a
+    141-line orbax trace ending in a bare Exception."""
+    from launch.convert import main as convert_main
+
+    hf_model(2).save_pretrained(tmp_path / "hf")
+    convert.convert("hf", "ours", str(tmp_path / "hf"), str(tmp_path / "ours"), overrides=F32)
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    capsys.readouterr()  # transformers' progress bars so far
+    argv = ["--from", "hf", "--to", "ours", "--input", str(tmp_path / "hf"), "--output",
+            str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        convert_main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "model.safetensors" in err, err
+
+    files = [p for p in (tmp_path / "ours" / "params").rglob("*") if p.is_file()]
+    max(files, key=lambda p: p.stat().st_size).write_bytes(b"")
+    from llama_jax import cli
+    from llama_jax.params_io import CorruptParamsError
+
+    with pytest.raises(CorruptParamsError, match="cannot read the params checkpoint") as e:
+        load_params(str(tmp_path / "ours"))
+    assert isinstance(e.value, cli.USER_ERRORS)  # generate/eval print it as one line, exit 2
