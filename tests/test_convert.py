@@ -326,9 +326,10 @@ def test_params_io_roundtrip(tmp_path):
 
 
 def test_truncated_inputs_are_one_line_errors(tmp_path, capsys):
-    """A truncated model.safetensors (convert) and an export with an array file emptied
-    (generate) end in one `error:` line and exit 2, not a SafetensorError traceback or a
-    141-line orbax trace ending in a bare Exception."""
+    """A truncated model.safetensors ends launch.convert with one `error:` line and exit 2, not a
+    SafetensorError traceback; a params checkpoint with an array file emptied raises one
+    CorruptParamsError naming it (which launch.generate and launch.eval print as one line),
+    not a 141-line orbax trace ending in a bare Exception."""
     from launch.convert import main as convert_main
 
     hf_model(2).save_pretrained(tmp_path / "hf")
