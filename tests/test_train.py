@@ -1,6 +1,8 @@
 """The training run end to end: loss falls, exact resume after SIGKILL, SIGTERM, other meshes,
 multi-process, export."""
 
+import contextlib
+import glob
 import json
 import os
 import signal
@@ -408,3 +410,54 @@ def test_sigusr1_saves_and_exits_to_be_requeued(tmp_path, tiny_dataset):
     assert "SIGUSR1 received: saved step 3" in r.stdout
     assert run_train(tmp_path, tiny_dataset).returncode == 0
     assert sorted(losses(tmp_path)) == list(range(1, 17))
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # field 4 of /proc/<pid>/stat: the parent's pid
+            out.append(int(stat.split("/")[2]))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_workers_die_with_their_launcher(tmp_path, tiny_dataset):
+    """SIGKILL of launch.local_cluster used to leave both workers training (or blocked in a
+    collective) for minutes; now the kernel kills them with it (PR_SET_PDEATHSIG): gone within
+    a few seconds, well inside the 30 s a scheduler's clean-up may wait."""
+    import time
+
+    args = [f"--config.{o}" for o in [*SMALL, f"data.path={tiny_dataset[0]}", "train.steps=100000"]]
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "launch.local_cluster", "--num-processes", "2", "--",
+         f"--config={ROOT}/configs/tiny.py", f"--workdir={tmp_path}", *args],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    workers = []
+    try:
+        deadline = time.time() + 60
+        while len(workers) < 2 and time.time() < deadline:
+            workers = _children(launcher.pid)
+            time.sleep(0.2)
+        assert len(workers) == 2, workers
+        time.sleep(3)  # past start-up: importing jax, joining the job
+        launcher.kill()
+        launcher.wait()
+        deadline = time.time() + 30
+        while any(_running(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_running(w) for w in workers), "workers outlived their launcher"
+    finally:
+        for w in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w, signal.SIGKILL)
