@@ -54,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
     t.profile_steps = ""  # "a,b": write a jax.profiler trace of steps a..b to the workdir
     t.samples = 3  # samples (validation prompts, temperature 0.8, top-k 40) printed at the end
     t.sample_tokens = 64  # length of each sample
+    # step watchdog: exit (status 3, all threads' stacks printed) when no step completes for
+    # max(this, 10 x the recent median step) seconds; 0 = off
+    t.step_timeout_s = 0.0
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1  # data-parallel replicas; -1 = all devices left over

@@ -228,6 +228,7 @@ class TrainConfig(_Group):
         "b1": "in [0, 1)", "b2": "in [0, 1)", "eps": "> 0", "weight_decay": ">= 0",
         "clip_norm": "> 0", "grad_accum_steps": ">= 1", "log_every": ">= 1",
         "eval_every": ">= 0", "eval_batches": ">= 0", "samples": ">= 0", "sample_tokens": ">= 1",
+        "step_timeout_s": ">= 0",
     }  # fmt: skip
     steps: int = 250_000
     batch_size: int = 2048
@@ -250,6 +251,7 @@ class TrainConfig(_Group):
     profile_steps: str = ""
     samples: int = 3
     sample_tokens: int = 64
+    step_timeout_s: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()

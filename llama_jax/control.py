@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 
 import jax
@@ -68,10 +69,13 @@ class Profiler:
 
 def inject_fault(step: int) -> None:
     """Fault injection for tests: LLAMA_JAX_SIGNAL_AT_STEP="SIGNUM:STEP" sends this process a
-    real signal after that step, e.g. 9:12 (SIGKILL) or 15:5 (SIGTERM)."""
+    real signal after that step, e.g. 9:12 (SIGKILL) or 15:5 (SIGTERM);
+    LLAMA_JAX_HANG_AT_STEP=STEP hangs after that step (a stuck read or collective)."""
     spec = os.environ.get("LLAMA_JAX_SIGNAL_AT_STEP")
     if spec and int(spec.split(":")[1]) == step:
         os.kill(os.getpid(), int(spec.split(":")[0]))
+    if os.environ.get("LLAMA_JAX_HANG_AT_STEP") == str(step):
+        threading.Event().wait()
 
 
 class WorkdirLock:
@@ -136,3 +140,64 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+class StepWatchdog:
+    """train.step_timeout_s: a thread that ends the process when the loop stops making
+    progress (a stuck data read or collective): if no beat() comes for max(timeout_s, factor x
+    the recent median beat interval), it prints every thread's stack (faulthandler) and one
+    `error:` line, then exits with status 3. Off when timeout_s is 0."""
+
+    EXIT = 3
+
+    def __init__(self, timeout_s: float, factor: float = 10.0, window: int = 20):
+        self.timeout_s, self.factor, self.window = timeout_s, factor, window
+        self.intervals: list[float] = []
+        self.last = float("inf")  # the clock starts at the first beat: compilation is before it
+        self.step = 0
+        self._stop = threading.Event()
+        self._thread = None
+        if timeout_s > 0:
+            self._thread = threading.Thread(target=self._watch, daemon=True, name="step-watchdog")
+            self._thread.start()
+
+    def beat(self, step: int) -> None:
+        now = time.monotonic()
+        if self.last != float("inf"):
+            self.intervals = (self.intervals + [now - self.last])[-self.window :]
+        self.last, self.step = now, step
+
+    def pause(self) -> None:
+        """Before work that is not a step (evaluation, a save): the next beat restarts the clock."""
+        self.last = float("inf")
+
+    def resume(self) -> None:
+        self.last = time.monotonic()
+
+    def limit(self) -> float:
+        recent = sorted(self.intervals)
+        median = recent[len(recent) // 2] if recent else 0.0
+        return max(self.timeout_s, self.factor * median)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.timeout_s / 4)):
+            waited = time.monotonic() - self.last
+            if waited > self.limit():
+                self._fire(waited)
+
+    def _fire(self, waited: float) -> None:
+        import faulthandler
+        import sys
+
+        faulthandler.dump_traceback(all_threads=True)
+        print(
+            f"error: StepWatchdog: no progress for {waited:.0f} s after step {self.step} "
+            f"(limit {self.limit():.0f} s = max(train.step_timeout_s, {self.factor:g} x the "
+            "recent median step)); the stacks of all threads are above",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(self.EXIT)
+
+    def close(self) -> None:
+        self._stop.set()

@@ -23,7 +23,7 @@ from llama_jax import sharding as shd
 from llama_jax import train_step as ts
 from llama_jax.checkpoint import Checkpointer, check_resume, check_resume_data
 from llama_jax.config import RunConfig
-from llama_jax.control import Profiler, StopFlag, WorkdirLock, inject_fault
+from llama_jax.control import Profiler, StepWatchdog, StopFlag, WorkdirLock, inject_fault
 from llama_jax.data.default_corpus import resolve_dataset
 from llama_jax.data.format import fingerprint
 from llama_jax.data.loader import Loader
@@ -111,6 +111,7 @@ class Run:
         # A run resumed at its last step trains nothing but still reports where it got to.
         self.last = metrics.last_record(self.workdir) if self.start else {}
         self.profiler = Profiler(self.cfg.train.profile_range, self.workdir)
+        self.watchdog = StepWatchdog(self.cfg.train.step_timeout_s)
         self.throughput = metrics.Throughput(self.tokens_seen)
         self.acc = {"skipped": jnp.zeros((), jnp.int32), "first_bad": jnp.full((), -1, jnp.int32)}
         self.flops_per_token = stats.flops_per_token(
@@ -143,6 +144,7 @@ class Run:
         self.profiler.after(step, self.state)
         self.tokens_seen += self.cfg.train.tokens_per_step
         inject_fault(step + 1)
+        self.watchdog.beat(step + 1)
 
     def should_stop(self, done: int) -> bool:
         return done % self.stop_every == 0 and self.stop.any_process()
@@ -176,7 +178,9 @@ class Run:
         if rate is not None:  # mfu_6n (the paper's basis) and mfu_palm, on a known device
             record.update(stats.mfu(rate, self.flops_per_token, jax.device_count(), self.peak))
         if self._eval_due(done):
+            self.watchdog.pause()  # evaluation is not a step
             record["val_loss"] = self.validate(self.state.params)
+            self.watchdog.resume()
         self.writer.write(record)
         self.last = record
         if a["first_bad"] >= 0 and not self.cfg.train.skip_nonfinite:
@@ -204,13 +208,16 @@ class Run:
         self.bar.set_postfix(post, refresh=False)
 
     def save(self, done: int) -> None:
+        self.watchdog.pause()  # a (sync) save is not a step
         meta = {"step": done, "tokens_seen": self.tokens_seen, "config": self.cfg.to_dict(),
                 "dataset": self.data_fingerprint}  # fmt: skip
         self.ckpt.save(done, self.state, meta)
         self.last_saved = done
+        self.watchdog.resume()
 
     def stopped(self, done: int) -> dict:
         """After a stop signal: the checkpoint of `done` is written; the same command resumes."""
+        self.watchdog.pause()
         self.ckpt.wait()
         signame = self.stop.signal or "signal"
         msg = (
@@ -223,6 +230,7 @@ class Run:
         return {**self.last, "stopped_by": signame}
 
     def close(self) -> None:
+        self.watchdog.close()
         self.profiler.stop()
         self.bar.close()
         self.stop.restore()
@@ -402,6 +410,7 @@ def _train(cfg: RunConfig, workdir: str, config_diff: dict | None, command: str 
                 run.throughput.mark(run.tokens_seen)  # evaluating and saving are not training
             if stopping:
                 return run.stopped(done)
+        run.watchdog.pause()
         run.ckpt.wait()
     finally:
         run.close()

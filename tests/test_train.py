@@ -508,3 +508,21 @@ def test_chaos_kills_corruption_and_interrupted_rewrite(tmp_path, tiny_dataset, 
     a, b = losses(tmp_path / "straight"), losses(wd)
     np.testing.assert_array_equal([b[s] for s in range(1, 25)], [a[s] for s in range(1, 25)])
     assert any(d.startswith("corrupt-") for d in os.listdir(wd / "checkpoints"))
+
+
+def test_step_watchdog_ends_a_stuck_run(tmp_path, tiny_dataset):
+    """train.step_timeout_s: a step that never finishes (a stuck read or collective; here an
+    injected hang) ends the run within the limit, with every thread's stack and one error
+    line, exit status 3, instead of waiting forever."""
+    import time
+
+    t0 = time.time()
+    r = run_train(tmp_path, tiny_dataset, "train.step_timeout_s=3",
+                  env={"LLAMA_JAX_HANG_AT_STEP": "6"}, check=False)  # fmt: skip
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "Thread 0x" in r.stderr and "File " in r.stderr  # faulthandler's stacks
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: StepWatchdog: no progress for") and "after step 5" in last, last
+    assert time.time() - t0 < 120
+    # and no false alarm in a healthy run with its evaluations and saves
+    assert run_train(tmp_path / "ok", tiny_dataset, "train.step_timeout_s=3").returncode == 0
