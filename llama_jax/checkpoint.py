@@ -154,7 +154,8 @@ RESUME_FIXED = ("train.batch_size", "train.seq_len", "data.path")
 # The run's environment, free to change on resume without a word: the mesh (restore re-shards
 # onto any mesh), multi-process settings, loader prefetch and the resume switches themselves.
 RESUME_FREE = ("mesh.", "distributed.", "data.prefetch", "data.allow_dataset_change",
-               "checkpoint.allow_restart", "checkpoint.strict_resume")  # fmt: skip
+               "checkpoint.allow_restart", "checkpoint.strict_resume", "checkpoint.on_corrupt",
+               "train.step_timeout_s")  # fmt: skip
 
 
 def check_resume_data(saved: dict | None, current: dict, run: RunConfig) -> None:

@@ -334,7 +334,13 @@ def setup(cfg: RunConfig, workdir: str, config_diff: dict | None = None) -> Run:
         async_save=c.async_save,
     )
     data = fingerprint(dataset_dir, tokenizer.sha256)
-    state, shardings, tokens_seen = _restore_or_init(cfg, mesh, ckpt, data)
+    try:
+        state, shardings, tokens_seen = _restore_or_init(cfg, mesh, ckpt, data)
+    except BaseException:
+        # an open manager's background threads would print "Event loop is closed" tracebacks
+        # at exit, after the one-line error
+        ckpt.close()
+        raise
     start = int(state.step)
     loader = Loader(
         dataset_dir,
