@@ -118,7 +118,9 @@ class Checkpointer:
             except CorruptCheckpointError as e:
                 if not fallback:
                     raise CorruptCheckpointError(
-                        f"{e}; checkpoint.on_corrupt=fallback would continue from an older one"
+                        f"{e}; move {os.path.join(self.directory, str(step))} aside to continue "
+                        "from an older checkpoint (checkpoint.on_corrupt=fallback does that on "
+                        "one process)"
                     ) from e
                 log.warning("%s; moved aside, trying the next older checkpoint", e)
                 corrupt.append(self._set_aside(step))
