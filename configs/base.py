@@ -87,6 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.coordinator = ""  # host:port of process 0; "" = auto (SLURM) or single process
     c.distributed.num_processes = 0  # processes in the job; 0 = auto
     c.distributed.process_id = -1  # this process's index; -1 = auto
+    # a process whose peer sent no heartbeat for this long names it and exits 3; 0 = off
+    c.distributed.peer_timeout_s = 30.0
     return c
 
 

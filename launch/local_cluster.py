@@ -92,13 +92,16 @@ def _wait_all(procs) -> int:
     kills the rest, since a lone survivor would wait for its peers forever. Returns it (or 0)."""
     status = 0
     while any(p.poll() is None for p in procs):
-        for p in procs:
+        for i, p in enumerate(procs):
             try:
                 rc = p.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
                 continue
             if rc not in (0, RESUME_EXIT) and status == 0:
                 status = rc
+                how = f"was killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited {rc}"
+                print(f"local_cluster: process {i} (pid {p.pid}) {how}; stopping the others",
+                      file=sys.stderr, flush=True)  # fmt: skip
                 for q in procs:
                     if q.poll() is None:
                         q.kill()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -23,6 +24,56 @@ log = logging.getLogger(__name__)
 
 class CorruptCheckpointError(RuntimeError):  # noqa: N818
     pass
+
+
+class CheckpointSaveError(RuntimeError):
+    """An (async) save failed: disk full, a lost mount, a write error."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).split(" See full TensorStore details")[0]
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+class _QuietOrbax(logging.Filter):
+    """orbax logs a failed background write as ERROR with a full traceback, three times, and
+    asyncio one 'exception was never retrieved' traceback per array it was writing; our
+    CheckpointSaveError carries the first line, so those tracebacks go (kept at DEBUG level)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if log.isEnabledFor(logging.DEBUG):
+            return True
+        if record.name == "asyncio":
+            message = record.getMessage()
+            return not ("exception was never retrieved" in message and "orbax" in message)
+        if "orbax" in record.pathname and record.exc_info:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_event_loop_closed(hook):
+    """After one write of an async save fails, orbax's event loop closes while tensorstore's
+    other writes still complete into it; each prints 'RuntimeError: Event loop is closed'
+    through sys.unraisablehook (30-76 tracebacks). Those say nothing the save error does not."""
+
+    def unraisable(u):
+        if not (
+            isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)
+        ):
+            hook(u)
+
+    unraisable.quiet_event_loop_closed = True
+    return unraisable
+
+
+def quiet_orbax() -> None:
+    """Installs both (idempotent)."""
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
+            logger.addFilter(_QuietOrbax())
+    if not getattr(sys.unraisablehook, "quiet_event_loop_closed", False):
+        sys.unraisablehook = _quiet_event_loop_closed(sys.unraisablehook)
 
 
 class Checkpointer:
@@ -40,6 +91,8 @@ class Checkpointer:
         read_only: bool = False,
     ):
         self.directory = os.path.abspath(directory)
+        self.saving: int | None = None  # the step of the newest save started
+        quiet_orbax()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max(1, keep),
             keep_period=keep_period or None,
@@ -57,13 +110,35 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state, meta: dict, *, force: bool = True) -> None:
-        """Starts an (async) save of state at step; meta must be JSON-serializable."""
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=force,
+        """Starts an (async) save of state at step; meta must be JSON-serializable. Raises
+        CheckpointSaveError naming the step whose save failed (this one or the one before)."""
+        error = self.save_error()
+        if error:
+            raise CheckpointSaveError(error)
+        self.saving = step
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        try:
+            self.manager.save(step, args=args, force=force)
+        except Exception as e:  # noqa: BLE001 - whatever the write raised
+            raise CheckpointSaveError(self._save_failed(e)) from e
+
+    def save_error(self) -> str | None:
+        """Without waiting: the error of an async save that has failed, as one line naming the
+        step and the newest complete checkpoint (each error is reported once)."""
+        if self.saving is None or self.manager.is_saving_in_progress():
+            return None
+        try:  # finished: returns at once, raising what the save raised (once)
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - whatever the write raised
+            return self._save_failed(e)
+        return None
+
+    def _save_failed(self, e: BaseException) -> str:
+        newest = self.latest_step()
+        intact = "no checkpoint yet" if newest is None else f"step {newest} is intact"
+        return (
+            f"saving checkpoint step {self.saving} to {self.directory} failed: {_first_line(e)}; "
+            f"{intact}. Free space or fix the file system, then run the same command again"
         )
 
     def restore(self, abstract_state, step: int | None = None):
@@ -75,30 +150,40 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        try:
-            out = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-                ),
-            )
-        except Exception as e:  # orbax raises many types for truncated or mismatched files
-            raise CorruptCheckpointError(
-                f"cannot restore checkpoint step {step} from {self.directory}: {type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}"
-            ) from e
+        args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        out = self._read(step, "restore checkpoint", args)
         return out["state"], out["meta"]
 
     def restore_meta(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
+        return self._read(step, "read checkpoint", {"meta": ocp.args.JsonRestore()})["meta"]
+
+    def _read(self, step: int, what: str, args: dict) -> dict:
+        """Reads items of step on every process, then the processes agree whether all of them
+        could: any failure is a CorruptCheckpointError on all of them, naming the process.
+
+        orbax's own restore ends in a cross-process barrier that a process whose read failed
+        never reaches, which left the others waiting (and their next save hanging), so the
+        read here skips it (active_processes = this one) and agreeing is the barrier."""
+        options = ocp.options.MultiprocessingOptions(active_processes={jax.process_index()})
+        reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler(), multiprocessing_options=options)
+        out, error = None, ""
         try:
-            args = ocp.args.Composite(meta=ocp.args.JsonRestore())
-            return self.manager.restore(step, args=args)["meta"]
-        except Exception as e:  # noqa: BLE001 - as in restore(): any failure to read is corruption
+            out = reader.restore(
+                os.path.join(self.directory, str(step)), ocp.args.Composite(**args)
+            )
+        except Exception as e:  # noqa: BLE001 - orbax raises many types for truncated files
+            error = _first_line(e)
+        finally:
+            reader.close()
+        failed = _failed_processes(bool(error))
+        if failed:
+            where = f" on process {failed[0]}" if jax.process_count() > 1 else ""
             raise CorruptCheckpointError(
-                f"cannot read checkpoint step {step} metadata from {self.directory}: "
-                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            ) from e
+                f"cannot {what} step {step} from {self.directory}{where}: "
+                + (error or f"process {failed[0]} could not read it")
+            )
+        return out
 
     def restore_newest(self, abstract_state, check=None, fallback: bool = True):
         """(state, meta) of the newest checkpoint that restores, or None when there is none.
@@ -119,8 +204,7 @@ class Checkpointer:
                 if not fallback:
                     raise CorruptCheckpointError(
                         f"{e}; move {os.path.join(self.directory, str(step))} aside to continue "
-                        "from an older checkpoint (checkpoint.on_corrupt=fallback does that on "
-                        "one process)"
+                        "from an older checkpoint (checkpoint.on_corrupt=fallback does that)"
                     ) from e
                 log.warning("%s; moved aside, trying the next older checkpoint", e)
                 corrupt.append(self._set_aside(step))
@@ -143,11 +227,26 @@ class Checkpointer:
         return dest
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Blocks until the pending save is written; raises CheckpointSaveError if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - whatever the write raised
+            raise CheckpointSaveError(self._save_failed(e)) from e
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+
+def _failed_processes(failed: bool) -> list[int]:
+    """The indices of the processes that passed failed=True (every process must call this)."""
+    if jax.process_count() == 1:
+        return [0] if failed else []
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.int32(failed))
+    return [int(i) for i in np.flatnonzero(np.asarray(flags).reshape(-1))]
 
 
 # Fields that fix which tokens each step sees: changing them on resume would silently skip or

@@ -340,10 +340,11 @@ class CheckpointConfig(_Group):
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig(_Group):
     GROUP = "distributed"
-    RANGES = {"num_processes": ">= 0", "process_id": ">= -1"}
+    RANGES = {"num_processes": ">= 0", "process_id": ">= -1", "peer_timeout_s": ">= 0"}
     coordinator: str = ""
     num_processes: int = 0
     process_id: int = -1
+    peer_timeout_s: float = 30.0
 
 
 # Group name -> class; the groups later features add (fine-tuning, data mixtures, fault

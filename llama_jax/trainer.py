@@ -21,9 +21,22 @@ from jax.sharding import Mesh
 from llama_jax import distributed, metrics, stats
 from llama_jax import sharding as shd
 from llama_jax import train_step as ts
-from llama_jax.checkpoint import Checkpointer, check_resume, check_resume_data
+from llama_jax.checkpoint import (
+    Checkpointer,
+    CheckpointSaveError,
+    check_resume,
+    check_resume_data,
+)
 from llama_jax.config import RunConfig
-from llama_jax.control import Profiler, StepWatchdog, StopFlag, WorkdirLock, inject_fault
+from llama_jax.control import (
+    PeerWatch,
+    Profiler,
+    StepWatchdog,
+    StopFlag,
+    WorkdirLock,
+    gather_flags,
+    inject_fault,
+)
 from llama_jax.data.default_corpus import resolve_dataset
 from llama_jax.data.format import fingerprint
 from llama_jax.data.loader import Loader
@@ -112,6 +125,7 @@ class Run:
         self.last = metrics.last_record(self.workdir) if self.start else {}
         self.profiler = Profiler(self.cfg.train.profile_range, self.workdir)
         self.watchdog = StepWatchdog(self.cfg.train.step_timeout_s)
+        self.peers = PeerWatch(self.cfg.distributed.peer_timeout_s)
         self.throughput = metrics.Throughput(self.tokens_seen)
         self.acc = {"skipped": jnp.zeros((), jnp.int32), "first_bad": jnp.full((), -1, jnp.int32)}
         self.flops_per_token = stats.flops_per_token(
@@ -147,7 +161,18 @@ class Run:
         self.watchdog.beat(step + 1)
 
     def should_stop(self, done: int) -> bool:
-        return done % self.stop_every == 0 and self.stop.any_process()
+        """True when any process was signalled; raises CheckpointSaveError on every process as
+        soon as one knows its async save failed (disk full: at the failing save, not the next)."""
+        if done % self.stop_every and not self.save_due(done, False):
+            return False  # (before a save the processes agree that the last one was written)
+        error = self.ckpt.save_error()
+        flags = gather_flags(self.stop.signal is not None, error is not None)
+        if flags[:, 1].any():
+            failed = int(np.flatnonzero(flags[:, 1])[0])
+            raise CheckpointSaveError(
+                error or f"saving checkpoint step {self.ckpt.saving} failed on process {failed}"
+            )
+        return bool(flags[:, 0].any())
 
     def log_due(self, done: int, save: bool) -> bool:
         return done % self.log_every == 0 or save or self._eval_due(done)
@@ -229,7 +254,8 @@ class Run:
             print(msg, flush=True)
         return {**self.last, "stopped_by": signame}
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        self.peers.close(failed)
         self.watchdog.close()
         self.profiler.stop()
         self.bar.close()
@@ -263,9 +289,7 @@ def _restore_or_init(cfg: RunConfig, mesh: Mesh, ckpt: Checkpointer, data: dict)
         check_resume(meta.get("config"), cfg)
         check_resume_data(meta.get("dataset"), data, cfg)
 
-    # Falling back across processes left the next multi-process save hanging once in testing
-    # (orbax's barriers after a failed read): one process only until that is understood.
-    fallback = cfg.checkpoint.on_corrupt == "fallback" and jax.process_count() == 1
+    fallback = cfg.checkpoint.on_corrupt == "fallback"
     restored = ckpt.restore_newest(abstract, check, fallback=fallback)
     if restored is None:
         state, _ = ts.create_train_state(cfg, mesh)
@@ -401,6 +425,7 @@ def train(
 
 def _train(cfg: RunConfig, workdir: str, config_diff: dict | None, command: str | None) -> dict:
     run = setup(cfg, workdir, config_diff)
+    failed = True  # until the loop ends or stops: peers stop at once instead of waiting
     try:
         if run.start == 0 and run.eval_every:  # the untrained model's loss: the curve's start
             run.writer.write(
@@ -417,11 +442,18 @@ def _train(cfg: RunConfig, workdir: str, config_diff: dict | None, command: str 
                     run.save(done)
                 run.throughput.mark(run.tokens_seen)  # evaluating and saving are not training
             if stopping:
+                failed = False
                 return run.stopped(done)
         run.watchdog.pause()
         run.ckpt.wait()
+        failed = False
+    except jax.errors.JaxRuntimeError:  # a collective failed: name the peer that died
+        lost = run.peers.lost_peer()
+        if lost:
+            run.peers.fire(lost)  # exits: closing would wait for the lost peer
+        raise
     finally:
-        run.close()
+        run.close(failed)
     finish(run, command)
     return run.last
 
