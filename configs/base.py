@@ -57,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
     # step watchdog: exit (status 3, all threads' stacks printed) when no step completes for
     # max(this, 10 x the recent median step) seconds; 0 = off
     t.step_timeout_s = 0.0
+    # start from released weights: "" (random init) | hf:DIR | meta:DIR | ours:DIR (an export);
+    # the model's shape (and the tokenizer, if DIR has tokenizer.model) come from DIR
+    t.init_from = ""
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1  # data-parallel replicas; -1 = all devices left over

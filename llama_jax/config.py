@@ -252,9 +252,15 @@ class TrainConfig(_Group):
     samples: int = 3
     sample_tokens: int = 64
     step_timeout_s: float = 0.0
+    init_from: str = ""
 
     def __post_init__(self):
         super().__post_init__()
+        if self.init_from and self.init_from.partition(":")[0] not in ("hf", "meta", "ours"):
+            raise ConfigError(
+                f"train.init_from={self.init_from!r}: expected '' (random init), hf:DIR, "
+                "meta:DIR or ours:DIR"
+            )
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(
                 f"train.batch_size={self.batch_size} is not divisible by "

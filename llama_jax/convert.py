@@ -413,8 +413,9 @@ class _HFTensors:
         return _to_numpy(t)
 
 
-def read_hf(path: str, dtype=None, overrides: dict | None = None):
-    """Reads a Hugging Face LLaMA directory (config.json + weights) -> (tree, ModelConfig).
+def open_hf(path: str, dtype=None, overrides: dict | None = None):
+    """A Hugging Face LLaMA directory (config.json + weights) as (ModelConfig, dtype, get):
+    get(weight, layer) reads one tensor, in torch layout, with Meta's q/k row order.
 
     dtype: None keeps the stored dtype (e.g. bfloat16); else a name in config.DTYPES.
     """
@@ -431,6 +432,12 @@ def read_hf(path: str, dtype=None, overrides: dict | None = None):
             x = hf_to_meta_rows(x, getattr(c, w.rope_heads))
         return x.astype(dt, copy=False)
 
+    return c, dt, get
+
+
+def read_hf(path: str, dtype=None, overrides: dict | None = None):
+    """Reads a Hugging Face LLaMA directory -> (tree, ModelConfig); see open_hf."""
+    c, dt, get = open_hf(path, dtype, overrides)
     return _read_tree(get, c, dt), c
 
 
@@ -489,10 +496,16 @@ def write_hf(path: str, tree: dict, c: ModelConfig, max_shard_bytes: int = 5 << 
 
 
 def read_meta(path: str, dtype=None, overrides: dict | None = None):
-    """Reads Meta's params.json + consolidated.XX.pth model-parallel shards -> (tree, ModelConfig).
+    """Reads Meta's params.json + consolidated.XX.pth model-parallel shards -> (tree, ModelConfig);
+    see open_meta."""
+    c, dt, get = open_meta(path, dtype, overrides)
+    return _read_tree(get, c, dt), c
 
-    Each shard is memory-mapped; tensors are merged one at a time along their split axis.
-    """
+
+def open_meta(path: str, dtype=None, overrides: dict | None = None):
+    """Meta's params.json + consolidated.XX.pth model-parallel shards as (ModelConfig, dtype,
+    get): get(weight, layer) reads one tensor in torch layout. Each shard is memory-mapped;
+    a tensor is merged from its shards along their split axis when it is read."""
     import torch
 
     files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
@@ -512,7 +525,10 @@ def read_meta(path: str, dtype=None, overrides: dict | None = None):
     dt = _np_dtype(dtype) or _to_numpy(shards[0]["norm.weight"]).dtype
     over = {"param_dtype": dtype_name(dt), **(overrides or {})}
     c = config_from_meta(params, vocab_size=emb.shape[0], **over)
-    return _read_tree(lambda w, i: merged(w, i).astype(dt, copy=False), c, dt), c
+    return c, dt, lambda w, i: merged(w, i).astype(dt, copy=False)
+
+
+OPENERS = {"hf": open_hf, "meta": open_meta}  # "ours" is params_io's orbax checkpoint
 
 
 def write_meta(path: str, tree: dict, c: ModelConfig, num_shards: int = 1):

@@ -75,6 +75,18 @@ def create_train_state(run: RunConfig, mesh: Mesh, rng: jax.Array | None = None)
     return state, shardings
 
 
+def train_state_from_params(run: RunConfig, mesh: Mesh, params):
+    """A step-0 train state around given params (e.g. released weights): the optimizer state
+    is initialized on them, sharded like create_train_state's. Returns (state, shardings)."""
+    _, shardings = abstract_train_state(run, mesh)
+    tx = make_optimizer(run.train)
+
+    def init(p):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
+
+    return jax.jit(init, out_shardings=shardings)(params), shardings
+
+
 def cross_entropy(logits, targets, mask):
     """Summed next-token cross entropy in float32 and the number of tokens counted.
 

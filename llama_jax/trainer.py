@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from llama_jax import distributed, metrics, stats
+from llama_jax import distributed, init_from, metrics, stats
 from llama_jax import sharding as shd
 from llama_jax import train_step as ts
 from llama_jax.checkpoint import (
@@ -149,6 +149,22 @@ class Run:
         self.stop.install()
 
     # ---- the loop's pieces ---------------------------------------------------------------
+
+    def log_start(self) -> None:
+        """Step 0's record: the validation loss of the untrained model (the curve's start) and,
+        for a run from released weights, the loss of the first batch before any update."""
+        record = {"step": 0, "tokens_seen": 0}
+        if self.eval_every:
+            record["val_loss"] = self.validate(self.state.params)
+        if self.cfg.train.init_from:
+            _, shardings = ts.abstract_train_state(self.cfg, self.mesh)
+            evaluate = ts.make_eval_step(self.cfg, self.mesh, shardings)
+            record["first_batch_loss"] = float(
+                evaluate(self.state.params, self.loader.batch(self.start))["loss"]
+            )
+            log.info("first batch loss before any update: %.6f", record["first_batch_loss"])
+        if len(record) > 2:
+            self.writer.write(record)
 
     def step(self, step: int) -> None:
         """One optimizer step (step counts from 0); step_metrics kept for the next log."""
@@ -291,6 +307,10 @@ def _restore_or_init(cfg: RunConfig, mesh: Mesh, ckpt: Checkpointer, data: dict)
 
     fallback = cfg.checkpoint.on_corrupt == "fallback"
     restored = ckpt.restore_newest(abstract, check, fallback=fallback)
+    if restored is None and cfg.train.init_from:
+        params = init_from.load_params(cfg, shardings.params)
+        log.info(init_from.describe(cfg))
+        return ts.train_state_from_params(cfg, mesh, params)[0], shardings, 0
     if restored is None:
         state, _ = ts.create_train_state(cfg, mesh)
         return state, shardings, 0
@@ -413,6 +433,7 @@ def train(
     distributed.initialize(
         cfg.distributed.coordinator, cfg.distributed.num_processes, cfg.distributed.process_id
     )
+    cfg = init_from.apply_source(cfg)  # the model's shape from released weights, if any
     os.makedirs(workdir, exist_ok=True)
     lock = WorkdirLock(workdir)
     if jax.process_index() == 0:  # one holder per job: the others follow process 0
@@ -427,10 +448,8 @@ def _train(cfg: RunConfig, workdir: str, config_diff: dict | None, command: str 
     run = setup(cfg, workdir, config_diff)
     failed = True  # until the loop ends or stops: peers stop at once instead of waiting
     try:
-        if run.start == 0 and run.eval_every:  # the untrained model's loss: the curve's start
-            run.writer.write(
-                {"step": 0, "tokens_seen": 0, "val_loss": run.validate(run.state.params)}
-            )
+        if run.start == 0:
+            run.log_start()
         for step in range(run.start, cfg.train.steps):
             run.step(step)
             done = step + 1
