@@ -70,6 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.path = ""  # prepared dataset dir (launch.prepare_data); "" = built-in default corpus
     c.data.tokenizer = ""  # sentencepiece .model; "" = the default corpus's tokenizer
     c.data.prefetch = 2  # batches prepared ahead by the loader thread
+    # attention never crosses a document boundary in a packed sequence (segment ids from BOS),
+    # positions restart at each document; instruction data (prepared packed) always does this
+    c.data.document_masking = False
     # resume on data other than the checkpoint's (another tokenizer or re-prepared dataset)
     c.data.allow_dataset_change = False
 

@@ -1,8 +1,10 @@
 """python -m launch.generate --checkpoint DIR --tokenizer MODEL --prompt "..." [--prompt ...]
     [--max-new-tokens N --temperature T --top-p P --top-k K --seed S] [--tensor N]
+    [--template alpaca|llama2_chat]
 
 DIR is a params checkpoint (launch.export or launch.convert --to ours). One prompt streams its
-tokens as they come; several are decoded as one batch and printed when done.
+tokens as they come; several are decoded as one batch and printed when done. --template wraps
+each prompt as an instruction the way prepare_data --format instruction rendered training rows.
 """
 
 import argparse
@@ -48,15 +50,21 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="cast params on load, e.g. bfloat16")
     p.add_argument("--tensor", type=int, default=1, help="devices to shard heads/cache over")
+    p.add_argument("--template", default="", help="wrap prompts as instructions (alpaca, ...)")
     a = p.parse_args(argv)
     try:
         from llama_jax.generate import Sampling, generate, load
 
         params, cfg, tok, mesh = load(a.checkpoint, a.tokenizer, a.dtype, a.tensor)
-        prompts = [tok.encode(text, bos=True) for text in a.prompt]
+        if a.template:
+            from llama_jax.data.instruct import prompt
+
+            prompts = [prompt(text, a.template, tok).tolist() for text in a.prompt]
+        else:
+            prompts = [tok.encode(text, bos=True) for text in a.prompt]
         sampling = Sampling(a.temperature, a.top_k, a.top_p)
         stream = _Streamer(tok, prompts[0]) if len(prompts) == 1 else None
-        if stream:
+        if stream and not a.template:  # with a template: the response alone
             sys.stdout.write(a.prompt[0])
         outs = generate(
             params,
@@ -74,8 +82,8 @@ def main(argv=None):
     if stream:
         print()
         return
-    for prompt, ids, new in zip(a.prompt, prompts, outs):
-        print(f"--- {prompt!r}\n{prompt}{continuation(tok, ids, new)}")
+    for text, ids, new in zip(a.prompt, prompts, outs):
+        print(f"--- {text!r}\n{'' if a.template else text}{continuation(tok, ids, new)}")
 
 
 if __name__ == "__main__":

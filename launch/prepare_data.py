@@ -2,6 +2,9 @@
 [--val-fraction 0.005] [--text-field text] [--workers N]
 
 With no --input, builds the default corpus (the Python standard library's sources) instead.
+--format instruction --template alpaca|llama2_chat --seq-len T: instruction rows (JSONL of
+instruction/input/output or messages) rendered with the template, a loss mask on the responses,
+packed into rows of T + 1 tokens (train with train.seq_len=T).
 """
 
 import argparse
@@ -24,6 +27,9 @@ def main(argv=None):
     p.add_argument(
         "--vocab-size", type=int, default=2048, help="default corpus only: tokenizer size"
     )
+    p.add_argument("--format", choices=("text", "instruction"), default="text")
+    p.add_argument("--template", default="alpaca", help="instruction only: a template name")
+    p.add_argument("--seq-len", type=int, default=2048, help="instruction only: train.seq_len")
     args = p.parse_args(argv)
     from llama_jax import cli
 
@@ -40,6 +46,15 @@ def run(p, args):
         return
     if not args.tokenizer or not args.output:
         p.error("--input needs --tokenizer and --output")
+    if args.format == "instruction":
+        from llama_jax.data import instruct
+
+        if len(args.input) != 1:
+            p.error("--format instruction reads one JSONL --input file")
+        meta = instruct.prepare(args.input[0], args.tokenizer, args.output, args.template,
+                                args.seq_len, args.val_fraction)  # fmt: skip
+        print(instruct.summary_line(meta, args.output))
+        return
     prepare.prepare(
         args.input, args.tokenizer, args.output, args.val_fraction, args.text_field, args.workers
     )

@@ -322,6 +322,7 @@ class DataConfig(_Group):
     tokenizer: str = ""
     prefetch: int = 2
     allow_dataset_change: bool = False
+    document_masking: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

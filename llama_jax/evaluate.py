@@ -353,7 +353,15 @@ class ValidationLoss:
     more activation memory than a training step.
     """
 
-    def __init__(self, eval_fn, train, dataset_dir: str, sharding, tokenizer_sha: str):
+    def __init__(
+        self,
+        eval_fn,
+        train,
+        dataset_dir: str,
+        sharding,
+        tokenizer_sha: str,
+        document_bos: int | None = None,
+    ):
         from llama_jax.data.loader import Loader
 
         self.eval_fn, self.n = eval_fn, train.eval_batches * train.grad_accum_steps
@@ -366,6 +374,7 @@ class ValidationLoss:
             sharding=sharding,
             prefetch=0,
             expected_tokenizer_sha=tokenizer_sha,
+            document_bos=document_bos,
         )
 
     def __call__(self, params) -> float:

@@ -323,6 +323,15 @@ def _restore_or_init(cfg: RunConfig, mesh: Mesh, ckpt: Checkpointer, data: dict)
     )
 
 
+def _document_bos(cfg: RunConfig, tokenizer: Tokenizer) -> int | None:
+    """data.document_masking: the BOS id that starts each document in the token stream."""
+    if not cfg.data.document_masking:
+        return None
+    if tokenizer.bos_id < 0:
+        raise ValueError("data.document_masking needs a tokenizer with a BOS piece")
+    return tokenizer.bos_id
+
+
 def _validation(cfg: RunConfig, mesh: Mesh, shardings, dataset_dir: str, tokenizer: Tokenizer):
     """The validation-loss evaluator, or None when validation is off or the split too small."""
     from llama_jax.evaluate import ValidationLoss
@@ -336,6 +345,7 @@ def _validation(cfg: RunConfig, mesh: Mesh, shardings, dataset_dir: str, tokeniz
             dataset_dir,
             shd.batch_sharding(mesh),
             tokenizer.sha256,
+            _document_bos(cfg, tokenizer),
         )
     except ValueError as e:
         log.warning("validation disabled: %s", e)
@@ -399,6 +409,7 @@ def setup(cfg: RunConfig, workdir: str, config_diff: dict | None = None) -> Run:
         prefetch=cfg.data.prefetch,
         expected_vocab_size=cfg.model.vocab_size,
         expected_tokenizer_sha=tokenizer.sha256,
+        document_bos=_document_bos(cfg, tokenizer),
     )
     return Run(
         cfg=cfg,

@@ -127,7 +127,8 @@ def _close_all() -> None:
 
 
 class Loader:
-    """Iterator of {"inputs": int32[B, T], "targets": int32[B, T]} batches; see module docstring.
+    """Iterator of {"inputs": int32[B, T], "targets": int32[B, T]} batches (plus loss_mask,
+    segment_ids, positions for packed data or document masking); see module docstring.
 
     Args:
       dataset_dir: a prepared dataset (launch.prepare_data), local or a tensorstore URL.
@@ -142,6 +143,12 @@ class Loader:
       expected_tokenizer_sha: sha256 of the tokenizer in use; raises on a mismatch.
       in_memory: read the whole split into host memory (default: when <= 1 GiB) instead of
         reading each window from tensorstore.
+      document_bos: data.document_masking for a token stream: the BOS id that starts each
+        document; batches then carry segment_ids and positions (restarting at each document)
+        and no target crosses into the next document.
+
+    A packed dataset (instruction data, data/instruct.py) is read row by row instead, each
+    row one window, with its loss_mask, segment_ids and positions.
     """
 
     def __init__(
@@ -160,6 +167,7 @@ class Loader:
         expected_vocab_size: int | None = None,
         expected_tokenizer_sha: str | None = None,
         in_memory: bool | None = None,
+        document_bos: int | None = None,
     ):
         self.meta = meta = read_metadata(dataset_dir)
         if split not in meta["splits"]:
@@ -176,7 +184,8 @@ class Loader:
         self.dataset_dir, self.split = dataset_dir, split
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.num_tokens = int(meta["splits"][split]["tokens"])
-        self.num_windows = max(0, (self.num_tokens - 1) // seq_len)
+        self.packed, self.document_bos = meta.get("packed"), document_bos
+        self.stride, self.num_windows = self._windows()
         if self.num_windows < batch_size:
             raise ValueError(
                 f"the {split!r} split of {dataset_dir} is smaller than one batch: "
@@ -194,10 +203,27 @@ class Loader:
         if in_memory is None:
             in_memory = nbytes <= IN_MEMORY_BYTES
         self._tokens = self._store.read().result() if in_memory else None
+        self._extra = {}  # a packed dataset's loss_mask and segment_ids beside the tokens
+        for name in ("loss_mask", "segment_ids") if self.packed else ():
+            store = open_split(dataset_dir, f"{split}.{name}")
+            self._extra[name] = store.read().result() if in_memory else store
         self.step = step
         self.prefetch = prefetch
         self._thread = None
         self._start()
+
+    def _windows(self) -> tuple[int, int]:
+        """(stride, number of windows): overlapping windows of a token stream, or the rows of a
+        packed dataset, which must be seq_len + 1 long."""
+        T = self.seq_len
+        if not self.packed:
+            return T, max(0, (self.num_tokens - 1) // T)
+        if self.packed["row_len"] != T + 1:
+            raise ValueError(
+                f"{self.dataset_dir} is packed in rows of {self.packed['row_len']} tokens: set "
+                f"train.seq_len={self.packed['row_len'] - 1} (or prepare it for {T})"
+            )
+        return T + 1, self.num_tokens // (T + 1)
 
     # ------------------------------------------------------------------ random access
 
@@ -216,19 +242,45 @@ class Loader:
             out[m] = feistel_permute(pos[m], self.num_windows, epoch_key(self.seed, int(e)))
         return out
 
-    def _read(self, windows: np.ndarray) -> np.ndarray:
-        starts = windows * self.seq_len
-        if self._tokens is not None:
-            return self._tokens[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int32)
-        reads = [
-            self._store[s : s + self.seq_len + 1].read() for s in starts
-        ]  # all in flight at once
+    def _read(self, windows: np.ndarray, source=None) -> np.ndarray:
+        """[b, T+1] windows of the tokens (or of another array stored beside them)."""
+        source = (
+            (self._tokens if self._tokens is not None else self._store)
+            if source is None
+            else source
+        )
+        starts = windows * self.stride
+        if isinstance(source, np.ndarray):
+            return source[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int32)
+        reads = [source[s : s + self.seq_len + 1].read() for s in starts]  # all in flight
         return np.stack([r.result() for r in reads]).astype(np.int32)
+
+    def _segments(self, ids: np.ndarray, w: np.ndarray) -> dict:
+        """loss_mask, segment_ids and positions of a packed dataset's rows, or of token windows
+        under document masking (a segment starts at each BOS)."""
+        from llama_jax.data.instruct import positions_and_mask
+
+        if self.packed:
+            seg, learn = (
+                self._read(ids, self._extra["segment_ids"]),
+                self._read(ids, self._extra["loss_mask"]),
+            )
+        else:
+            seg, learn = 1 + np.cumsum(w == self.document_bos, axis=1), np.ones_like(w)
+        positions, same = positions_and_mask(seg)
+        return {
+            "loss_mask": (learn[:, 1:] * same).astype(np.float32),
+            "segment_ids": seg[:, :-1].astype(np.int32),
+            "positions": positions,
+        }
 
     def batch(self, step: int):
         """Global batch `step` (this process's part of it), without changing the loader's state."""
-        w = self._read(self.window_ids(step))  # [b, T+1]
+        ids = self.window_ids(step)
+        w = self._read(ids)  # [b, T+1]
         local = {"inputs": w[:, :-1], "targets": w[:, 1:]}  # [b, T] each
+        if self.packed or self.document_bos is not None:
+            local.update(self._segments(ids, w))
         if self.sharding is None:
             return local
         import jax
