@@ -31,6 +31,11 @@ def base_config() -> ml_collections.ConfigDict:
     m.norm_placement = "pre"  # ablation switch: pre | post
     m.mlp = "swiglu"  # ablation switch: swiglu | gelu (width matched to SwiGLU's parameters)
     m.position = "rope"  # ablation switch: rope | learned | none
+    # LoRA: rank of the adapters (0 = off: full fine-tuning), their scale alpha (the update is
+    # alpha/rank x A B) and the weights adapted, any of q,k,v,o,w1,w2,w3; the base stays frozen
+    m.lora_rank = 0
+    m.lora_alpha = 16.0
+    m.lora_targets = "q,v"
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 250_000  # optimizer steps of the run

@@ -329,11 +329,22 @@ def _param_shapes(model) -> list:
     return [jax.tree.structure(shapes), [(x.shape, x.dtype) for x in jax.tree.leaves(shapes)]]
 
 
-def export(workdir: str, output: str, step: int | None = None, dtype: str | None = None) -> str:
+def export(
+    workdir: str,
+    output: str | None,
+    step: int | None = None,
+    dtype: str | None = None,
+    *,
+    merge_lora: bool = False,
+    peft: str | None = None,
+) -> str:
     """Writes the params of a training checkpoint (no optimizer state) plus the model config,
     in the params_io format launch.generate, launch.eval and launch.convert read. Restores onto
-    this machine's devices whatever mesh wrote it (FSDP over all of them)."""
-    from llama_jax import params_io
+    this machine's devices whatever mesh wrote it (FSDP over all of them).
+
+    A LoRA checkpoint holds adapters: merge_lora folds them into the base (train.init_from,
+    reloaded) and writes plain params to output; peft writes a Hugging Face PEFT adapter."""
+    from llama_jax import convert, lora, params_io
     from llama_jax import train_step as ts
     from llama_jax.sharding import make_mesh
 
@@ -348,5 +359,29 @@ def export(workdir: str, output: str, step: int | None = None, dtype: str | None
     mesh = make_mesh(data=1, fsdp=-1, tensor=1)
     state, _ = ckpt.restore(ts.abstract_train_state(run, mesh)[0], step)
     ckpt.close()
-    params_io.save_params(output, jax.device_get(state.params), run.model, dtype=dtype)
-    return output
+    if not run.model.lora_rank:
+        if output is None or peft:
+            raise ValueError(f"{workdir} trained all parameters (no LoRA): give --output alone")
+        params_io.save_params(output, jax.device_get(state.params), run.model, dtype=dtype)
+        return output
+    if not (merge_lora or peft) or bool(output) != merge_lora:
+        raise ValueError(
+            f"{workdir} holds LoRA adapters: --output DIR --merge-lora writes the base with them "
+            "merged, --peft DIR a Hugging Face PEFT adapter"
+        )
+    if peft:
+        convert.write_peft(peft, jax.device_get(state.params), run.model, run.train.init_from)
+    if merge_lora:
+        base = _lora_base(run, mesh)
+        merged = jax.device_get(lora.merge(base, state.params, run.model))
+        params_io.save_params(output, merged, lora.plain(run.model), dtype=dtype)
+    return output or peft
+
+
+def _lora_base(run: RunConfig, mesh):
+    from llama_jax import init_from
+    from llama_jax import train_step as ts
+
+    if run.train.init_from:
+        return init_from.load_params(run, ts.abstract_frozen(run, mesh)[1])
+    return ts.random_frozen(run, mesh)

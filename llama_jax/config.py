@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from llama_jax.attention import VALID_IMPLS
 from llama_jax.remat import REMAT_POLICIES
 
+LORA_TARGETS = ("q", "k", "v", "o", "w1", "w2", "w3")  # lora.TARGETS: the weights LoRA adapts
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Choice-valued fields of each group -> the valid names, each from the table that implements it.
 # What a run does with a checkpoint that cannot be restored (checkpoint.Checkpointer
@@ -142,7 +143,7 @@ class ModelConfig(_Group):
         "dim": ">= 1", "n_layers": ">= 1", "n_heads": ">= 1", "n_kv_heads": "-1 or >= 1",
         "vocab_size": ">= 1", "multiple_of": ">= 1", "ffn_dim_multiplier": "-1 or > 0",
         "norm_eps": "> 0", "rope_theta": "> 0", "max_seq_len": ">= 1", "init_std": "> 0",
-        "attn_block_q": ">= 1", "attn_block_k": ">= 1",
+        "attn_block_q": ">= 1", "attn_block_k": ">= 1", "lora_rank": ">= 0", "lora_alpha": "> 0",
     }  # fmt: skip
     dim: int = 4096
     n_layers: int = 32
@@ -166,9 +167,18 @@ class ModelConfig(_Group):
     norm_placement: str = "pre"
     mlp: str = "swiglu"
     position: str = "rope"
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = "q,v"
 
     def __post_init__(self):
         super().__post_init__()
+        bad = sorted(set(self.lora_targets.split(",")) - set(LORA_TARGETS))
+        if bad or not self.lora_targets:
+            raise ConfigError(
+                f"model.lora_targets={self.lora_targets!r}: unknown {bad}; a comma-separated "
+                f"subset of {list(LORA_TARGETS)}"
+            )
         if self.dim % self.n_heads:
             raise ConfigError(
                 f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}"

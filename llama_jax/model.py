@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from llama_jax import lora
 from llama_jax.attention import dot_product_attention
 from llama_jax.config import ModelConfig
 from llama_jax.remat import remat_policy
@@ -123,9 +124,14 @@ class Attention(nn.Module):
         wk = _param(self, "wk", (D, K, H), ("embed", "kv_heads", "head_dim"), c)
         wv = _param(self, "wv", (D, K, H), ("embed", "kv_heads", "head_dim"), c)
         wo = _param(self, "wo", (N, H, D), ("heads", "head_dim", "embed"), c, out_init)
-        q = checkpoint_name(jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt)), "q_proj")
-        k = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt)), "k_proj")
-        v = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt)), "v_proj")
+        q = jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt)) + lora.delta(self, "q", x, c)
+        k = jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt)) + lora.delta(self, "k", x, c)
+        v = jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt)) + lora.delta(self, "v", x, c)
+        q, k, v = (
+            checkpoint_name(q, "q_proj"),
+            checkpoint_name(k, "k_proj"),
+            checkpoint_name(v, "v_proj"),
+        )
         if c.position == "rope":
             q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
         q = nn.with_logical_constraint(q, BTNH)
@@ -145,7 +151,8 @@ class Attention(nn.Module):
                 block_k=c.attn_block_k,
             )  # [B, T, N, H]
         o = checkpoint_name(nn.with_logical_constraint(o, BTNH), "attn_out")
-        return checkpoint_name(jnp.einsum("BTNH,NHD->BTD", o, wo.astype(dt)), "o_proj")
+        out = jnp.einsum("BTNH,NHD->BTD", o, wo.astype(dt)) + lora.delta(self, "o", o, c)
+        return checkpoint_name(out, "o_proj")
 
     def _cached(self, q, k, v, segment_ids):
         """Writes this call's T keys/values at cache slots [index, index + T) and attends.
@@ -190,15 +197,18 @@ class MLP(nn.Module):
         out_init = nn.initializers.normal(c.init_std / (2 * c.n_layers) ** 0.5)
         w1 = _param(self, "w1", (D, F), ("embed", "mlp"), c)
         w2 = _param(self, "w2", (F, D), ("mlp", "embed"), c, out_init)
-        gate = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w1.astype(dt)), "mlp_gate")
+        gate = jnp.einsum("BTD,DF->BTF", x, w1.astype(dt)) + lora.delta(self, "w1", x, c)
+        gate = checkpoint_name(gate, "mlp_gate")
         if c.mlp == "swiglu":
             w3 = _param(self, "w3", (D, F), ("embed", "mlp"), c)
-            up = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w3.astype(dt)), "mlp_up")
+            up = jnp.einsum("BTD,DF->BTF", x, w3.astype(dt)) + lora.delta(self, "w3", x, c)
+            up = checkpoint_name(up, "mlp_up")
             h = nn.silu(gate) * up
         else:
             h = nn.gelu(gate)
         h = nn.with_logical_constraint(h, BTF)
-        return checkpoint_name(jnp.einsum("BTF,FD->BTD", h, w2.astype(dt)), "mlp_down")
+        down = jnp.einsum("BTF,FD->BTD", h, w2.astype(dt)) + lora.delta(self, "w2", h, c)
+        return checkpoint_name(down, "mlp_down")
 
 
 class Block(nn.Module):
@@ -253,7 +263,7 @@ class Llama(nn.Module):
             block = nn.remat(Block, policy=policy, prevent_cse=False)
         layers = nn.scan(
             block,
-            variable_axes={"params": 0, "cache": 0},
+            variable_axes={"params": 0, "cache": 0, "lora": 0},
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast),
             length=c.n_layers,

@@ -36,9 +36,33 @@ class TrainState:
 
 
 def _init_boxed(model: Llama, tx: optax.GradientTransformation, rng, seq_len: int) -> TrainState:
-    """Params and optimizer state still wrapped in nn.Partitioned (carrying logical names)."""
-    params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+    """Params and optimizer state still wrapped in nn.Partitioned (carrying logical names).
+    With LoRA the trained params are the "lora" collection; the base is frozen (_frozen)."""
+    variables = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))
+    params = variables["lora" if model.cfg.lora_rank else "params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def abstract_frozen(run: RunConfig, mesh: Mesh):
+    """LoRA's frozen base: (params of ShapeDtypeStructs with shardings, shardings), or
+    (None, None) when the whole model trains."""
+    if not run.model.lora_rank:
+        return None, None
+    from llama_jax.model import abstract_params
+
+    shapes, shardings = shd.tree_shardings(abstract_params(run.model), mesh)
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+    return abstract, shardings
+
+
+def random_frozen(run: RunConfig, mesh: Mesh):
+    """A LoRA base without train.init_from: the random init of train.seed (tests, demos)."""
+    _, shardings = abstract_frozen(run, mesh)
+    model, seed, T = Llama(run.model), run.train.seed, run.train.seq_len
+    init = lambda: nn.meta.unbox(model.init(jax.random.key(seed), jnp.zeros((1, T), jnp.int32)))  # noqa: E731
+    return jax.jit(lambda: init()["params"], out_shardings=shardings)()
 
 
 def _init_fn(run: RunConfig):
@@ -110,8 +134,10 @@ def _with_mask(batch: Batch) -> Batch:
     return batch
 
 
-def _apply(model: Llama, params, mb: Batch):
-    return model.apply({"params": params}, mb["inputs"], mb.get("positions"), mb.get("segment_ids"))
+def _apply(model: Llama, params, mb: Batch, frozen=None):
+    """The logits; params are the trained ones: the model's, or LoRA's adapters over frozen."""
+    variables = {"params": params} if frozen is None else {"params": frozen, "lora": params}
+    return model.apply(variables, mb["inputs"], mb.get("positions"), mb.get("segment_ids"))
 
 
 def _split_microbatches(batch: Batch, n: int, mesh: Mesh) -> Batch:
@@ -146,23 +172,23 @@ def make_loss_and_grads(run: RunConfig, mesh: Mesh, param_shardings):
     model = Llama(run.model)
     n_micro = run.train.grad_accum_steps
 
-    def loss_fn(params, mb, total):
-        s, _ = cross_entropy(_apply(model, params, mb), mb["targets"], mb["loss_mask"])
+    def loss_fn(params, mb, total, frozen):
+        s, _ = cross_entropy(_apply(model, params, mb, frozen), mb["targets"], mb["loss_mask"])
         return s / total
 
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(loss_fn)  # params only: a LoRA base gets no gradient
 
-    def loss_and_grads(params, batch):
+    def loss_and_grads(params, batch, frozen=None):
         batch = _with_mask(batch)
         tokens = jnp.sum(batch["loss_mask"])
         total = jnp.maximum(tokens, 1.0)
         if n_micro == 1:
-            loss, grads = grad_fn(params, batch, total)
+            loss, grads = grad_fn(params, batch, total, frozen)
             return loss, grads, tokens
 
         def body(carry, mb):
             loss_acc, grad_acc = carry
-            loss, grads = grad_fn(params, mb, total)
+            loss, grads = grad_fn(params, mb, total, frozen)
             grad_acc = jax.tree.map(jnp.add, grad_acc, grads)
             grad_acc = jax.lax.with_sharding_constraint(grad_acc, param_shardings)
             return (loss_acc + loss, grad_acc), None
@@ -187,9 +213,9 @@ def make_train_step(run: RunConfig, mesh: Mesh, state_shardings):
     loss_and_grads = make_loss_and_grads(run, mesh, state_shardings.params)
     skip_nonfinite = run.train.skip_nonfinite
 
-    def step_fn(state: TrainState, batch: Batch):
+    def step_fn(state: TrainState, batch: Batch, frozen=None):
         with shd.model_context(mesh):
-            loss, grads, tokens = loss_and_grads(state.params, batch)
+            loss, grads, tokens = loss_and_grads(state.params, batch, frozen)
             grad_norm = optax.tree.norm(grads)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
@@ -211,29 +237,35 @@ def make_train_step(run: RunConfig, mesh: Mesh, state_shardings):
         }
         return new_state, metrics
 
+    frozen = abstract_frozen(run, mesh)[1]  # LoRA: step_fn(state, batch, frozen base)
     return jax.jit(
         step_fn,
-        in_shardings=(state_shardings, shd.batch_sharding(mesh)),
+        in_shardings=(state_shardings, shd.batch_sharding(mesh), *([frozen] if frozen else [])),
         out_shardings=(state_shardings, shd.replicated(mesh)),
         donate_argnums=(0,),
     )
 
 
 def make_eval_step(run: RunConfig, mesh: Mesh, state_shardings):
-    """Returns the jitted fn(params, batch) -> {"loss": mean, "loss_sum", "tokens"}."""
+    """Returns the jitted fn(params, batch[, frozen]) -> {"loss": mean, "loss_sum", "tokens"}."""
     model = Llama(run.model)
 
-    def eval_fn(params, batch):
+    def eval_fn(params, batch, frozen=None):
         batch = _with_mask(batch)
         with shd.model_context(mesh):
             s, tokens = cross_entropy(
-                _apply(model, params, batch), batch["targets"], batch["loss_mask"]
+                _apply(model, params, batch, frozen), batch["targets"], batch["loss_mask"]
             )
         return {"loss": s / jnp.maximum(tokens, 1.0), "loss_sum": s, "tokens": tokens}
 
+    frozen = abstract_frozen(run, mesh)[1]  # LoRA: eval_fn(params, batch, frozen base)
     return jax.jit(
         eval_fn,
-        in_shardings=(state_shardings.params, shd.batch_sharding(mesh)),
+        in_shardings=(
+            state_shardings.params,
+            shd.batch_sharding(mesh),
+            *([frozen] if frozen else []),
+        ),
         out_shardings=shd.replicated(mesh),
     )
 
@@ -253,4 +285,6 @@ def compile_train_step(run: RunConfig, mesh: Mesh) -> jax.stages.Compiled:
     """Lowers and compiles the step against abstract shapes only: nothing is allocated, so
     memory_analysis() of a 65B config can be read on simulated CPU devices."""
     state, shardings = abstract_train_state(run, mesh)
-    return make_train_step(run, mesh, shardings).lower(state, abstract_batch(run, mesh)).compile()
+    frozen = abstract_frozen(run, mesh)[0]  # LoRA's base is an argument too
+    args = (state, abstract_batch(run, mesh), *([frozen] if frozen else []))
+    return make_train_step(run, mesh, shardings).lower(*args).compile()

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from llama_jax import distributed, init_from, metrics, stats
+from llama_jax import distributed, init_from, lora, metrics, stats
 from llama_jax import sharding as shd
 from llama_jax import train_step as ts
 from llama_jax.checkpoint import (
@@ -112,6 +112,7 @@ class Run:
     tokens_seen: int
     last_saved: int | None
     skipped_before: int
+    frozen: Any = None  # LoRA's frozen base params (the state holds the adapters)
     stop: StopFlag = dataclasses.field(default_factory=StopFlag)
     profiler: Profiler | None = None
     throughput: metrics.Throughput | None = None
@@ -148,6 +149,16 @@ class Run:
         )
         self.stop.install()
 
+    @property
+    def frozen_args(self) -> tuple:
+        return () if self.frozen is None else (self.frozen,)
+
+    def full_params(self):
+        """The model's params: the trained ones, or LoRA's base with the adapters merged."""
+        if self.frozen is None:
+            return self.state.params
+        return lora.merge(self.frozen, self.state.params, self.cfg.model)
+
     # ---- the loop's pieces ---------------------------------------------------------------
 
     def log_start(self) -> None:
@@ -160,7 +171,9 @@ class Run:
             _, shardings = ts.abstract_train_state(self.cfg, self.mesh)
             evaluate = ts.make_eval_step(self.cfg, self.mesh, shardings)
             record["first_batch_loss"] = float(
-                evaluate(self.state.params, self.loader.batch(self.start))["loss"]
+                evaluate(self.state.params, self.loader.batch(self.start), *self.frozen_args)[
+                    "loss"
+                ]
             )
             log.info("first batch loss before any update: %.6f", record["first_batch_loss"])
         if len(record) > 2:
@@ -169,7 +182,9 @@ class Run:
     def step(self, step: int) -> None:
         """One optimizer step (step counts from 0); step_metrics kept for the next log."""
         self.profiler.before(step)
-        self.state, self.step_metrics = self.step_fn(self.state, next(self.loader))
+        self.state, self.step_metrics = self.step_fn(
+            self.state, next(self.loader), *self.frozen_args
+        )
         self.acc = _track(self.acc, self.step_metrics, step + 1)
         self.profiler.after(step, self.state)
         self.tokens_seen += self.cfg.train.tokens_per_step
@@ -307,7 +322,7 @@ def _restore_or_init(cfg: RunConfig, mesh: Mesh, ckpt: Checkpointer, data: dict)
 
     fallback = cfg.checkpoint.on_corrupt == "fallback"
     restored = ckpt.restore_newest(abstract, check, fallback=fallback)
-    if restored is None and cfg.train.init_from:
+    if restored is None and cfg.train.init_from and not cfg.model.lora_rank:
         params = init_from.load_params(cfg, shardings.params)
         log.info(init_from.describe(cfg))
         return ts.train_state_from_params(cfg, mesh, params)[0], shardings, 0
@@ -332,15 +347,33 @@ def _document_bos(cfg: RunConfig, tokenizer: Tokenizer) -> int | None:
     return tokenizer.bos_id
 
 
-def _validation(cfg: RunConfig, mesh: Mesh, shardings, dataset_dir: str, tokenizer: Tokenizer):
+def _frozen_base(cfg: RunConfig, mesh: Mesh):
+    """LoRA's frozen base: train.init_from's weights (or the seed's random init), else None."""
+    if not cfg.model.lora_rank:
+        return None
+    if cfg.train.init_from:
+        base = init_from.load_params(cfg, ts.abstract_frozen(cfg, mesh)[1])
+        log.info(init_from.describe(cfg))
+    else:
+        base = ts.random_frozen(cfg, mesh)
+    log.info("LoRA rank %d on %s: %s trained parameters", cfg.model.lora_rank,
+             cfg.model.lora_targets, f"{lora.count(cfg.model):,}")  # fmt: skip
+    return base
+
+
+def _validation(
+    cfg: RunConfig, mesh: Mesh, shardings, dataset_dir: str, tokenizer: Tokenizer, frozen=None
+):
     """The validation-loss evaluator, or None when validation is off or the split too small."""
     from llama_jax.evaluate import ValidationLoss
 
     if not (cfg.train.eval_every and cfg.train.eval_batches > 0):
         return None
+    step = ts.make_eval_step(cfg, mesh, shardings)
+    evaluate = step if frozen is None else (lambda p, b: step(p, b, frozen))
     try:
         return ValidationLoss(
-            ts.make_eval_step(cfg, mesh, shardings),
+            evaluate,
             cfg.train,
             dataset_dir,
             shd.batch_sharding(mesh),
@@ -390,6 +423,7 @@ def setup(cfg: RunConfig, workdir: str, config_diff: dict | None = None) -> Run:
         async_save=c.async_save,
     )
     data = fingerprint(dataset_dir, tokenizer.sha256)
+    frozen = _frozen_base(cfg, mesh)
     try:
         state, shardings, tokens_seen = _restore_or_init(cfg, mesh, ckpt, data)
     except BaseException:
@@ -422,7 +456,8 @@ def setup(cfg: RunConfig, workdir: str, config_diff: dict | None = None) -> Run:
         state=state,
         step_fn=ts.make_train_step(cfg, mesh, shardings),
         loader=loader,
-        validate=_validation(cfg, mesh, shardings, dataset_dir, tokenizer),
+        validate=_validation(cfg, mesh, shardings, dataset_dir, tokenizer, frozen),
+        frozen=frozen,
         writer=metrics.MetricsWriter(workdir, start, jax.process_index() == 0),
         n_params=n_params,
         start=start,
@@ -527,7 +562,7 @@ def _samples(run: Run) -> None:
     if not prompts:
         log.info("no samples: no validation prompts")
         return
-    texts = sample_texts(run.state.params, cfg.model, run.tokenizer, prompts,
+    texts = sample_texts(run.full_params(), lora.plain(cfg.model), run.tokenizer, prompts,
                          cfg.train.sample_tokens, sampling=sampling, seed=cfg.train.seed)  # fmt: skip
     for prompt, text in zip(prompts, texts):
         if run.is_main:

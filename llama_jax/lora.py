@@ -1,0 +1,95 @@
+"""LoRA (Hu et al. 2021): a frozen base W plus a trained low-rank update, y = x W + (alpha/r) x A B.
+
+model.lora_rank > 0 turns it on for model.lora_targets (any of q,k,v,o,w1,w2,w3). The adapters
+live in their own variable collection, "lora", beside "params", with logical axis names (the
+input's on A, the output's on B), so sharding.py's one rule table shards them like their base
+weight under FSDP and tensor parallelism. A starts random, B at zero: step 0 is the base model.
+Training differentiates and updates the "lora" collection alone (train_step.py); checkpoints
+hold it (and the config, whose train.init_from names the base).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# target -> (module, base weight, input letters, output letters): W maps x[..., in] to y[..., out]
+TARGETS = {
+    "q": ("attention", "wq", "D", "NH"),
+    "k": ("attention", "wk", "D", "KH"),
+    "v": ("attention", "wv", "D", "KH"),
+    "o": ("attention", "wo", "NH", "D"),
+    "w1": ("feed_forward", "w1", "D", "F"),
+    "w2": ("feed_forward", "w2", "F", "D"),
+    "w3": ("feed_forward", "w3", "D", "F"),
+}
+AXES = {"D": "embed", "N": "heads", "K": "kv_heads", "H": "head_dim", "F": "mlp"}
+
+
+def targets(cfg) -> tuple[str, ...]:
+    """The adapted weights of a ModelConfig (none when lora_rank is 0)."""
+    if not cfg.lora_rank:
+        return ()
+    return tuple(t for t in cfg.lora_targets.split(",") if t)
+
+
+def sizes(cfg) -> dict[str, int]:
+    return {"D": cfg.dim, "N": cfg.n_heads, "K": cfg.kv_heads, "H": cfg.head_dim, "F": cfg.mlp_dim}
+
+
+def delta(module: nn.Module, target: str, x, cfg):
+    """(alpha/r) x A B for `target` inside `module` (Attention or MLP), in the compute dtype;
+    0 when the target is not adapted."""
+    if target not in targets(cfg):
+        return 0
+    _, _, i, o = TARGETS[target]
+    n, r = sizes(cfg), cfg.lora_rank
+    a_shape, b_shape = (*[n[c] for c in i], r), (r, *[n[c] for c in o])
+    fan_in = math.prod(a_shape[:-1])
+    init_a = nn.initializers.normal(fan_in**-0.5)
+
+    def make(name, init, shape, axes):
+        boxed = nn.with_logical_partitioning(
+            lambda: init(module.make_rng("params"), shape, jnp.float32), axes
+        )
+        return module.variable("lora", name, boxed).value
+
+    a = make(f"{target}_a", init_a, a_shape, (*[AXES[c] for c in i], None))
+    b = make(f"{target}_b", nn.initializers.zeros, b_shape, (None, *[AXES[c] for c in o]))
+    dt = cfg.compute_dtype
+    xa = jnp.einsum(f"BT{i},{i}R->BTR", x, a.astype(dt))
+    return jnp.einsum(f"BTR,R{o}->BT{o}", xa, b.astype(dt)) * (cfg.lora_alpha / r)
+
+
+def count(cfg) -> int:
+    """Trainable parameters: n_layers x sum over targets of r x (inputs + outputs) of W."""
+    n = sizes(cfg)
+    per_layer = sum(
+        cfg.lora_rank
+        * (math.prod(n[c] for c in TARGETS[t][2]) + math.prod(n[c] for c in TARGETS[t][3]))
+        for t in targets(cfg)
+    )
+    return cfg.n_layers * per_layer
+
+
+def plain(cfg):
+    """The ModelConfig of merged params: the same model without adapters."""
+    return dataclasses.replace(cfg, lora_rank=0)
+
+
+def merge(params, adapters, cfg):
+    """Plain params with W + (alpha/r) A B folded in, in W's dtype (float32 arithmetic)."""
+    params = jax.tree.map(lambda x: x, params)  # a copy of the containers, not the arrays
+    layers = params["layers"]
+    for t in targets(cfg):
+        module, w, i, o = TARGETS[t]
+        a, b = adapters["layers"][module][f"{t}_a"], adapters["layers"][module][f"{t}_b"]
+        update = jnp.einsum(f"L{i}R,LR{o}->L{i}{o}", a, b, precision="highest")
+        base = layers[module][w]
+        layers[module] = {**layers[module],
+                          w: (base.astype(jnp.float32) + update * (cfg.lora_alpha / cfg.lora_rank)).astype(base.dtype)}  # fmt: skip
+    return params

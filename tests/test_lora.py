@@ -1,0 +1,163 @@
+"""LoRA: trained parameter count, a frozen base, adapter-only optimizer state, merged and PEFT
+exports checked against the adapter model and against transformers + peft."""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax.config import ModelConfig, load
+from llama_jax.model import Llama
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALL = "q,k,v,o,w1,w2,w3"
+
+
+@pytest.mark.parametrize("targets", ["q,v", ALL, "o,w2"])
+def test_trained_parameter_count_is_the_formula(targets):
+    """r x (fan-in + fan-out) of every adapted weight, per layer, written out by hand:
+    q: D -> N*H, k and v: D -> K*H, o: N*H -> D, w1 and w3: D -> F, w2: F -> D."""
+    D, N, K, H, F, L, r = 32, 4, 2, 8, 88, 3, 4
+    cfg = ModelConfig(dim=D, n_layers=L, n_heads=N, n_kv_heads=K, vocab_size=64, multiple_of=8,
+                      lora_rank=r, lora_targets=targets, dtype="float32")  # fmt: skip
+    assert cfg.hidden_dim == F
+    per = {"q": D + N * H, "k": D + K * H, "v": D + K * H, "o": N * H + D, "w1": D + F,
+           "w2": F + D, "w3": D + F}  # fmt: skip
+    want = L * r * sum(per[t] for t in targets.split(","))
+    variables = jax.eval_shape(
+        lambda: Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    )
+    got = sum(math.prod(x.shape) for x in jax.tree.leaves(variables["lora"]))
+    assert got == want
+    from llama_jax import lora
+
+    assert lora.count(cfg) == want
+
+
+def _bytes(tree) -> int:
+    """Per-device bytes of a tree of arrays or ShapeDtypeStructs with shardings."""
+    return sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(tree)
+    )
+
+
+def test_base_is_frozen_and_optimizer_state_is_adapter_sized():
+    """Three LoRA steps: the base params are bit-identical, the adapters moved, every optimizer
+    moment has an adapter's shape, and the compiled step's arguments are the base, the
+    adapters with their AdamW moments and the batch, per device, to the byte (a fully trained
+    model would add three more copies of the base)."""
+    from llama_jax import train_step as ts
+    from llama_jax.sharding import make_mesh
+
+    cfg = load(f"{ROOT}/configs/tiny.py", ["model.lora_rank=4", f"model.lora_targets={ALL}",
+               "train.batch_size=8", "train.seq_len=32", "train.lr=1e-2", "train.warmup_steps=1"])  # fmt: skip
+    mesh = make_mesh(1, -1, 1)
+    state, shardings = ts.create_train_state(cfg, mesh)
+    base = ts.random_frozen(cfg, mesh)
+    before = jax.tree.map(np.asarray, base)
+    step = ts.make_train_step(cfg, mesh, shardings)
+    rng = np.random.default_rng(0)
+    batch = {
+        k: jnp.asarray(rng.integers(0, 2048, (8, 32)), jnp.int32) for k in ("inputs", "targets")
+    }
+    for _ in range(3):
+        state, _ = step(state, batch, base)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, base), before)
+    bs = [np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state.params)
+          if str(p[-1]).endswith("_b']")]  # fmt: skip
+    assert bs and all(np.abs(b).max() > 0 for b in bs)  # B started at zero
+    adapter_shapes = {x.shape for x in jax.tree.leaves(state.params)}
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
+    assert moments and {x.shape for x in moments} <= adapter_shapes
+    compiled = ts.compile_train_step(cfg, mesh)
+    abstract_state = ts.abstract_train_state(cfg, mesh)[0]
+    want = _bytes(abstract_state) + _bytes(ts.abstract_frozen(cfg, mesh)[0])
+    want += _bytes(ts.abstract_batch(cfg, mesh))
+    assert compiled.memory_analysis().argument_size_in_bytes == want
+    size = lambda tree: sum(x.size for x in jax.tree.leaves(tree) if x.ndim)  # noqa: E731
+    assert size(state.opt_state) == 2 * size(state.params)  # AdamW's mu and nu, nothing else
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_dataset):
+    """finetune_tiny with LoRA on all targets from a transformers model, trained hard enough
+    (lr 1e-2) that the adapters change the logits well beyond the bounds below."""
+    from test_finetune import tiny_hf
+
+    from llama_jax import trainer
+
+    root = tmp_path_factory.mktemp("lora")
+    model = tiny_hf(root / "hf", seed=3)
+    cfg = load(f"{ROOT}/configs/finetune_tiny.py", [
+        "model.vocab_size=512", "model.lora_rank=4", f"model.lora_targets={ALL}",
+        "train.batch_size=8", "train.seq_len=32", "train.steps=20", "train.lr=1e-2",
+        "train.eval_every=0", f"data.path={tiny_dataset[0]}", f"train.init_from=hf:{root / 'hf'}",
+        "checkpoint.every_steps=20"])  # fmt: skip
+    trainer.train(cfg, str(root / "run"))
+    return root, model, cfg
+
+
+def _adapter_logits(root, cfg, toks):
+    """The adapter model's logits: the checkpoint's adapters over the reloaded base."""
+    from llama_jax import init_from, lora
+    from llama_jax import train_step as ts
+    from llama_jax.checkpoint import Checkpointer
+    from llama_jax.sharding import make_mesh
+
+    run = init_from.apply_source(cfg)
+    mesh = make_mesh(1, -1, 1)
+    ckpt = Checkpointer(str(root / "run" / "checkpoints"), read_only=True)
+    state, _ = ckpt.restore(ts.abstract_train_state(run, mesh)[0])
+    ckpt.close()
+    base = init_from.load_params(run, ts.abstract_frozen(run, mesh)[1])
+    variables = {"params": base, "lora": state.params}
+    plain = Llama(lora.plain(run.model)).apply({"params": base}, toks)
+    return np.asarray(Llama(run.model).apply(variables, toks)), np.asarray(plain)
+
+
+def test_merged_export_gives_the_adapter_models_logits(lora_run, capsys):
+    """launch.export --merge-lora: plain params whose logits are the adapter model's. Bound:
+    x(W + sAB) vs xW + s(xA)B in float32 reassociate sums of <= 352 terms: ~1e-6 relative;
+    1e-5, while the adapters move the logits by far more (checked)."""
+    from launch.export import main as export_main
+    from llama_jax.params_io import load_params
+
+    root, _, cfg = lora_run
+    export_main(["--workdir", str(root / "run"), "--output", str(root / "merged"), "--merge-lora"])
+    params, mcfg = load_params(str(root / "merged"))
+    assert mcfg.lora_rank == 0
+    toks = jnp.asarray(np.random.default_rng(1).integers(0, 512, (2, 24)))
+    adapted, plain = _adapter_logits(root, cfg, toks)
+    merged = np.asarray(Llama(mcfg).apply({"params": params}, toks))
+    scale = np.abs(adapted).max()
+    assert np.abs(adapted - plain).max() > 1e-2 * scale  # the adapters matter
+    np.testing.assert_allclose(merged, adapted, rtol=1e-5, atol=1e-5 * scale)
+    with pytest.raises(SystemExit):  # a LoRA run's --output needs --merge-lora
+        export_main(["--workdir", str(root / "run"), "--output", str(root / "x")])
+    assert "holds LoRA adapters" in capsys.readouterr().err
+
+
+def test_peft_export_loads_with_peft_and_gives_the_same_logits(lora_run):
+    """launch.export --peft DIR: peft.PeftModel.from_pretrained on the transformers base gives
+    the adapter model's logits. Bound: float32 on both sides, as the conversion tests: 1e-4
+    relative to the largest logit, while a wrong q/k row order or a transposed A moves the
+    logits by the adapters' whole effect (> 1e-2, checked above)."""
+    peft = pytest.importorskip("peft")
+    import torch
+
+    from launch.export import main as export_main
+
+    root, model, cfg = lora_run
+    export_main(["--workdir", str(root / "run"), "--peft", str(root / "peft")])
+    assert json.loads((root / "peft" / "adapter_config.json").read_text())["r"] == 4
+    toks = np.random.default_rng(2).integers(0, 512, (2, 24))
+    wrapped = peft.PeftModel.from_pretrained(model, str(root / "peft")).eval()
+    with torch.no_grad():
+        theirs = wrapped(torch.from_numpy(toks)).logits.numpy()
+    ours, _ = _adapter_logits(root, cfg, jnp.asarray(toks))
+    assert np.abs(theirs - ours).max() <= 1e-4 * np.abs(ours).max()
