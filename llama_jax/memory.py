@@ -26,7 +26,7 @@ import time
 import jax
 import numpy as np
 
-from llama_jax import remat, stats
+from llama_jax import lora, remat, stats
 from llama_jax import sharding as shd
 from llama_jax import train_step as ts
 from llama_jax.config import ModelConfig, RunConfig
@@ -77,12 +77,17 @@ def analyze(run: RunConfig, mesh, policies=None, log=None) -> dict:
     mc = run.model
     n = stats.count_params(mc)
     state, _ = ts.abstract_train_state(run, mesh)
+    frozen = ts.abstract_frozen(run, mesh)[0]  # LoRA's base; the state holds the adapters
     batch = ts.abstract_batch(run, mesh)
-    params_b = _shard_bytes(state.params)
+    trained_b = _shard_bytes(state.params)
+    base_b = _shard_bytes(frozen) if frozen else trained_b
+    params_b = trained_b + (base_b if frozen else 0)
     opt_b = _shard_bytes(state.opt_state)
     batch_b = _shard_bytes(batch)
     step_b = _shard_bytes(state.step)
-    param_shards = round(n * np.dtype(mc.weight_dtype).itemsize / params_b) if params_b else 1
+    param_shards = round(n * np.dtype(mc.weight_dtype).itemsize / base_b) if base_b else 1
+    # 4 x 4-byte copies of every trained weight (master, mu, nu, gradient), the frozen base once
+    analytic_state = 16 * n / param_shards if not frozen else base_b + 4 * trained_b
     rows, T = rows_per_device(run, mesh), run.train.seq_len
     out = {
         "config": {
@@ -96,15 +101,17 @@ def analyze(run: RunConfig, mesh, policies=None, log=None) -> dict:
             "dtype": mc.dtype,
             "param_dtype": mc.param_dtype,
             "backend": jax.default_backend(),
-            # 4 x 4-byte copies of every weight: master, mu, nu, gradient
-            "analytic_16_bytes_per_param": 16 * n / param_shards,
+            "analytic_16_bytes_per_param": analytic_state,
+            "lora_rank": mc.lora_rank,
+            "lora_trained": lora.count(mc),
         },
         "policies": [],
     }
-    shard = {"params": params_b, "optimizer": opt_b, "batch": batch_b, "step": step_b}
+    shard = {"params": params_b, "trained": trained_b, "optimizer": opt_b, "batch": batch_b,
+             "step": step_b}  # fmt: skip
     for policy in policies:
         row = _policy_row(run, mesh, policy, shard)
-        row["analytic_state"] = 16 * n / param_shards
+        row["analytic_state"] = analytic_state
         row["analytic_activations"] = analytic_activations(
             mc, policy, rows, T, int(mesh.shape["tensor"])
         )
@@ -127,7 +134,7 @@ def _policy_row(run: RunConfig, mesh, policy: str, shard: dict) -> dict:
     arg, temp = int(m.argument_size_in_bytes), int(m.temp_size_in_bytes)
     outb, alias = int(m.output_size_in_bytes), int(m.alias_size_in_bytes)
     params_b = shard["params"]
-    grads = params_b  # float32 gradients, sharded like the params
+    grads = shard["trained"]  # float32 gradients of the trained params, sharded like them
     optimizer = arg - params_b - shard["batch"] - shard["step"] if arg else shard["optimizer"]
     return {
         "policy": policy,
@@ -180,12 +187,20 @@ def format_report(result: dict, device_bytes: float | None = None) -> str:
             f"{c['backend']} device(s), mesh (data,fsdp,tensor)={mesh}"
         ),
         (
-            f"  {c['parameters']:,} parameters ({c['param_dtype']} master, AdamW), compute "
+            f"  {c['parameters']:,} parameters ("
+            + (
+                f"{c['param_dtype']} master, AdamW"
+                if not c["lora_rank"]
+                else f"{c['param_dtype']} frozen base; LoRA rank {c['lora_rank']}: "
+                f"{c['lora_trained']:,} trained, AdamW"
+            )  # fmt: skip
+            + "), compute "
             f"{c['dtype']}; activations for global batch {c['batch_size']} x seq {c['seq_len']} "
             f"(grad_accum {c['grad_accum_steps']}: {c['rows_per_device']} sequence(s) per device "
             "per microbatch); they scale with rows per device"
         ),
-        f"  analytic state: 16 bytes/param / shards = {c['analytic_16_bytes_per_param'] / GiB:.2f} GiB",
+        f"  analytic state: 16 bytes/trained param + the frozen base, per device = "
+        f"{c['analytic_16_bytes_per_param'] / GiB:.2f} GiB",
     ]
     lines += ["", *_policy_table(result["policies"], device_bytes)]
     lines += [

@@ -223,10 +223,14 @@ def test_document_masking_for_token_streams(tiny_dataset):
     assert np.asarray(b["loss_mask"])[~eos].min() == 1
 
 
-def test_fine_tuning_teaches_responses_that_generate_reproduces(tmp_path, tiny_dataset, capsys):
+@pytest.mark.parametrize("lora_rank", [0, 16], ids=["full", "lora"])
+def test_fine_tuning_teaches_responses_that_generate_reproduces(tmp_path, tiny_dataset, capsys,
+                                                                lora_rank):  # fmt: skip
     """End to end on CPU: four instruction -> response pairs, prepared with the alpaca template
-    and packed; a small model trained on them until greedy `launch.generate --template alpaca`
-    answers each instruction with its response, exactly."""
+    and packed; a small model trained on them (all its parameters, or LoRA rank 16 on every
+    linear layer of a frozen random base) until greedy `launch.generate --template alpaca`
+    answers each instruction with its response, exactly. The merged LoRA model converted
+    `--to hf` answers the same in transformers."""
     from launch.export import main as export_main
     from launch.generate import main as generate_main
     from llama_jax import trainer
@@ -240,13 +244,16 @@ def test_fine_tuning_teaches_responses_that_generate_reproduces(tmp_path, tiny_d
     )  # fmt: skip  (8 rows: one batch)
     data = str(tmp_path / "data")
     instruct.prepare(str(rows), tiny_dataset[1], data, "alpaca", seq_len=127, val_fraction=0)
+    steps, lr = (150, 3e-3) if not lora_rank else (200, 1e-2)
     cfg = load(f"{ROOT}/configs/finetune_tiny.py", [
         "model.vocab_size=512", "model.dim=64", "model.n_layers=2", "model.max_seq_len=128",
-        "train.seq_len=127", "train.batch_size=8", "train.steps=150", "train.lr=3e-3",
+        "train.seq_len=127", "train.batch_size=8", f"train.steps={steps}", f"train.lr={lr}",
         "train.eval_every=0", "train.log_every=50", f"data.path={data}",
-        "checkpoint.every_steps=150"])  # fmt: skip
+        f"checkpoint.every_steps={steps}", f"model.lora_rank={lora_rank}",
+        "model.lora_targets=q,k,v,o,w1,w2,w3"])  # fmt: skip
     trainer.train(cfg, str(tmp_path / "run"))
-    export_main(["--workdir", str(tmp_path / "run"), "--output", str(tmp_path / "export")])
+    export = ["--workdir", str(tmp_path / "run"), "--output", str(tmp_path / "export")]
+    export_main(export + (["--merge-lora"] if lora_rank else []))
     capsys.readouterr()
     argv = ["--checkpoint", str(tmp_path / "export"), "--tokenizer", tiny_dataset[1],
             "--template", "alpaca", "--temperature", "0", "--max-new-tokens", "12"]  # fmt: skip
@@ -256,3 +263,25 @@ def test_fine_tuning_teaches_responses_that_generate_reproduces(tmp_path, tiny_d
     out = capsys.readouterr().out
     answers = [block.split("\n", 1)[1].strip() for block in out.split("--- ")[1:]]
     assert answers == list(pairs.values()), out
+    if lora_rank:
+        assert _transformers_answers(tmp_path, tiny_dataset[1], pairs) == list(pairs.values())
+
+
+def _transformers_answers(tmp_path, tokenizer, pairs) -> list[str]:
+    """Greedy answers of the exported model converted to Hugging Face, run by transformers."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from llama_jax import convert
+    from llama_jax.data.tokenizer import Tokenizer
+
+    convert.convert("ours", "hf", str(tmp_path / "export"), str(tmp_path / "hf"))
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tok, answers = Tokenizer(tokenizer), []
+    for instruction in pairs:
+        ids = torch.tensor([instruct.prompt(instruction, "alpaca", tok).tolist()])
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=12, do_sample=False,
+                                 eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)  # fmt: skip
+        new = [t for t in out[0, ids.shape[1] :].tolist() if t != tok.eos_id]
+        answers.append(tok.decode(new).strip())
+    return answers

@@ -161,3 +161,22 @@ def test_peft_export_loads_with_peft_and_gives_the_same_logits(lora_run):
         theirs = wrapped(torch.from_numpy(toks)).logits.numpy()
     ours, _ = _adapter_logits(root, cfg, jnp.asarray(toks))
     assert np.abs(theirs - ours).max() <= 1e-4 * np.abs(ours).max()
+
+
+def test_will_it_fit_counts_a_frozen_base_and_adapter_state():
+    """launch.inspect --memory for LoRA: the compiled step's arguments are the frozen base, the
+    adapters and their two AdamW moments (plus a few scalar counters); gradients are
+    adapter-sized. So the state is base + 4 x adapters, not 16 bytes per parameter."""
+    from llama_jax import memory
+    from llama_jax.sharding import make_mesh
+
+    cfg = load(f"{ROOT}/configs/tiny.py", ["model.lora_rank=8", f"model.lora_targets={ALL}",
+               "train.batch_size=8", "train.seq_len=32", "model.param_dtype=bfloat16"])  # fmt: skip
+    from llama_jax import train_step as ts
+
+    mesh = make_mesh(1, -1, 1)
+    row = memory.analyze(cfg, mesh, policies=["save_linear"])["policies"][0]
+    adapters = _bytes(ts.abstract_train_state(cfg, mesh)[0].params)
+    base = _bytes(ts.abstract_frozen(cfg, mesh)[0])
+    assert row["gradients"] == adapters and row["params"] == base + adapters
+    assert 0 <= row["state_total"] - row["analytic_state"] <= 64  # the moments' step counters

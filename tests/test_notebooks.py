@@ -10,7 +10,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-NOTEBOOKS = ["quickstart", "ablations", "memory"]
+NOTEBOOKS = ["quickstart", "ablations", "memory", "finetune"]
 
 
 def test_every_notebook_is_tested_and_stored_without_outputs():
@@ -80,6 +80,9 @@ def test_notebook_executes(name, kernel_env, monkeypatch):
         ):
             assert f"| {variant} |" in text
         assert _images(nb) >= 1
+    elif name == "finetune":
+        assert "| Name a fruit. | apple pie |" in text and "all answers learned: True" in text
+        assert "adapter_model.safetensors" in text
     else:
         assert "reference" in text and "save_linear" in text
         assert _images(nb) == 2
