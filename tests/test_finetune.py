@@ -89,3 +89,22 @@ def test_weights_of_another_shape_are_refused_naming_the_field(tmp_path, tiny_da
     with pytest.raises(FileNotFoundError, match="no directory"):
         trainer.train(cfg.replace({"train.init_from": f"hf:{tmp_path / 'nowhere'}"}),
                       str(tmp_path / "run"))  # fmt: skip
+
+
+def test_the_tokenizer_comes_from_the_weights_directory(tmp_path, tiny_dataset):
+    """A source directory with tokenizer.model supplies data.tokenizer (unless the config names
+    one), and the model's shape fields come from config.json."""
+    import shutil
+
+    from llama_jax import init_from
+
+    tiny_hf(tmp_path / "hf")
+    cfg = load(f"{ROOT}/configs/finetune_tiny.py",
+               ["model.vocab_size=512", f"train.init_from=hf:{tmp_path / 'hf'}"])  # fmt: skip
+    assert init_from.apply_source(cfg).data.tokenizer == ""
+    shutil.copy(tiny_dataset[1], tmp_path / "hf" / "tokenizer.model")
+    run = init_from.apply_source(cfg)
+    assert run.data.tokenizer == str(tmp_path / "hf" / "tokenizer.model")
+    assert (run.model.dim, run.model.n_kv_heads, run.model.hidden_dim) == (128, 2, 352)
+    mine = cfg.replace({"data.tokenizer": tiny_dataset[1]})
+    assert init_from.apply_source(mine).data.tokenizer == tiny_dataset[1]
