@@ -2,6 +2,16 @@
 
 import ml_collections
 
+# The paper's Table 1 sampling proportions (percent). The paths are placeholders for datasets
+# prepared with launch.prepare_data, one per source, all with one tokenizer (README: "Data").
+TABLE1 = {"commoncrawl": 67.0, "c4": 15.0, "github": 4.5, "wikipedia": 4.5, "books": 4.5,
+          "arxiv": 2.5, "stackexchange": 2.0}  # fmt: skip
+
+
+def llama_mixture(root: str = "data/llama") -> str:
+    """data.mixture of Table 1 over root/<source> directories."""
+    return ";".join(f"{name}={root}/{name}@{pct}" for name, pct in TABLE1.items())
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -78,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
     # attention never crosses a document boundary in a packed sequence (segment ids from BOS),
     # positions restart at each document; instruction data (prepared packed) always does this
     c.data.document_masking = False
+    # several prepared datasets sampled in proportion, "name=PATH@WEIGHT;name=PATH@WEIGHT;..."
+    # (weights normalized; each source keeps its own epochs); "" = data.path alone
+    c.data.mixture = ""
     # resume on data other than the checkpoint's (another tokenizer or re-prepared dataset)
     c.data.allow_dataset_change = False
 

@@ -25,4 +25,5 @@ def get_config():
     c.train.eval_every = 200
     c.checkpoint.every_steps = 200
     c.mesh.fsdp = -1
+    c.data.mixture = ""  # instruction data instead: --config.data.path=DIR (--format instruction)
     return c

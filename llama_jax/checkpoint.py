@@ -251,7 +251,7 @@ def _failed_processes(failed: bool) -> list[int]:
 
 # Fields that fix which tokens each step sees: changing them on resume would silently skip or
 # repeat data. Schedule fields may change (extending a run), with a warning.
-RESUME_FIXED = ("train.batch_size", "train.seq_len", "data.path")
+RESUME_FIXED = ("train.batch_size", "train.seq_len", "data.path", "data.mixture")
 # The run's environment, free to change on resume without a word: the mesh (restore re-shards
 # onto any mesh), multi-process settings, loader prefetch and the resume switches themselves.
 RESUME_FREE = ("mesh.", "distributed.", "data.prefetch", "data.allow_dataset_change",

@@ -333,6 +333,12 @@ class DataConfig(_Group):
     prefetch: int = 2
     allow_dataset_change: bool = False
     document_masking: bool = False
+    mixture: str = ""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mixture and self.path:
+            raise ConfigError("set data.path or data.mixture, not both")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -386,3 +386,20 @@ class ValidationLoss:
 
     def close(self):
         self.loader.close()
+
+
+class MixtureValidation:
+    """data.mixture's validation loss: a ValidationLoss per source; the call returns their
+    mixture-weighted mean and keeps each source's loss in .per_source."""
+
+    def __init__(self, losses: dict, weights: dict[str, float]):
+        self.losses, self.weights, self.per_source = losses, weights, {}
+
+    def __call__(self, params) -> float:
+        self.per_source = {name: v(params) for name, v in self.losses.items()}
+        total = sum(self.weights[n] for n in self.per_source)
+        return sum(self.weights[n] * v for n, v in self.per_source.items()) / total
+
+    def close(self):
+        for v in self.losses.values():
+            v.close()

@@ -8,6 +8,8 @@ part in checkpoint writes (orbax coordinates them).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import time
@@ -37,6 +39,7 @@ from llama_jax.control import (
     gather_flags,
     inject_fault,
 )
+from llama_jax.data import mixture
 from llama_jax.data.default_corpus import resolve_dataset
 from llama_jax.data.format import fingerprint
 from llama_jax.data.loader import Loader
@@ -236,7 +239,12 @@ class Run:
         if self._eval_due(done):
             self.watchdog.pause()  # evaluation is not a step
             record["val_loss"] = self.validate(self.state.params)
+            for name, loss in getattr(self.validate, "per_source", {}).items():
+                record[f"val_loss/{name}"] = loss
             self.watchdog.resume()
+        if isinstance(self.loader, mixture.MixtureLoader):
+            for name, tokens in self.loader.tokens_seen(done).items():
+                record[f"tokens_seen/{name}"] = tokens
         self.writer.write(record)
         self.last = record
         if a["first_bad"] >= 0 and not self.cfg.train.skip_nonfinite:
@@ -299,9 +307,12 @@ class Run:
 
 
 def _open_data(cfg: RunConfig) -> tuple[str, Tokenizer]:
-    dataset_dir, tokenizer_path = resolve_dataset(
-        cfg.data.path, cfg.data.tokenizer, cfg.model.vocab_size
-    )
+    """(dataset dir, tokenizer): data.path's (or the default corpus), or the first source of
+    data.mixture (whose tokenizer every source must share)."""
+    path = cfg.data.path
+    if cfg.data.mixture:
+        path = next(iter(mixture.parse(cfg.data.mixture).values()))[0]
+    dataset_dir, tokenizer_path = resolve_dataset(path, cfg.data.tokenizer, cfg.model.vocab_size)
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(
@@ -338,6 +349,20 @@ def _restore_or_init(cfg: RunConfig, mesh: Mesh, ckpt: Checkpointer, data: dict)
     )
 
 
+def _mixture_validation(cfg: RunConfig, mesh: Mesh, evaluate, tokenizer: Tokenizer):
+    """A validation loss per mixture source (those with a val split of at least a batch)."""
+    from llama_jax.evaluate import MixtureValidation, ValidationLoss
+
+    losses, sources = {}, mixture.parse(cfg.data.mixture)
+    for name, (path, _) in sources.items():
+        try:
+            losses[name] = ValidationLoss(evaluate, cfg.train, path, shd.batch_sharding(mesh),
+                                          tokenizer.sha256, _document_bos(cfg, tokenizer))  # fmt: skip
+        except ValueError as e:
+            log.warning("no validation loss for mixture source %s: %s", name, e)
+    return MixtureValidation(losses, {n: w for n, (_, w) in sources.items()}) if losses else None
+
+
 def _document_bos(cfg: RunConfig, tokenizer: Tokenizer) -> int | None:
     """data.document_masking: the BOS id that starts each document in the token stream."""
     if not cfg.data.document_masking:
@@ -345,6 +370,38 @@ def _document_bos(cfg: RunConfig, tokenizer: Tokenizer) -> int | None:
     if tokenizer.bos_id < 0:
         raise ValueError("data.document_masking needs a tokenizer with a BOS piece")
     return tokenizer.bos_id
+
+
+def _fingerprint(cfg: RunConfig, dataset_dir: str, tokenizer: Tokenizer) -> dict:
+    """The data a checkpoint records: data.format.fingerprint, of every mixture source."""
+    if not cfg.data.mixture:
+        return fingerprint(dataset_dir, tokenizer.sha256)
+    parts = {name: fingerprint(path, tokenizer.sha256)["metadata_sha256"]
+             for name, (path, _) in mixture.parse(cfg.data.mixture).items()}  # fmt: skip
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return {"tokenizer_sha256": tokenizer.sha256, "metadata_sha256": digest}
+
+
+def _train_loader(cfg: RunConfig, mesh: Mesh, dataset_dir: str, tokenizer: Tokenizer, start: int):
+    """The training batches: of data.path, or of data.mixture's sources in proportion."""
+    kw = dict(
+        batch_size=cfg.train.batch_size,
+        seq_len=cfg.train.seq_len,
+        seed=cfg.train.data_order_seed,
+        sharding=shd.batch_sharding(mesh),
+        step=start,
+        prefetch=cfg.data.prefetch,
+        expected_vocab_size=cfg.model.vocab_size,
+        expected_tokenizer_sha=tokenizer.sha256,
+        document_bos=_document_bos(cfg, tokenizer),
+    )
+    if not cfg.data.mixture:
+        return Loader(dataset_dir, "train", **kw)
+    loader = mixture.MixtureLoader(mixture.parse(cfg.data.mixture), "train", **kw)
+    plan = loader.planned_epochs(cfg.train.steps)
+    log.info("mixture over %d steps: %s", cfg.train.steps, "; ".join(
+        f"{n} {w:.1%} ({plan[n]:.2f} epochs)" for n, w in zip(loader.names, loader.weights)))  # fmt: skip
+    return loader
 
 
 def _frozen_base(cfg: RunConfig, mesh: Mesh):
@@ -371,6 +428,8 @@ def _validation(
         return None
     step = ts.make_eval_step(cfg, mesh, shardings)
     evaluate = step if frozen is None else (lambda p, b: step(p, b, frozen))
+    if cfg.data.mixture:
+        return _mixture_validation(cfg, mesh, evaluate, tokenizer)
     try:
         return ValidationLoss(
             evaluate,
@@ -422,7 +481,7 @@ def setup(cfg: RunConfig, workdir: str, config_diff: dict | None = None) -> Run:
         keep_period=c.keep_period,
         async_save=c.async_save,
     )
-    data = fingerprint(dataset_dir, tokenizer.sha256)
+    data = _fingerprint(cfg, dataset_dir, tokenizer)
     frozen = _frozen_base(cfg, mesh)
     try:
         state, shardings, tokens_seen = _restore_or_init(cfg, mesh, ckpt, data)
@@ -432,19 +491,7 @@ def setup(cfg: RunConfig, workdir: str, config_diff: dict | None = None) -> Run:
         ckpt.close()
         raise
     start = int(state.step)
-    loader = Loader(
-        dataset_dir,
-        "train",
-        batch_size=cfg.train.batch_size,
-        seq_len=cfg.train.seq_len,
-        seed=cfg.train.data_order_seed,
-        sharding=shd.batch_sharding(mesh),
-        step=start,
-        prefetch=cfg.data.prefetch,
-        expected_vocab_size=cfg.model.vocab_size,
-        expected_tokenizer_sha=tokenizer.sha256,
-        document_bos=_document_bos(cfg, tokenizer),
-    )
+    loader = _train_loader(cfg, mesh, dataset_dir, tokenizer, start)
     return Run(
         cfg=cfg,
         workdir=workdir,

@@ -234,7 +234,10 @@ class Loader:
 
     def window_ids(self, step: int) -> np.ndarray:
         """Window indices of this process's rows of global batch `step`."""
-        slots = step * self.batch_size + np.arange(*self.rows, dtype=np.int64)
+        return self.windows_of(step * self.batch_size + np.arange(*self.rows, dtype=np.int64))
+
+    def windows_of(self, slots: np.ndarray) -> np.ndarray:
+        """Window indices of positions `slots` of this split's endless stream of epochs."""
         epochs, pos = np.divmod(slots, self.num_windows)
         out = np.empty_like(slots)
         for e in np.unique(epochs):
@@ -274,13 +277,21 @@ class Loader:
             "positions": positions,
         }
 
-    def batch(self, step: int):
-        """Global batch `step` (this process's part of it), without changing the loader's state."""
-        ids = self.window_ids(step)
+    def rows_of(self, ids: np.ndarray) -> dict:
+        """The local batch arrays (inputs, targets, and loss_mask, segment_ids, positions for
+        packed data or document masking) of windows `ids`."""
         w = self._read(ids)  # [b, T+1]
         local = {"inputs": w[:, :-1], "targets": w[:, 1:]}  # [b, T] each
         if self.packed or self.document_bos is not None:
             local.update(self._segments(ids, w))
+        return local
+
+    def batch(self, step: int):
+        """Global batch `step` (this process's part of it), without changing the loader's state."""
+        return self.to_global(self.rows_of(self.window_ids(step)))
+
+    def to_global(self, local: dict):
+        """This process's rows as global arrays on self.sharding (numpy without a sharding)."""
         if self.sharding is None:
             return local
         import jax
