@@ -8,8 +8,6 @@ part in checkpoint writes (orbax coordinates them).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import time
@@ -39,9 +37,7 @@ from llama_jax.control import (
     gather_flags,
     inject_fault,
 )
-from llama_jax.data import mixture
-from llama_jax.data.default_corpus import resolve_dataset
-from llama_jax.data.format import fingerprint
+from llama_jax.data import mixture, run_data
 from llama_jax.data.loader import Loader
 from llama_jax.data.tokenizer import Tokenizer
 
@@ -306,22 +302,6 @@ class Run:
         self.ckpt.close()
 
 
-def _open_data(cfg: RunConfig) -> tuple[str, Tokenizer]:
-    """(dataset dir, tokenizer): data.path's (or the default corpus), or the first source of
-    data.mixture (whose tokenizer every source must share)."""
-    path = cfg.data.path
-    if cfg.data.mixture:
-        path = next(iter(mixture.parse(cfg.data.mixture).values()))[0]
-    dataset_dir, tokenizer_path = resolve_dataset(path, cfg.data.tokenizer, cfg.model.vocab_size)
-    tokenizer = Tokenizer(tokenizer_path)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(
-            f"tokenizer vocab {tokenizer.vocab_size} ({tokenizer_path}) is larger "
-            f"than model.vocab_size={cfg.model.vocab_size}"
-        )
-    return dataset_dir, tokenizer
-
-
 def _restore_or_init(cfg: RunConfig, mesh: Mesh, ckpt: Checkpointer, data: dict):
     """(state, state shardings, tokens_seen): the latest checkpoint (after checking it continues
     this run's data and data order; data: this run's dataset fingerprint), else a fresh init."""
@@ -357,51 +337,10 @@ def _mixture_validation(cfg: RunConfig, mesh: Mesh, evaluate, tokenizer: Tokeniz
     for name, (path, _) in sources.items():
         try:
             losses[name] = ValidationLoss(evaluate, cfg.train, path, shd.batch_sharding(mesh),
-                                          tokenizer.sha256, _document_bos(cfg, tokenizer))  # fmt: skip
+                                          tokenizer.sha256, run_data.document_bos(cfg, tokenizer))  # fmt: skip
         except ValueError as e:
             log.warning("no validation loss for mixture source %s: %s", name, e)
     return MixtureValidation(losses, {n: w for n, (_, w) in sources.items()}) if losses else None
-
-
-def _document_bos(cfg: RunConfig, tokenizer: Tokenizer) -> int | None:
-    """data.document_masking: the BOS id that starts each document in the token stream."""
-    if not cfg.data.document_masking:
-        return None
-    if tokenizer.bos_id < 0:
-        raise ValueError("data.document_masking needs a tokenizer with a BOS piece")
-    return tokenizer.bos_id
-
-
-def _fingerprint(cfg: RunConfig, dataset_dir: str, tokenizer: Tokenizer) -> dict:
-    """The data a checkpoint records: data.format.fingerprint, of every mixture source."""
-    if not cfg.data.mixture:
-        return fingerprint(dataset_dir, tokenizer.sha256)
-    parts = {name: fingerprint(path, tokenizer.sha256)["metadata_sha256"]
-             for name, (path, _) in mixture.parse(cfg.data.mixture).items()}  # fmt: skip
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-    return {"tokenizer_sha256": tokenizer.sha256, "metadata_sha256": digest}
-
-
-def _train_loader(cfg: RunConfig, mesh: Mesh, dataset_dir: str, tokenizer: Tokenizer, start: int):
-    """The training batches: of data.path, or of data.mixture's sources in proportion."""
-    kw = dict(
-        batch_size=cfg.train.batch_size,
-        seq_len=cfg.train.seq_len,
-        seed=cfg.train.data_order_seed,
-        sharding=shd.batch_sharding(mesh),
-        step=start,
-        prefetch=cfg.data.prefetch,
-        expected_vocab_size=cfg.model.vocab_size,
-        expected_tokenizer_sha=tokenizer.sha256,
-        document_bos=_document_bos(cfg, tokenizer),
-    )
-    if not cfg.data.mixture:
-        return Loader(dataset_dir, "train", **kw)
-    loader = mixture.MixtureLoader(mixture.parse(cfg.data.mixture), "train", **kw)
-    plan = loader.planned_epochs(cfg.train.steps)
-    log.info("mixture over %d steps: %s", cfg.train.steps, "; ".join(
-        f"{n} {w:.1%} ({plan[n]:.2f} epochs)" for n, w in zip(loader.names, loader.weights)))  # fmt: skip
-    return loader
 
 
 def _frozen_base(cfg: RunConfig, mesh: Mesh):
@@ -437,7 +376,7 @@ def _validation(
             dataset_dir,
             shd.batch_sharding(mesh),
             tokenizer.sha256,
-            _document_bos(cfg, tokenizer),
+            run_data.document_bos(cfg, tokenizer),
         )
     except ValueError as e:
         log.warning("validation disabled: %s", e)
@@ -471,7 +410,7 @@ def setup(cfg: RunConfig, workdir: str, config_diff: dict | None = None) -> Run:
     os.makedirs(workdir, exist_ok=True)
     mesh = shd.make_mesh(*cfg.mesh.sizes)
     n_params = stats.count_params(cfg.model)
-    dataset_dir, tokenizer = _open_data(cfg)
+    dataset_dir, tokenizer = run_data.open_data(cfg)
     _log_startup(cfg, config_diff or {}, mesh, n_params)
     c = cfg.checkpoint
     _check_history(workdir, c.allow_restart)
@@ -481,7 +420,7 @@ def setup(cfg: RunConfig, workdir: str, config_diff: dict | None = None) -> Run:
         keep_period=c.keep_period,
         async_save=c.async_save,
     )
-    data = _fingerprint(cfg, dataset_dir, tokenizer)
+    data = run_data.fingerprint(cfg, dataset_dir, tokenizer)
     frozen = _frozen_base(cfg, mesh)
     try:
         state, shardings, tokens_seen = _restore_or_init(cfg, mesh, ckpt, data)
@@ -491,7 +430,7 @@ def setup(cfg: RunConfig, workdir: str, config_diff: dict | None = None) -> Run:
         ckpt.close()
         raise
     start = int(state.step)
-    loader = _train_loader(cfg, mesh, dataset_dir, tokenizer, start)
+    loader = run_data.train_loader(cfg, shd.batch_sharding(mesh), dataset_dir, tokenizer, start)
     return Run(
         cfg=cfg,
         workdir=workdir,
@@ -570,33 +509,6 @@ def _train(cfg: RunConfig, workdir: str, config_diff: dict | None, command: str 
     return run.last
 
 
-def _val_prompts(
-    dataset_dir: str, tokenizer: Tokenizer, n: int, length: int = 12
-) -> list[list[int]]:
-    """The first `length` tokens of n documents spread over the validation split: prompts
-    from text the model never trained on. Documents start at BOS (after EOS for a tokenizer
-    without one); an empty split gives no prompts."""
-    from llama_jax.data.format import open_split
-
-    split = open_split(dataset_dir, "val")
-    tokens = np.asarray(split[: min(split.shape[0], 1 << 20)].read().result()).astype(np.int64)
-    if tokenizer.bos_id >= 0 and (tokens == tokenizer.bos_id).any():
-        starts = np.flatnonzero(tokens == tokenizer.bos_id)
-    else:
-        starts = np.concatenate([[0], np.flatnonzero(tokens == tokenizer.eos_id) + 1])
-        starts = starts[starts < len(tokens)]
-    if n <= 0 or not len(starts):
-        return []
-    picks = starts[np.linspace(0, len(starts) - 1, num=min(n, len(starts))).astype(int)]
-    prompts = []
-    for s in picks:
-        p = tokens[s : s + length].tolist()
-        p = p[: p.index(tokenizer.eos_id)] if tokenizer.eos_id in p else p
-        if p:
-            prompts.append(p)
-    return prompts
-
-
 def _samples(run: Run) -> None:
     """Samples continuing validation prompts (train.samples of them), printed by process 0."""
     from llama_jax.generate import Sampling, sample_texts
@@ -605,7 +517,7 @@ def _samples(run: Run) -> None:
     if run.n_params > 2e9:
         log.info("no samples: %d parameters are too many to gather on one host", run.n_params)
         return
-    prompts = _val_prompts(run.dataset_dir, run.tokenizer, cfg.train.samples)
+    prompts = run_data.val_prompts(run.dataset_dir, run.tokenizer, cfg.train.samples)
     if not prompts:
         log.info("no samples: no validation prompts")
         return

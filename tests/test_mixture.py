@@ -87,7 +87,7 @@ def test_training_logs_tokens_and_validation_per_source(tmp_path, tiny_dataset, 
         "train.seq_len=32", "train.batch_size=8", "train.steps=4", "train.eval_every=4",
         "train.eval_batches=1", "train.log_every=2", "train.samples=0", f"data.mixture={spec}",
         "checkpoint.every_steps=4"])  # fmt: skip
-    with caplog.at_level(logging.INFO, logger="llama_jax.trainer"):
+    with caplog.at_level(logging.INFO):
         trainer.train(cfg, str(tmp_path))
     assert any("mixture over 4 steps: code 75.0%" in r.getMessage() for r in caplog.records)
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
