@@ -1,0 +1,41 @@
+"""python -m launch.curate --recipe github|wikipedia|books|arxiv --input GLOB --output DIR
+[--workers N]
+
+The paper's per-source cleaning on HF datatrove (llama_jax.curate): cleaned JSONL shards in DIR,
+what each step removed in DIR/removed/<step>/, and DIR/data_card.json + data_card.md with the
+documents and bytes each step took in, kept and removed. Needs the curate extra:
+pip install -e '.[curate]'.
+"""
+
+import argparse
+
+from llama_jax import cli
+
+
+def run(c: cli.Command):
+    from llama_jax.curate import RECIPES, curate
+
+    a = c.args
+    if a.recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {a.recipe!r}; valid: {sorted(RECIPES)}")
+    card = curate(a.recipe, a.input, a.output, a.workers)
+    last = card["steps"][-1]
+    print(f"{a.recipe}: kept {last['docs_kept']} of {card['steps'][0]['docs_in']} documents -> "
+          f"{a.output} (data card: {a.output}/data_card.md)")  # fmt: skip
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m launch.curate", description=__doc__)
+    p.add_argument("--recipe", required=True, help="github, wikipedia, books or arxiv")
+    p.add_argument("--input", required=True, help="JSONL files: a glob or a directory")
+    p.add_argument("--output", required=True, help="directory to write")
+    p.add_argument("--workers", type=int, default=1, help="datatrove worker processes")
+    return p
+
+
+def main(argv=None):
+    cli.run(run, parser(), argv, config="none")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""The curation steps of the paper's data sources (section 2.1), as datatrove pipeline steps.
+
+Every step sees documents one at a time and either keeps one (possibly with cleaned text) or
+removes it. It counts documents and bytes in, kept and removed (datatrove merges the counts of
+all tasks into stats.json: the data card's numbers), and writes what it removes under
+removed/<step>/ (the card's examples). What a library does well is used, not rewritten:
+mwparserfromhell for wikitext, datasketch for MinHash + LSH.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.writers import JsonlWriter
+
+
+class Step(PipelineStep):
+    """apply(doc) -> the kept text, or None to remove the document."""
+
+    type = "llama_jax"
+
+    def __init__(self, removed_dir: str | None = None):
+        super().__init__()
+        self.removed_dir = removed_dir
+
+    def apply(self, doc) -> str | None:
+        raise NotImplementedError
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        writer = (JsonlWriter(f"{self.removed_dir}/{self.name}", compression=None)
+                  if self.removed_dir else contextlib.nullcontext())  # fmt: skip
+        with writer:
+            for doc in data:
+                size = len(doc.text.encode())
+                self.stat_update("docs_in")
+                self.stat_update("bytes_in", value=size, unit="bytes")
+                text = self.apply(doc)
+                if text is None:
+                    self.stat_update("docs_removed")
+                    self.stat_update("bytes_removed", value=size, unit="bytes")
+                    if self.removed_dir:
+                        writer.write(doc, rank)
+                    continue
+                doc.text = text
+                self.stat_update("docs_kept")
+                self.stat_update("bytes_kept", value=len(text.encode()), unit="bytes")
+                yield doc
+
+
+# ------------------------------------------------------------------------------------- GitHub
+
+
+class LicenseAllowlist(Step):
+    """GitHub: keep projects under the Apache, BSD and MIT licenses (a metadata field)."""
+
+    name = "license_allowlist"
+    ALLOWED = ("apache-2.0", "bsd-2-clause", "bsd-3-clause", "mit")
+
+    def __init__(self, field: str = "license", allowed=ALLOWED, **kw):
+        super().__init__(**kw)
+        self.field, self.allowed = field, {a.lower() for a in allowed}
+
+    def apply(self, doc):
+        return doc.text if str(doc.metadata.get(self.field, "")).lower() in self.allowed else None
+
+
+class CodeHeuristics(Step):
+    """GitHub: drop generated or minified files: a line longer than max_line, a mean line longer
+    than max_mean, or too few alphanumeric characters."""
+
+    name = "code_heuristics"
+
+    def __init__(
+        self, max_line: int = 1000, max_mean: float = 100.0, min_alnum: float = 0.25, **kw
+    ):
+        super().__init__(**kw)
+        self.max_line, self.max_mean, self.min_alnum = max_line, max_mean, min_alnum
+
+    def apply(self, doc):
+        lines = doc.text.splitlines() or [""]
+        lengths = [len(x) for x in lines]
+        alnum = sum(c.isalnum() for c in doc.text) / max(1, len(doc.text))
+        ok = max(lengths) <= self.max_line and sum(lengths) / len(lengths) <= self.max_mean
+        return doc.text if ok and alnum >= self.min_alnum else None
+
+
+# a leading comment block that mentions a license or copyright, in #, // or /* */ syntax
+HEADER = re.compile(r"\A(?:\s*(?:/\*.*?\*/|(?:(?:#|//)[^\n]*\n)+))", re.S)
+
+
+class StripLicenseHeader(Step):
+    """GitHub: remove a boilerplate license/copyright comment at the top of a file."""
+
+    name = "strip_license_header"
+
+    def apply(self, doc):
+        m = HEADER.match(doc.text)
+        if m and re.search(r"copyright|license|licence|spdx", m.group(0), re.I):
+            return doc.text[m.end() :].lstrip("\n")
+        return doc.text
+
+
+class ExactDedup(Step):
+    """Exact file-level deduplication: the first copy of each text (sha256) is kept. Within
+    one task; the hashes of everything kept stay in memory (32 bytes per file)."""
+
+    name = "exact_dedup"
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.seen: set[bytes] = set()
+
+    def apply(self, doc):
+        h = hashlib.sha256(doc.text.encode()).digest()
+        if h in self.seen:
+            return None
+        self.seen.add(h)
+        return doc.text
+
+
+# ----------------------------------------------------------------------------------- Wikipedia
+
+
+class StripWikitext(Step):
+    """Wikipedia: hyperlinks reduced to their text; templates, comments, tags, tables and
+    other markup removed (mwparserfromhell's strip_code)."""
+
+    name = "strip_wikitext"
+
+    def apply(self, doc):
+        import mwparserfromhell
+
+        text = mwparserfromhell.parse(doc.text).strip_code(normalize=True, collapse=True)
+        text = "\n".join(line.strip() for line in text.splitlines())  # headings keep spaces
+        text = re.sub(r"\n{3,}", "\n\n", text).strip()
+        return text or None
+
+
+# --------------------------------------------------------------------------------------- Books
+
+
+class NearDuplicateBooks(Step):
+    """Books: remove a book whose content overlaps an earlier kept one by more than `overlap`
+    (the paper: 90%). Word 5-gram shingles, MinHash (128 permutations) and LSH find candidates;
+    the overlap |A & B| / min(|A|, |B|) is estimated from the MinHash Jaccard J and the shingle
+    counts as J (|A| + |B|) / ((1 + J) min(|A|, |B|)). Memory: one MinHash per kept book."""
+
+    name = "near_duplicate_books"
+
+    def __init__(self, overlap: float = 0.9, num_perm: int = 128, **kw):
+        super().__init__(**kw)
+        self.overlap, self.num_perm, self.kept, self.lsh = overlap, num_perm, {}, None
+
+    def apply(self, doc):
+        from datasketch import MinHash, MinHashLSH
+
+        if self.lsh is None:  # candidates down to Jaccard 0.5 (overlap ~0.67 for equal sizes)
+            self.lsh = MinHashLSH(threshold=0.5, num_perm=self.num_perm)
+        words = doc.text.split()
+        shingles = {" ".join(words[i : i + 5]) for i in range(max(1, len(words) - 4))}
+        m = MinHash(num_perm=self.num_perm)
+        m.update_batch([s.encode() for s in shingles])
+        for key in self.lsh.query(m):
+            other, n_other = self.kept[key]
+            j = m.jaccard(other)
+            if (
+                j * (len(shingles) + n_other) / ((1 + j) * min(len(shingles), n_other))
+                > self.overlap
+            ):
+                return None
+        key = str(len(self.kept))
+        self.kept[key] = (m, len(shingles))
+        self.lsh.insert(key, m)
+        return doc.text
+
+
+# --------------------------------------------------------------------------------------- ArXiv
+
+COMMENT = re.compile(r"(?<!\\)%[^\n]*")
+NEWCOMMAND = re.compile(r"\\(?:re)?newcommand\*?\{?\\([A-Za-z]+)\}?\s*\{")
+DEF = re.compile(r"\\def\\([A-Za-z]+)\s*\{")
+
+
+def _braced(text: str, start: int) -> int:
+    """The index just past the brace group whose "{" is at text[start - 1]."""
+    depth, i = 1, start
+    while i < len(text) and depth:
+        if text[i] == "\\":
+            i += 2
+            continue
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        i += 1
+    return i
+
+
+class CleanLatex(Step):
+    """ArXiv: comments removed, user macros without arguments (\\newcommand, \\def) expanded
+    inline, everything before the first section and the bibliography removed. A paper without
+    a section is dropped."""
+
+    name = "clean_latex"
+
+    def apply(self, doc):
+        text = COMMENT.sub("", doc.text)
+        macros = {}
+        for pattern in (NEWCOMMAND, DEF):
+            for m in list(pattern.finditer(text)):
+                end = _braced(text, m.end())
+                macros[m.group(1)] = text[m.end() : end - 1]
+        for pattern in (NEWCOMMAND, DEF):  # the definitions themselves go
+            while m := pattern.search(text):
+                text = text[: m.start()] + text[_braced(text, m.end()) :]
+        for name in sorted(macros, key=len, reverse=True):  # \foo before \fo
+            text = re.sub(rf"\\{name}(?![A-Za-z])", lambda _, n=name: macros[n], text)
+        first = re.search(r"\\(?:section|chapter)\*?\{", text)
+        if not first:
+            return None
+        text = text[first.start() :]
+        text = re.sub(
+            r"\\begin\{thebibliography\}.*?\\end\{thebibliography\}", "", text, flags=re.S
+        )
+        text = re.sub(r"\\bibliography\{[^}]*\}|\\bibliographystyle\{[^}]*\}", "", text)
+        text = re.sub(r"\\end\{document\}.*", "", text, flags=re.S)
+        return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"

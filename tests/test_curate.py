@@ -1,0 +1,108 @@
+"""Curation recipes on small planted inputs: what each filter must catch and what it must keep,
+and data cards whose counts add up."""
+
+import gzip
+import json
+import os
+
+import pytest
+
+pytest.importorskip("datatrove")
+from llama_jax.curate import curate  # noqa: E402
+
+
+def _run(tmp_path, recipe, rows):
+    (tmp_path / "in").mkdir()
+    with open(tmp_path / "in" / "part.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    card = curate(recipe, str(tmp_path / "in" / "*.jsonl"), str(tmp_path / "out"))
+    kept = []
+    for name in sorted(os.listdir(tmp_path / "out")):
+        if name.endswith(".jsonl.gz"):
+            with gzip.open(tmp_path / "out" / name, "rt") as f:
+                kept += [json.loads(line)["text"] for line in f]
+    _check_card(card, len(rows))
+    return kept, card
+
+
+def _check_card(card, n):
+    """in = kept + removed at every step, and each step takes in what the one before kept."""
+    docs = n
+    for row in card["steps"]:
+        assert row["docs_in"] == docs == row["docs_kept"] + row["docs_removed"], row
+        assert row["bytes_in"] >= row["bytes_kept"] + row["bytes_removed"], row
+        docs = row["docs_kept"]
+
+
+def test_github(tmp_path):
+    normal = "def area(r):\n    return 3.14159 * r * r\n"
+    minified = "function a(b){return b*2}var c=" + "a(1)+" * 400 + "0;"
+    header = "# Copyright (c) 2020 Someone\n# Licensed under the MIT License.\n\nimport os\n"
+    rows = [{"text": normal, "license": "MIT"}, {"text": minified, "license": "mit"},
+            {"text": normal, "license": "Apache-2.0"}, {"text": "x = 1\n", "license": "gpl-3.0"},
+            {"text": header, "license": "bsd-3-clause"}]  # fmt: skip
+    kept, card = _run(tmp_path, "github", rows)
+    assert kept == [normal, "import os\n"]  # the copy, the GPL file and the minified one gone
+    removed = {r["step"]: r["examples_removed"] for r in card["steps"]}
+    assert removed["license_allowlist"] == ["x = 1\n"]
+    assert removed["code_heuristics"][0].startswith("function a(b)")
+    assert (tmp_path / "out" / "data_card.md").read_text().startswith("# Data card: github")
+
+
+def test_wikipedia(tmp_path):
+    page = ("'''Paris''' is the [[capital city|capital]] of [[France]].<ref>{{cite web|url=x}}"
+            "</ref><!-- hidden -->\n{{Infobox city|name=Paris}}\n== History ==\nOld.")  # fmt: skip
+    kept, _ = _run(tmp_path, "wikipedia", [{"text": page}])
+    assert kept == ["Paris is the capital of France.\n\nHistory\nOld."], kept
+
+
+def test_books_near_duplicates(tmp_path):
+    """Two books sharing 95% of their text: the second goes; one sharing 50% stays."""
+    words = [f"w{i}" for i in range(4000)]
+    book = " ".join(words)
+    near = " ".join(words[:3800] + [f"v{i}" for i in range(200)])  # 95% shared
+    half = " ".join(words[:2000] + [f"u{i}" for i in range(2000)])  # 50% shared
+    kept, card = _run(tmp_path, "books", [{"text": book}, {"text": near}, {"text": half}])
+    assert kept == [book, half]
+    assert card["steps"][0]["docs_removed"] == 1
+
+
+def test_arxiv_latex_cleanup(tmp_path):
+    paper = r"""\documentclass{article}
+\usepackage{amsmath}
+\newcommand{\R}{\mathbb{R}}
+\def\eps{\varepsilon}
+\title{A paper}
+\begin{document}
+\maketitle
+\begin{abstract}Short.\end{abstract}
+\section{Introduction}
+Let $x \in \R$ and $\eps > 0$. % a comment
+It costs 5\% more.
+\section{Results}
+As shown \cite{a}.
+\begin{thebibliography}{9}
+\bibitem{a} A. Author. Title. 2020.
+\end{thebibliography}
+\end{document}
+"""
+    clean = r"""\section{Introduction}
+Let $x \in \mathbb{R}$ and $\varepsilon > 0$.
+It costs 5\% more.
+\section{Results}
+As shown \cite{a}.
+"""
+    kept, _ = _run(tmp_path, "arxiv", [{"text": paper}, {"text": "no sections at all"}])
+    assert [k.replace(" \n", "\n") for k in kept] == [clean]
+
+
+def test_unknown_recipe_and_missing_input_are_one_line_errors(tmp_path, capsys):
+    from launch.curate import main
+
+    for argv, message in ((["--recipe", "x", "--input", "a", "--output", "b"], "unknown recipe"),
+                          (["--recipe", "books", "--input", str(tmp_path / "none*.jsonl"),
+                            "--output", str(tmp_path / "o")], "matches no file")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
