@@ -1,4 +1,4 @@
-"""python -m launch.curate --recipe github|wikipedia|books|arxiv --input GLOB --output DIR
+"""python -m launch.curate --recipe github|c4|wikipedia|books|arxiv|stackexchange --input GLOB --output DIR
 [--workers N]
 
 The paper's per-source cleaning on HF datatrove (llama_jax.curate): cleaned JSONL shards in DIR,
@@ -26,7 +26,9 @@ def run(c: cli.Command):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m launch.curate", description=__doc__)
-    p.add_argument("--recipe", required=True, help="github, wikipedia, books or arxiv")
+    p.add_argument(
+        "--recipe", required=True, help="github, c4, wikipedia, books, arxiv or stackexchange"
+    )
     p.add_argument("--input", required=True, help="JSONL files: a glob or a directory")
     p.add_argument("--output", required=True, help="directory to write")
     p.add_argument("--workers", type=int, default=1, help="datatrove worker processes")

@@ -22,6 +22,9 @@ RECIPES = {
     "wikipedia": lambda r: [cs.StripWikitext(removed_dir=r)],
     "books": lambda r: [cs.NearDuplicateBooks(0.9, removed_dir=r)],
     "arxiv": lambda r: [cs.CleanLatex(removed_dir=r)],
+    "c4": lambda r: [cs.LineDedup(removed_dir=r), cs.LanguageID(removed_dir=r),
+                     cs.C4Heuristics(removed_dir=r)],
+    "stackexchange": lambda r: [cs.StackExchangeAnswers(removed_dir=r)],
 }  # fmt: skip
 COUNTS = ("docs_in", "docs_kept", "docs_removed", "bytes_in", "bytes_kept", "bytes_removed")
 

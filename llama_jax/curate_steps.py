@@ -225,3 +225,127 @@ class CleanLatex(Step):
         text = re.sub(r"\\bibliography\{[^}]*\}|\\bibliographystyle\{[^}]*\}", "", text)
         text = re.sub(r"\\end\{document\}.*", "", text, flags=re.S)
         return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+
+
+# ------------------------------------------------------------------------- CommonCrawl and C4
+
+
+def normalize_line(line: str) -> str:
+    """CCNet's normalization before hashing a line: lower case, digits to 0, punctuation and
+    extra spaces removed."""
+    line = re.sub(r"\d", "0", line.lower())
+    return " ".join(re.sub(r"[^\w\s]", " ", line).split())
+
+
+class LineDedup(Step):
+    """Line-level deduplication: a line whose normalized form appeared earlier (in this or an
+    earlier document) is removed; a document left empty is removed. Memory: 8 bytes per
+    distinct line, within one task."""
+
+    name = "line_dedup"
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.seen: set[bytes] = set()
+
+    def apply(self, doc):
+        out = []
+        for line in doc.text.split("\n"):
+            norm = normalize_line(line)
+            if not norm:
+                out.append(line)
+                continue
+            h = hashlib.blake2b(norm.encode(), digest_size=8).digest()
+            if h not in self.seen:
+                self.seen.add(h)
+                out.append(line)
+        text = "\n".join(out).strip()
+        return text or None
+
+
+class LanguageID(Step):
+    """Keep documents in `lang` with probability >= min_prob, by langid.py's model (shipped in
+    the package: nothing is downloaded)."""
+
+    name = "language_id"
+
+    def __init__(self, lang: str = "en", min_prob: float = 0.5, **kw):
+        super().__init__(**kw)
+        self.lang, self.min_prob, self.model = lang, min_prob, None
+
+    def apply(self, doc):
+        if self.model is None:
+            from langid.langid import LanguageIdentifier, model
+
+            self.model = LanguageIdentifier.from_modelstring(model, norm_probs=True)
+        lang, prob = self.model.classify(doc.text)
+        return doc.text if lang == self.lang and prob >= self.min_prob else None
+
+
+C4_BOILERPLATE = ("terms of use", "privacy policy", "cookie policy", "uses cookies",
+                  "use of cookies", "use cookies", "javascript")  # fmt: skip
+
+
+class C4Heuristics(Step):
+    """C4's rules (Raffel et al. 2020): keep lines that end in terminal punctuation and have at
+    least 3 words, drop boilerplate lines (cookies, terms of use, javascript); drop a page with
+    "lorem ipsum", a curly brace, a bad word, or fewer than 5 sentences left. C4's bad-word list
+    (LDNOOBW) is not shipped: pass bad_words (a file path or a list)."""
+
+    name = "c4_heuristics"
+
+    def __init__(self, bad_words=(), min_sentences: int = 5, **kw):
+        super().__init__(**kw)
+        if isinstance(bad_words, str):
+            with open(bad_words) as f:
+                bad_words = [w.strip() for w in f if w.strip()]
+        self.bad = {w.lower() for w in bad_words}
+        self.min_sentences = min_sentences
+
+    def apply(self, doc):
+        low = doc.text.lower()
+        if "lorem ipsum" in low or "{" in doc.text or self.bad & set(re.findall(r"\w+", low)):
+            return None
+        lines = [ln.strip() for ln in doc.text.split("\n")]
+        keep = [ln for ln in lines if ln.endswith((".", "!", "?", '"')) and len(ln.split()) >= 3
+                and not any(b in ln.lower() for b in C4_BOILERPLATE)]  # fmt: skip
+        sentences = sum(len(re.findall(r"[.!?](?:\s|$)", ln)) for ln in keep)
+        return "\n".join(keep) if sentences >= self.min_sentences else None
+
+
+# ------------------------------------------------------------------------------ StackExchange
+
+
+def html_to_text(html: str) -> str:
+    """Text of an HTML fragment: tags removed, entities decoded, blocks on their own lines."""
+    from html.parser import HTMLParser
+
+    class Text(HTMLParser):
+        def __init__(self):
+            super().__init__(convert_charrefs=True)
+            self.parts = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag in ("p", "br", "li", "pre", "div", "h1", "h2", "h3", "blockquote", "tr"):
+                self.parts.append("\n")
+
+        def handle_data(self, data):
+            self.parts.append(data)
+
+    parser = Text()
+    parser.feed(html)
+    parser.close()
+    text = "".join(parser.parts)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(x.rstrip() for x in text.split("\n"))).strip()
+
+
+class StackExchangeAnswers(Step):
+    """StackExchange: the question (the document's text) followed by its answers (metadata
+    "answers": [{"text", "score"}]) from the highest score down, HTML removed."""
+
+    name = "stackexchange_answers"
+
+    def apply(self, doc):
+        answers = sorted(doc.metadata.get("answers") or [], key=lambda a: -a.get("score", 0))
+        parts = [html_to_text(doc.text)] + [html_to_text(a["text"]) for a in answers]
+        return "\n\n".join(p for p in parts if p) or None
