@@ -1,5 +1,7 @@
-"""python -m launch.curate --recipe github|c4|wikipedia|books|arxiv|stackexchange --input GLOB --output DIR
-[--workers N]
+"""python -m launch.curate --recipe NAME --input GLOB --output DIR [--workers N]
+    [--reference PAGES.jsonl --random PAGES.jsonl]   (commoncrawl)
+
+NAME: commoncrawl, c4, github, wikipedia, books, arxiv or stackexchange.
 
 The paper's per-source cleaning on HF datatrove (llama_jax.curate): cleaned JSONL shards in DIR,
 what each step removed in DIR/removed/<step>/, and DIR/data_card.json + data_card.md with the
@@ -13,12 +15,10 @@ from llama_jax import cli
 
 
 def run(c: cli.Command):
-    from llama_jax.curate import RECIPES, curate
+    from llama_jax.curate import curate
 
     a = c.args
-    if a.recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {a.recipe!r}; valid: {sorted(RECIPES)}")
-    card = curate(a.recipe, a.input, a.output, a.workers)
+    card = curate(a.recipe, a.input, a.output, a.workers, reference=a.reference, random=a.random)
     last = card["steps"][-1]
     print(f"{a.recipe}: kept {last['docs_kept']} of {card['steps'][0]['docs_in']} documents -> "
           f"{a.output} (data card: {a.output}/data_card.md)")  # fmt: skip
@@ -26,9 +26,10 @@ def run(c: cli.Command):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m launch.curate", description=__doc__)
-    p.add_argument(
-        "--recipe", required=True, help="github, c4, wikipedia, books, arxiv or stackexchange"
-    )
+    p.add_argument("--recipe", required=True, help="commoncrawl, c4, github, wikipedia, books, "
+                   "arxiv or stackexchange")  # fmt: skip
+    p.add_argument("--reference", help="commoncrawl: JSONL reference pages (e.g. cited sources)")
+    p.add_argument("--random", help="commoncrawl: JSONL random pages (the classifier's negatives)")
     p.add_argument("--input", required=True, help="JSONL files: a glob or a directory")
     p.add_argument("--output", required=True, help="directory to write")
     p.add_argument("--workers", type=int, default=1, help="datatrove worker processes")

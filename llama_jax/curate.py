@@ -26,6 +26,35 @@ RECIPES = {
                      cs.C4Heuristics(removed_dir=r)],
     "stackexchange": lambda r: [cs.StackExchangeAnswers(removed_dir=r)],
 }  # fmt: skip
+
+
+def _commoncrawl(removed: str, reference: str | None, random: str | None) -> list:
+    """CCNet's steps plus the paper's reference classifier. The n-gram model is trained on the
+    reference pages, the classifier on reference against random pages (both JSONL files)."""
+    import numpy as np
+
+    from llama_jax import curate_models as cm
+
+    if not (reference and random):
+        raise ValueError("the commoncrawl recipe needs --reference and --random JSONL pages")
+    ref, rnd = _texts(reference), _texts(random)
+    # the perplexity cutoff: twice the 90th percentile of held-out reference pages (every 10th)
+    held = ref[::10] if len(ref) >= 10 else ref
+    lm = cm.NGramLM().fit([t for i, t in enumerate(ref) if i % 10 or len(ref) < 10])
+    cutoff = 2 * float(np.quantile([lm.perplexity(t) for t in held], 0.9))
+    lm = cm.NGramLM().fit(ref)
+    return [cs.LineDedup(removed_dir=removed), cs.LanguageID(removed_dir=removed),
+            cs.PerplexityFilter(lm, cutoff, removed_dir=removed),
+            cs.ReferenceFilter(cm.ReferenceClassifier().fit(ref, rnd), removed_dir=removed)]  # fmt: skip
+
+
+def _texts(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    with open(path) as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
 COUNTS = ("docs_in", "docs_kept", "docs_removed", "bytes_in", "bytes_kept", "bytes_removed")
 
 
@@ -41,16 +70,22 @@ def _split_glob(pattern: str) -> tuple[str, str]:
     return root or ".", os.path.relpath(pattern, root or ".")
 
 
-def curate(recipe: str, inputs: str, output: str, workers: int = 1) -> dict:
-    """Runs the recipe over the input files into output; returns the data card."""
+def curate(recipe: str, inputs: str, output: str, workers: int = 1, *,
+           reference: str | None = None, random: str | None = None) -> dict:  # fmt: skip
+    """Runs the recipe over the input files into output; returns the data card. reference and
+    random: JSONL pages the commoncrawl recipe trains its filters on."""
     from datatrove.executor.local import LocalPipelineExecutor
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
 
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; valid: {sorted(RECIPES)}")
+    if recipe not in RECIPES and recipe != "commoncrawl":
+        raise ValueError(f"unknown recipe {recipe!r}; valid: {sorted([*RECIPES, 'commoncrawl'])}")
     folder, pattern = _split_glob(inputs)
-    steps = RECIPES[recipe](os.path.join(output, "removed"))
+    removed = os.path.join(output, "removed")
+    if recipe == "commoncrawl":
+        steps = _commoncrawl(removed, reference, random)
+    else:
+        steps = RECIPES[recipe](removed)
     # one task: the dedup steps compare every document with every earlier one
     executor = LocalPipelineExecutor(
         [JsonlReader(folder, glob_pattern=pattern), *steps, JsonlWriter(output)],

@@ -349,3 +349,36 @@ class StackExchangeAnswers(Step):
         answers = sorted(doc.metadata.get("answers") or [], key=lambda a: -a.get("score", 0))
         parts = [html_to_text(doc.text)] + [html_to_text(a["text"]) for a in answers]
         return "\n\n".join(p for p in parts if p) or None
+
+
+# ------------------------------------------------------------------------------- CommonCrawl
+
+
+class PerplexityFilter(Step):
+    """CCNet's quality filter: remove pages whose perplexity under a word n-gram model trained
+    on the reference corpus exceeds max_perplexity (the recipe: twice the 90th percentile of
+    held-out reference pages; CCNet cuts at quantiles of the input instead, which needs a
+    pass over it first)."""
+
+    name = "perplexity_filter"
+
+    def __init__(self, lm, max_perplexity: float, **kw):
+        super().__init__(**kw)
+        self.lm, self.max_perplexity = lm, max_perplexity
+
+    def apply(self, doc):
+        return doc.text if self.lm.perplexity(doc.text) <= self.max_perplexity else None
+
+
+class ReferenceFilter(Step):
+    """The paper's extra CommonCrawl step: keep pages a linear classifier takes for reference
+    pages (p >= min_prob), trained on reference pages against random ones."""
+
+    name = "reference_classifier"
+
+    def __init__(self, classifier, min_prob: float = 0.5, **kw):
+        super().__init__(**kw)
+        self.classifier, self.min_prob = classifier, min_prob
+
+    def apply(self, doc):
+        return doc.text if self.classifier.prob(doc.text) >= self.min_prob else None

@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 
+import numpy as np
 import pytest
 
 pytest.importorskip("datatrove")
@@ -154,3 +155,61 @@ def test_stackexchange(tmp_path):
     assert kept == [
         "How do I sort a list?\n\nUse sorted(x) & be happy.\n\nUse a loop.\n\nAsk again."
     ]
+
+
+def _encyclopedia(n, seed):
+    """Reference-like pages: plain encyclopedic sentences over a fixed vocabulary."""
+    rng = np.random.default_rng(seed)
+    cities = ["Lyon", "Porto", "Graz", "Turku", "Gdansk", "Aarhus", "Bergen", "Basel"]
+    rivers = ["Rhone", "Douro", "Mur", "Aura", "Vistula", "Aros", "Nidelva", "Rhine"]
+    pages = []
+    for _ in range(n):
+        c, r = rng.integers(0, 8, 2)
+        pages.append(
+            f"{cities[c]} is a city on the {rivers[r]} river. It has a population of about "
+            f"{rng.integers(50, 900)} thousand people. The city has a university, a cathedral "
+            f"and a museum of history. The {rivers[r]} river flows through the old town."
+        )
+    return pages
+
+
+def _spam(n, seed):
+    rng = np.random.default_rng(seed)
+    items = ["shoes", "watches", "phones", "bags", "pills", "loans", "tickets", "games"]
+    return [f"Buy cheap {items[i]} now! Best price {items[i]} free shipping, click here to "
+            f"order {items[i]} today. Login register cart checkout deals deals deals."
+            for i in rng.integers(0, 8, n)]  # fmt: skip
+
+
+def test_commoncrawl_filters_are_trained_by_the_pipeline(tmp_path):
+    """CommonCrawl: the n-gram model (trained on reference pages) gives fluent reference-like
+    text a low perplexity and word salad a high one; the classifier (reference vs random pages)
+    tells a new encyclopedic page from a new spam page; end to end the French page, the word
+    salad and the spam page go and the encyclopedic page stays."""
+    from llama_jax import curate_models as cm
+
+    ref, rnd = _encyclopedia(40, 0), _spam(40, 1)
+    for name, pages in (("ref.jsonl", ref), ("rnd.jsonl", rnd)):
+        (tmp_path / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in pages))
+    good, spam = _encyclopedia(1, 7)[0], _spam(1, 8)[0]
+    salad = ("Velvet quantum orchard lantern meteor saddle prism walrus. Harbor tulip gravel "
+             "oxygen violin kettle. Marble comet ginger puzzle anchor basket.")  # fmt: skip
+    lm = cm.NGramLM().fit(ref)
+    assert lm.perplexity(good) < 10 < 100 < lm.perplexity(salad)
+    clf = cm.ReferenceClassifier().fit(ref, rnd)
+    assert clf.prob(good) > 0.5 > clf.prob(spam)
+
+    french = ("Lyon est une ville sur le Rhône. Elle compte environ cinq cent mille habitants. "
+              "La ville possède une université, une cathédrale et un musée d'histoire.")  # fmt: skip
+    (tmp_path / "in").mkdir()
+    rows = [{"text": t} for t in (good, french, salad, spam)]
+    (tmp_path / "in" / "cc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    card = curate("commoncrawl", str(tmp_path / "in"), str(tmp_path / "out"),
+                  reference=str(tmp_path / "ref.jsonl"), random=str(tmp_path / "rnd.jsonl"))  # fmt: skip
+    _check_card(card, 4)
+    steps = {r["step"]: r for r in card["steps"]}
+    assert steps["language_id"]["docs_removed"] == 1
+    assert steps["perplexity_filter"]["examples_removed"][0].startswith("Velvet quantum")
+    assert card["steps"][-1]["docs_kept"] == 1
+    with gzip.open(tmp_path / "out" / "00000.jsonl.gz", "rt") as f:
+        assert [json.loads(line)["text"] for line in f] == [good]
