@@ -54,7 +54,7 @@ SUMMARY_COLUMNS = {
         "hwm_GiB",
         "error",
     ),
-    "data": ("what", "detail", "tokens/s"),
+    "data": ("what", "detail", "tokens/s", "MB/s"),
     "compile": ("layers", "compile_s", "vs_first"),
 }
 

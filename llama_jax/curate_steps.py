@@ -333,9 +333,15 @@ def html_to_text(html: str) -> str:
             self.parts.append(data)
 
     parser = Text()
-    parser.feed(html)
-    parser.close()
-    text = "".join(parser.parts)
+    try:
+        parser.feed(html)
+        parser.close()
+        text = "".join(parser.parts)
+    except AssertionError:  # html.parser gives up on some malformed markup ("<![" in code)
+        import html as html_lib
+
+        text = html_lib.unescape(re.sub(r"<(?:p|br|li|pre|div|tr)\b[^>]*>", "\n", html))
+        text = re.sub(r"<[^>]*>", "", text)
     return re.sub(r"\n{3,}", "\n\n", "\n".join(x.rstrip() for x in text.split("\n"))).strip()
 
 

@@ -51,6 +51,8 @@ def test_all_sections_print_a_table_with_their_limit(tiny_dataset, capsys):
             "0.1",
             "--data-workers",
             "1",
+            "--data-curate-mb",
+            "0.2",
         ]
     )
     out = capsys.readouterr().out
@@ -66,6 +68,8 @@ def test_all_sections_print_a_table_with_their_limit(tiny_dataset, capsys):
     assert row["of_matmul"] > 0 and row["mem_GiB"] > 0
     assert step[-1]["policy"].startswith("limit: matmul")
     assert results["data"][-1]["what"] == "limit: memcpy"
+    curation = [r for r in results["data"] if r["what"] == "curation"]
+    assert len(curation) == 1 + 6 and all(r["MB/s"] > 0 for r in curation)
     assert [r["layers"] for r in results["compile"]] == [1, 2]
 
 

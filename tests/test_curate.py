@@ -152,6 +152,9 @@ def test_stackexchange(tmp_path):
                {"text": "<p>Use <code>sorted(x)</code> &amp; be happy.</p>", "score": 10},
                {"text": "<p>Ask again.</p>", "score": -2}]  # fmt: skip
     kept, _ = _run(tmp_path, "stackexchange", [{"text": question, "answers": answers}])
+    from llama_jax.curate_steps import html_to_text
+
+    assert html_to_text("<p>a <![ b</p><p>c &amp; d</p>") == "a\nc & d"  # malformed: no crash
     assert kept == [
         "How do I sort a list?\n\nUse sorted(x) & be happy.\n\nUse a loop.\n\nAsk again."
     ]

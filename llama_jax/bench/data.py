@@ -1,5 +1,6 @@
-"""Data section: default-corpus build, prepare_data tokens/s and Loader batches/s at the config's
-batch shape (in-memory vs tensorstore reads, numpy vs a global jax.Array over all devices)."""
+"""Data section: default-corpus build, prepare_data tokens/s, Loader batches/s at the config's
+batch shape (in-memory vs tensorstore reads, numpy vs a global jax.Array over all devices), and
+curation MB/s per recipe on one core next to datatrove reading and writing the same bytes."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ def add_args(parser) -> None:
     parser.add_argument("--data-batches", type=int, default=300, help="loader batches timed")
     parser.add_argument("--data-prepare-mb", type=float, default=4.0, help="stdlib MB to prepare")
     parser.add_argument("--data-workers", type=int, default=0, help="prepare workers; 0 = all CPUs")
+    parser.add_argument("--data-curate-mb", type=float, default=4.0,
+                        help="stdlib MB each curation recipe cleans; 0 = no curation rows")  # fmt: skip
 
 
 def _default_corpus_row(vocab: int) -> tuple[dict, str, str]:
@@ -116,6 +119,45 @@ def _memcpy_limit_row() -> dict:
     }
 
 
+def _curation_rows(mb: float) -> list[dict]:
+    """MB/s of each curation recipe (one task, one worker) on stdlib sources as JSONL pages,
+    and of a datatrove read + write of the same bytes (the floor every recipe pays)."""
+    import json
+
+    from llama_jax.data.default_corpus import stdlib_files
+
+    try:
+        from datatrove.executor.local import LocalPipelineExecutor
+        from datatrove.pipeline.readers import JsonlReader
+        from datatrove.pipeline.writers import JsonlWriter
+
+        from llama_jax.curate import RECIPES, curate
+    except ImportError:
+        return [{"what": "curation", "detail": "pip install -e '.[curate]' for these rows"}]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        os.makedirs(os.path.join(tmp, "in"))
+        size = 0
+        with open(os.path.join(tmp, "in", "pages.jsonl"), "w") as f:
+            for path in stdlib_files(int(mb * (1 << 20))):
+                text = open(path, encoding="utf-8", errors="replace").read()
+                size += len(text.encode())
+                f.write(json.dumps({"text": text, "license": "mit", "answers": []}) + "\n")
+        t0 = time.perf_counter()
+        LocalPipelineExecutor([JsonlReader(os.path.join(tmp, "in")), JsonlWriter(os.path.join(tmp, "raw"))],
+                              tasks=1, workers=1, logging_dir=os.path.join(tmp, "raw_logs")).run()  # fmt: skip
+        raw = time.perf_counter() - t0
+        rows.append({"what": "curation", "detail": "raw: datatrove read + write",
+                     "MB/s": size / 1e6 / raw})  # fmt: skip
+        for recipe in RECIPES:
+            t0 = time.perf_counter()
+            curate(recipe, os.path.join(tmp, "in"), os.path.join(tmp, recipe))
+            dt = time.perf_counter() - t0
+            rows.append({"what": "curation", "detail": f"{recipe}, 1 core", "MB/s": size / 1e6 / dt,
+                         "vs_raw": raw / dt})  # fmt: skip
+    return rows
+
+
 def run(args) -> list[dict]:
     import jax
     from jax.sharding import NamedSharding
@@ -139,5 +181,7 @@ def run(args) -> list[dict]:
     for in_memory in (True, False):
         for sharding in shardings:
             rows.append(_loader_row(path, cfg, n, in_memory, sharding))
+    if getattr(args, "data_curate_mb", 4.0) > 0:
+        rows += _curation_rows(args.data_curate_mb)
     rows.append(_memcpy_limit_row())
     return rows
