@@ -1,4 +1,5 @@
 """python -m launch.curate --recipe NAME --input GLOB --output DIR [--workers N]
+    [--slurm-partition P]
     [--reference PAGES.jsonl --random PAGES.jsonl]   (commoncrawl)
 
 NAME: commoncrawl, c4, github, wikipedia, books, arxiv or stackexchange.
@@ -18,7 +19,8 @@ def run(c: cli.Command):
     from llama_jax.curate import curate
 
     a = c.args
-    card = curate(a.recipe, a.input, a.output, a.workers, reference=a.reference, random=a.random)
+    card = curate(a.recipe, a.input, a.output, a.workers, reference=a.reference,
+                  random=a.random, slurm_partition=a.slurm_partition)  # fmt: skip
     last = card["steps"][-1]
     print(f"{a.recipe}: kept {last['docs_kept']} of {card['steps'][0]['docs_in']} documents -> "
           f"{a.output} (data card: {a.output}/data_card.md)")  # fmt: skip
@@ -33,6 +35,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="JSONL files: a glob or a directory")
     p.add_argument("--output", required=True, help="directory to write")
     p.add_argument("--workers", type=int, default=1, help="datatrove worker processes")
+    p.add_argument(
+        "--slurm-partition",
+        default=None,
+        help="run as a SLURM job in this partition (datatrove's SLURM executor)",
+    )
     return p
 
 

@@ -71,10 +71,11 @@ def _split_glob(pattern: str) -> tuple[str, str]:
 
 
 def curate(recipe: str, inputs: str, output: str, workers: int = 1, *,
-           reference: str | None = None, random: str | None = None) -> dict:  # fmt: skip
+           reference: str | None = None, random: str | None = None,
+           slurm_partition: str | None = None, slurm_timeout_s: float = 3600) -> dict:  # fmt: skip
     """Runs the recipe over the input files into output; returns the data card. reference and
-    random: JSONL pages the commoncrawl recipe trains its filters on."""
-    from datatrove.executor.local import LocalPipelineExecutor
+    random: JSONL pages the commoncrawl recipe trains its filters on. slurm_partition: run
+    it as a SLURM job there (datatrove's SLURM executor) and wait for it."""
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
 
@@ -86,19 +87,60 @@ def curate(recipe: str, inputs: str, output: str, workers: int = 1, *,
         steps = _commoncrawl(removed, reference, random)
     else:
         steps = RECIPES[recipe](removed)
-    # one task: the dedup steps compare every document with every earlier one
-    executor = LocalPipelineExecutor(
-        [JsonlReader(folder, glob_pattern=pattern), *steps, JsonlWriter(output)],
-        tasks=1, workers=workers, logging_dir=os.path.join(output, "logs"), skip_completed=False,
+    pipeline = [JsonlReader(folder, glob_pattern=pattern), *steps, JsonlWriter(output)]
+    logs = os.path.join(output, "logs")
+    if slurm_partition:
+        _run_on_slurm(pipeline, logs, slurm_partition, slurm_timeout_s)
+    else:  # one task: the dedup steps compare every document with every earlier one
+        from datatrove.executor.local import LocalPipelineExecutor
+
+        LocalPipelineExecutor(pipeline, tasks=1, workers=workers, logging_dir=logs,
+                              skip_completed=False).run()  # fmt: skip
+    return write_card(recipe, inputs, output, [s.name for s in steps])
+
+
+def _run_on_slurm(pipeline: list, logs: str, partition: str, timeout_s: float = 1800) -> None:
+    """datatrove's SLURM executor: one array task whose job runs with this Python on PATH; the
+    stats are merged here (not by its separate merge job) once the task's completion marker
+    appears."""
+    import sys
+    import time
+
+    from datatrove.executor.slurm import SlurmPipelineExecutor
+
+    class Executor(SlurmPipelineExecutor):
+        def launch_merge_stats(self):  # write_card merges the per-task stats itself
+            pass
+
+    executor = Executor(
+        pipeline, tasks=1, time="01:00:00", partition=partition, job_name="llama_jax_curate",
+        logging_dir=logs, qos="", sbatch_args={"mem-per-cpu": "500M"}, skip_completed=False,
+        env_command=f"export PATH={os.path.dirname(sys.executable)}:$PATH", requeue=False,
     )  # fmt: skip
     executor.run()
-    return write_card(recipe, inputs, output, [s.name for s in steps])
+    deadline = time.time() + timeout_s
+    while not os.path.exists(os.path.join(logs, "completions", "00000")):
+        if time.time() > deadline:
+            raise TimeoutError(
+                f"the SLURM curation job did not finish in {timeout_s:.0f} s: {logs}"
+            )
+        time.sleep(1)
 
 
 def write_card(recipe: str, inputs: str, output: str, names: list[str]) -> dict:
     """data_card.json and data_card.md from datatrove's merged stats and removed documents."""
-    with open(os.path.join(output, "logs", "stats.json")) as f:
-        stats = {s["name"].split(": ", 1)[-1]: s["stats"] for s in json.load(f)}
+    stats = {}
+    merged = os.path.join(output, "logs", "stats.json")
+    for path in (
+        [merged]
+        if os.path.exists(merged)
+        else sorted(glob.glob(os.path.join(output, "logs", "stats", "*.json")))
+    ):  # datatrove's merged stats, or each task's (summed)
+        with open(path) as f:
+            for step in json.load(f):
+                mine = stats.setdefault(step["name"].split(": ", 1)[-1], {})
+                for c in COUNTS:
+                    mine[c] = mine.get(c, 0) + _total(step["stats"], c)
     card = {"recipe": recipe, "input": inputs, "steps": []}
     for name in names:
         row = {"step": name, **{c: _total(stats.get(name, {}), c) for c in COUNTS}}

@@ -464,7 +464,16 @@ def test_default_corpus_concurrent_build_and_tiny_batches(tmp_path):
     parser = argparse.ArgumentParser()
     bench_data.add_args(parser)
     args = parser.parse_args(
-        ["--data-path", data, "--data-batches", "3", "--data-prepare-mb", "0.1"]
+        [
+            "--data-path",
+            data,
+            "--data-batches",
+            "3",
+            "--data-prepare-mb",
+            "0.1",
+            "--data-curate-mb",
+            "0",
+        ]  # (curation rows: tests/test_benchmark.py)
     )
     from llama_jax.config import load_file
 

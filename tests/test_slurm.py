@@ -158,3 +158,47 @@ def test_sbatch_two_tasks_match_one_process(tmp_path, tiny_dataset, slurm_env):
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == list(range(1, 9))
     np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
+
+
+def test_curation_on_slurm_matches_local(tmp_path, slurm_env, monkeypatch):
+    """launch.curate's SLURM path: datatrove's SLURM executor runs the github recipe as a job
+    array task on the test cluster and gives the same documents and data card counts as the
+    local executor."""
+    import glob
+    import gzip
+
+    pytest.importorskip("datatrove")
+    from test_curate import _check_card
+
+    from llama_jax import curate as cur
+
+    for k in [k for k in os.environ if k.startswith("SLURM_") and k not in slurm_env]:
+        monkeypatch.delenv(k)
+    for k, v in slurm_env.items():
+        monkeypatch.setenv(k, v)
+    (tmp_path / "in").mkdir()
+    rows = [{"text": "def f():\n    return 1\n", "license": "MIT"},
+            {"text": "def f():\n    return 1\n", "license": "MIT"},
+            {"text": "x = 1\n", "license": "gpl-3.0"},
+            {"text": "var a=" + "1+" * 900 + "1;", "license": "mit"}]  # fmt: skip
+    (tmp_path / "in" / "part.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def run(name, **kw):
+        card = cur.curate("github", str(tmp_path / "in"), str(tmp_path / name), **kw)
+        texts = []
+        for path in sorted(glob.glob(str(tmp_path / name / "*.jsonl.gz"))):
+            with gzip.open(path, "rt") as f:
+                texts += [json.loads(line)["text"] for line in f]
+        return card, texts
+
+    local_card, local = run("local")
+    try:
+        slurm_card, on_slurm = run("slurm", slurm_partition="debug", slurm_timeout_s=240)
+    except TimeoutError:
+        logs = glob.glob(str(tmp_path / "slurm" / "logs" / "slurm_logs" / "*"))
+        raise AssertionError("\n".join(open(p).read()[-3000:] for p in logs)) from None
+    assert on_slurm == local == ["def f():\n    return 1\n"]
+    _check_card(slurm_card, 4)
+    assert [r["docs_kept"] for r in slurm_card["steps"]] == [
+        r["docs_kept"] for r in local_card["steps"]
+    ]
