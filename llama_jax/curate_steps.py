@@ -239,14 +239,45 @@ def normalize_line(line: str) -> str:
 
 class LineDedup(Step):
     """Line-level deduplication: a line whose normalized form appeared earlier (in this or an
-    earlier document) is removed; a document left empty is removed. Memory: 8 bytes per
-    distinct line, within one task."""
+    earlier document) is removed; a document left empty is removed.
+
+    Memory is bounded: at most max_hashes 8-byte hashes live in a Python set (the default,
+    2^22, is ~250 MB with the set's overhead); when it fills, its hashes are sorted and spilled
+    to a file under spill_dir, memory-mapped, and looked up by binary search. Every line is
+    checked against the set and every spilled run, so the result is exact whatever the budget.
+    """
 
     name = "line_dedup"
 
-    def __init__(self, **kw):
+    def __init__(self, max_hashes: int = 1 << 22, spill_dir: str | None = None, **kw):
         super().__init__(**kw)
-        self.seen: set[bytes] = set()
+        self.max_hashes, self.spill_dir = max_hashes, spill_dir
+        self.seen: set[int] = set()
+        self.runs: list = []  # sorted uint64 arrays on disk (np.memmap)
+
+    def _seen(self, h: int) -> bool:
+        import numpy as np
+
+        if h in self.seen:
+            return True
+        key = np.uint64(h)
+        for run in self.runs:
+            i = int(np.searchsorted(run, key))
+            if i < len(run) and run[i] == key:
+                return True
+        return False
+
+    def _spill(self) -> None:
+        import tempfile
+
+        import numpy as np
+
+        if self.spill_dir is None:
+            self.spill_dir = tempfile.mkdtemp(prefix="line_dedup-")
+        path = f"{self.spill_dir}/run-{len(self.runs):05d}.u64"
+        np.array(sorted(self.seen), np.uint64).tofile(path)
+        self.runs.append(np.memmap(path, np.uint64, "r"))
+        self.seen.clear()
 
     def apply(self, doc):
         out = []
@@ -255,10 +286,12 @@ class LineDedup(Step):
             if not norm:
                 out.append(line)
                 continue
-            h = hashlib.blake2b(norm.encode(), digest_size=8).digest()
-            if h not in self.seen:
+            h = int.from_bytes(hashlib.blake2b(norm.encode(), digest_size=8).digest(), "little")
+            if not self._seen(h):
                 self.seen.add(h)
                 out.append(line)
+                if len(self.seen) >= self.max_hashes:
+                    self._spill()
         text = "\n".join(out).strip()
         return text or None
 
