@@ -290,16 +290,23 @@ class Run:
         return {**self.last, "stopped_by": signame}
 
     def close(self, failed: bool = False) -> None:
-        self.peers.close(failed)
-        self.watchdog.close()
-        self.profiler.stop()
-        self.bar.close()
-        self.stop.restore()
-        self.loader.close()
-        if self.validate is not None:
-            self.validate.close()
-        self.writer.close()
-        self.ckpt.close()
+        try:
+            self.watchdog.close()
+            self.profiler.stop()
+            self.bar.close()
+            self.stop.restore()
+            self.loader.close()
+            if self.validate is not None:
+                self.validate.close()
+            self.writer.close()
+            self.ckpt.close()
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            # Last: while closing (the last save waiting for a peer that failed) the peer watch
+            # can still end this process instead of leaving it in orbax's barrier.
+            self.peers.close(failed)
 
 
 def _restore_or_init(cfg: RunConfig, mesh: Mesh, ckpt: Checkpointer, data: dict):
