@@ -29,6 +29,7 @@ DEFAULT_BLOCK = 512  # tile rows when the caller passes none; the model passes i
 # A finite "minus infinity" for masked scores and the initial running max: exp(NEG_INF - m)
 # is exactly 0 for any real m, and NEG_INF - NEG_INF is 0, not the NaN that inf - inf gives.
 NEG_INF = -1e30
+SCOPE = "attention_kernel"  # named scope of the kernel's ops, forward and backward
 
 
 def reference_attention(q, k, v, *, causal=True, segment_ids=None, **_):
@@ -349,7 +350,8 @@ def dot_product_attention(
     if impl == "auto" and (name, reason) not in _logged_choices:
         _logged_choices.add((name, reason))
         logger.info("attention impl: auto -> %s (%s)", name, reason)
-    out = IMPLEMENTATIONS[name](
-        q, k, v, causal=causal, segment_ids=segment_ids, block_q=block_q, block_k=block_k
-    )
+    with jax.named_scope(SCOPE):  # the profile's "attention" category (bench/profile.py)
+        out = IMPLEMENTATIONS[name](
+            q, k, v, causal=causal, segment_ids=segment_ids, block_q=block_q, block_k=block_k
+        )
     return out.astype(q.dtype)

@@ -19,6 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 from llama_jax import lora
 from llama_jax.attention import dot_product_attention
 from llama_jax.config import ModelConfig
+from llama_jax.ops import dense
 from llama_jax.remat import remat_policy
 
 # Logical layouts of activations, constrained at block boundaries.
@@ -124,9 +125,9 @@ class Attention(nn.Module):
         wk = _param(self, "wk", (D, K, H), ("embed", "kv_heads", "head_dim"), c)
         wv = _param(self, "wv", (D, K, H), ("embed", "kv_heads", "head_dim"), c)
         wo = _param(self, "wo", (N, H, D), ("heads", "head_dim", "embed"), c, out_init)
-        q = jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt)) + lora.delta(self, "q", x, c)
-        k = jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt)) + lora.delta(self, "k", x, c)
-        v = jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt)) + lora.delta(self, "v", x, c)
+        q = dense("BTD,DNH->BTNH", x, wq.astype(dt)) + lora.delta(self, "q", x, c)
+        k = dense("BTD,DKH->BTKH", x, wk.astype(dt)) + lora.delta(self, "k", x, c)
+        v = dense("BTD,DKH->BTKH", x, wv.astype(dt)) + lora.delta(self, "v", x, c)
         q, k, v = (
             checkpoint_name(q, "q_proj"),
             checkpoint_name(k, "k_proj"),
@@ -151,7 +152,7 @@ class Attention(nn.Module):
                 block_k=c.attn_block_k,
             )  # [B, T, N, H]
         o = checkpoint_name(nn.with_logical_constraint(o, BTNH), "attn_out")
-        out = jnp.einsum("BTNH,NHD->BTD", o, wo.astype(dt)) + lora.delta(self, "o", o, c)
+        out = dense("BTNH,NHD->BTD", o, wo.astype(dt)) + lora.delta(self, "o", o, c)
         return checkpoint_name(out, "o_proj")
 
     def _cached(self, q, k, v, segment_ids):
@@ -197,17 +198,17 @@ class MLP(nn.Module):
         out_init = nn.initializers.normal(c.init_std / (2 * c.n_layers) ** 0.5)
         w1 = _param(self, "w1", (D, F), ("embed", "mlp"), c)
         w2 = _param(self, "w2", (F, D), ("mlp", "embed"), c, out_init)
-        gate = jnp.einsum("BTD,DF->BTF", x, w1.astype(dt)) + lora.delta(self, "w1", x, c)
+        gate = dense("BTD,DF->BTF", x, w1.astype(dt)) + lora.delta(self, "w1", x, c)
         gate = checkpoint_name(gate, "mlp_gate")
         if c.mlp == "swiglu":
             w3 = _param(self, "w3", (D, F), ("embed", "mlp"), c)
-            up = jnp.einsum("BTD,DF->BTF", x, w3.astype(dt)) + lora.delta(self, "w3", x, c)
+            up = dense("BTD,DF->BTF", x, w3.astype(dt)) + lora.delta(self, "w3", x, c)
             up = checkpoint_name(up, "mlp_up")
             h = nn.silu(gate) * up
         else:
             h = nn.gelu(gate)
         h = nn.with_logical_constraint(h, BTF)
-        down = jnp.einsum("BTF,FD->BTD", h, w2.astype(dt)) + lora.delta(self, "w2", h, c)
+        down = dense("BTF,FD->BTD", h, w2.astype(dt)) + lora.delta(self, "w2", h, c)
         return checkpoint_name(down, "mlp_down")
 
 
@@ -238,8 +239,11 @@ class Llama(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, decode=False):
+    def __call__(self, tokens, positions=None, segment_ids=None, decode=False, hidden=False):
         """tokens: [B, T] ints -> logits [B, T, V] float32.
+
+        hidden=True returns the final normed hidden states [B, T, D] (compute dtype) instead,
+        for loss.head_loss, which applies the output matrix itself.
 
         positions default to 0..T-1; segment_ids (optional, [B, T]) keep packed documents apart.
         decode=True reads and extends the KV cache (mutable "cache" collection; see
@@ -273,6 +277,8 @@ class Llama(nn.Module):
 
         x = Norm(c, name="norm")(x)
         out = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), c)
+        if hidden:
+            return x
         # float32 accumulation and output: bf16 logits would round the loss and its gradient.
         logits = jnp.einsum(
             "BTD,DV->BTV", x, out.astype(c.compute_dtype), preferred_element_type=jnp.float32

@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from llama_jax import sharding as shd
 from llama_jax.config import RunConfig
+from llama_jax.loss import head_loss
 from llama_jax.model import Llama
 from llama_jax.optim import make_optimizer, make_schedule
 
@@ -111,18 +112,6 @@ def train_state_from_params(run: RunConfig, mesh: Mesh, params):
     return jax.jit(init, out_shardings=shardings)(params), shardings
 
 
-def cross_entropy(logits, targets, mask):
-    """Summed next-token cross entropy in float32 and the number of tokens counted.
-
-    logits [B, T, V], targets [B, T] ints, mask [B, T] (1 = counts). A one-hot contraction
-    rather than a gather keeps the vocab-sharded logits local to each tensor rank.
-    """
-    logits = logits.astype(jnp.float32)
-    logz = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
-    picked = jnp.einsum("BTV,BTV->BT", logits, jax.nn.one_hot(targets, logits.shape[-1]))
-    return jnp.sum((logz - picked) * mask), jnp.sum(mask)
-
-
 def _with_mask(batch: Batch) -> Batch:
     unknown = sorted(set(batch) - set(BATCH_KEYS))
     if unknown:
@@ -134,10 +123,15 @@ def _with_mask(batch: Batch) -> Batch:
     return batch
 
 
-def _apply(model: Llama, params, mb: Batch, frozen=None):
-    """The logits; params are the trained ones: the model's, or LoRA's adapters over frozen."""
+def _loss_sum(model: Llama, params, mb: Batch, frozen=None):
+    """(summed loss, tokens counted) of a batch; params are the trained ones: the model's, or
+    LoRA's adapters over the frozen base. The LM head and the loss run fused (loss.py)."""
     variables = {"params": params} if frozen is None else {"params": frozen, "lora": params}
-    return model.apply(variables, mb["inputs"], mb.get("positions"), mb.get("segment_ids"))
+    x = model.apply(
+        variables, mb["inputs"], mb.get("positions"), mb.get("segment_ids"), hidden=True
+    )  # [B, T, D]
+    w = variables["params"]["output"].astype(model.cfg.compute_dtype)  # [D, V]
+    return head_loss(x, w, mb["targets"], mb["loss_mask"])
 
 
 def _split_microbatches(batch: Batch, n: int, mesh: Mesh) -> Batch:
@@ -173,8 +167,7 @@ def make_loss_and_grads(run: RunConfig, mesh: Mesh, param_shardings):
     n_micro = run.train.grad_accum_steps
 
     def loss_fn(params, mb, total, frozen):
-        s, _ = cross_entropy(_apply(model, params, mb, frozen), mb["targets"], mb["loss_mask"])
-        return s / total
+        return _loss_sum(model, params, mb, frozen)[0] / total
 
     grad_fn = jax.value_and_grad(loss_fn)  # params only: a LoRA base gets no gradient
 
@@ -216,6 +209,7 @@ def make_train_step(run: RunConfig, mesh: Mesh, state_shardings):
     def step_fn(state: TrainState, batch: Batch, frozen=None):
         with shd.model_context(mesh):
             loss, grads, tokens = loss_and_grads(state.params, batch, frozen)
+        with shd.model_context(mesh), jax.named_scope("optimizer"):
             grad_norm = optax.tree.norm(grads)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
@@ -253,9 +247,7 @@ def make_eval_step(run: RunConfig, mesh: Mesh, state_shardings):
     def eval_fn(params, batch, frozen=None):
         batch = _with_mask(batch)
         with shd.model_context(mesh):
-            s, tokens = cross_entropy(
-                _apply(model, params, batch, frozen), batch["targets"], batch["loss_mask"]
-            )
+            s, tokens = _loss_sum(model, params, batch, frozen)
         return {"loss": s / jnp.maximum(tokens, 1.0), "loss_sum": s, "tokens": tokens}
 
     frozen = abstract_frozen(run, mesh)[1]  # LoRA: eval_fn(params, batch, frozen base)
