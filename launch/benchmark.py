@@ -93,10 +93,15 @@ def main(argv=None):
     modules = [importlib.import_module(SECTIONS[name]) for name in names]
     args = c.args
     args.run = c.cfg
+    args.tables = {}  # further tables a section adds (the step's --profile breakdown)
     results = {}
     for name, module in zip(names, modules):
         results[name] = module.run(args)
         print_table(name, results[name], as_json=args.json)
+        for title, rows in args.tables.items():
+            print_table(title, rows, as_json=args.json)
+            results[title] = rows
+        args.tables.clear()
     if args.summary:
         print_table("summary", summary_rows(results), as_json=args.json)
     if args.json_out:

@@ -1,6 +1,7 @@
 """The benchmark suite on CPU: every section of `all`, the GPU check's dry run, profiling,
 and the XLA GPU flag defaults."""
 
+import collections
 import glob
 import json
 import os
@@ -53,12 +54,16 @@ def test_all_sections_print_a_table_with_their_limit(tiny_dataset, capsys):
             "1",
             "--data-curate-mb",
             "0.2",
+            "--peers",
+            "",
+            "--peers-repeats",
+            "1",
         ]
     )
     out = capsys.readouterr().out
     for name in ("attention", "step", "data", "compile", "summary"):
         assert f"## {name}  [" in out, name
-    assert set(results) == {"attention", "step", "data", "compile"}
+    assert set(results) == {"attention", "step", "data", "compile", "peers"}
     att, step = results["attention"], results["step"]
     assert [r["impl"] for r in att][-1].startswith("limit: matmul")
     assert all(0 < r["of_matmul"] for r in att if "tflops" in r)
@@ -155,3 +160,142 @@ def test_xla_flags_are_accepted_by_this_jaxlib():
         timeout=120,
     )
     assert r.returncode == 0 and r.stdout.strip() == "2.0", r.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- step --profile
+
+PROFILE_SHAPE = [  # a step of ~70 ms on 2 cores: the tracer's per-op cost stays a few percent
+    "--config.model.dim=256",
+    "--config.model.n_heads=8",
+    "--config.model.n_kv_heads=8",
+    "--config.model.n_layers=2",
+    "--config.train.seq_len=128",
+    "--config.train.batch_size=8",
+]
+
+
+def test_step_profile_breaks_the_step_down_by_category(tmp_path):
+    """launch.benchmark step --profile DIR: a table per policy of the CATEGORIES, whose
+    sum is the traced step and within 10% of the untraced one; the trace and HLO are kept.
+
+    Bound: the categories split the traced wall time exactly (share_time), so the sum row
+    measures only the tracer's cost per op event (about 1 us on these machines: a few
+    percent of a 70 ms step with ~2k events) and the drift between two medians of 5 steps
+    taken back to back; 10% is the issue's bound and holds both with room."""
+    from llama_jax.bench.profile import CATEGORIES
+
+    # One CPU device, in a process of its own (this one simulates 8, which would trace 8x
+    # the op events on the same two cores).
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [sys.executable, "-m", "launch.benchmark", "step", *PROFILE_SHAPE]
+    cmd += ["--step-policies", "save_linear,full", "--step-repeats", "3", "--step-matmul", "512"]
+    cmd += ["--profile", str(tmp_path), "--json-out", str(tmp_path / "rows.json")]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # noqa: PLW1510
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(tmp_path / "rows.json") as f:
+        rows = json.load(f)["results"]["step profile"]
+    for policy in ("save_linear", "full"):
+        mine = {r["category"]: r for r in rows if r["policy"] == policy}
+        assert list(mine)[:-1] == list(CATEGORIES)
+        total = mine.pop("sum (vs untraced step)")
+        assert all(r["ms"] >= 0 for r in mine.values())
+        assert sum(r["ms"] for r in mine.values()) == pytest.approx(total["ms"], rel=1e-9)
+        assert 0.9 <= total["share"] <= 1.1, total
+        # the named scopes reach the optimized HLO: each part of the step is found
+        for cat in ("matmul", "attention", "loss", "elementwise", "optimizer"):
+            assert mine[cat]["ms"] > 0 and mine[cat]["ops"] > 0, (policy, cat)
+        assert mine["collectives"]["ms"] == 0  # one device
+        kept = tmp_path / f"{policy}_b8"
+        assert "HloModule" in (kept / "step.optimized_hlo.txt").read_text()
+        assert glob.glob(str(kept / "**" / "*.xplane.pb"), recursive=True)
+
+
+def test_concurrent_ops_share_wall_time_and_nested_ones_count_innermost():
+    from llama_jax.bench import profile as pf
+
+    # thread 1 runs x over [0, 10]; thread 2 runs y over [5, 15]; the window is [0, 20]
+    per_op, idle = pf.share_time([(0, 10, "x"), (5, 15, "y")], [(0, 20)])
+    assert per_op == {"x": 7.5, "y": 7.5} and idle == 5
+    # a while loop w over [0, 10] whose body ran a over [2, 4] and b over [6, 8]
+    segments = pf._leaf_segments([(0, 10, "w"), (2, 4, "a"), (6, 8, "b")])
+    per_op, idle = pf.share_time(segments, [(0, 10)])
+    assert per_op == {"w": 6, "a": 2, "b": 2} and idle == 0
+    # an op whose "end:" marker comes after its event ran asynchronously until the marker
+    E = collections.namedtuple("E", "name start_ns end_ns stats")
+    ops = {"d": pf.Op("dot", "", (), "", ()), "e": pf.Op("add", "", (), "", ())}
+    events = [E("d", 0, 1000, []), E("e", 1000, 3000, []), E("end: d", 9000, 9000, [])]
+    ends = pf._async_ends(events)
+    assert sorted(pf._line_segments(events, ops, ends)) == [(0, 9000, "d"), (1000, 3000, "e")]
+
+
+HLO = """HloModule jit_step_fn, is_scheduled=true
+
+%fused_dot (p0: f32[8,4], p1: f32[4,16]) -> f32[8,16] {
+  %p0 = f32[8,4]{1,0} parameter(0)
+  %p1 = f32[4,16]{1,0} parameter(1)
+  ROOT %dot.1 = f32[8,16]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_transpose (p0: f32[8,16]) -> f32[16,8] {
+  %p0 = f32[8,16]{1,0} parameter(0)
+  %transpose.1 = f32[16,8]{0,1} transpose(%p0), dimensions={1,0}
+  ROOT %bitcast.1 = f32[16,8]{1,0} bitcast(%transpose.1)
+}
+
+%fused_exp (p0: f32[8,16]) -> f32[8,16] {
+  %p0 = f32[8,16]{1,0} parameter(0)
+  ROOT %exponential.1 = f32[8,16]{1,0} exponential(%p0)
+}
+
+ENTRY %main (x: f32[8,4], w: f32[4,16]) -> (f32[8,16], f32[16,8]) {
+  %x = f32[8,4]{1,0} parameter(0)
+  %w = f32[4,16]{1,0} parameter(1)
+  %ynn_fusion = f32[8,16]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_dot, metadata={op_name="jit(step_fn)/jvp(Llama)/layers/feed_forward/BTD,DF->BTF/dot_general"}
+  %attn = f32[8,16]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_dot, metadata={op_name="jit(step_fn)/transpose(jvp(Llama))/layers/attention/attention_kernel/dot_general"}
+  %copy_fusion = f32[16,8]{1,0} fusion(%ynn_fusion), kind=kLoop, calls=%fused_transpose
+  %exp_fusion = f32[8,16]{1,0} fusion(%ynn_fusion), kind=kLoop, calls=%fused_exp, metadata={op_name="jit(step_fn)/transpose(jvp(loss))/exp"}
+  %adam = f32[8,16]{1,0} fusion(%ynn_fusion), kind=kLoop, calls=%fused_exp, metadata={op_name="jit(step_fn)/optimizer/exp"}
+  %silu = f32[8,16]{1,0} fusion(%ynn_fusion), kind=kLoop, calls=%fused_exp, metadata={op_name="jit(step_fn)/jvp(Llama)/layers/feed_forward/exp"}
+  %all-reduce.1 = f32[8,16]{1,0} all-reduce(%silu), replica_groups={}, to_apply=%fused_exp
+  ROOT %tuple = (f32[8,16]{1,0}, f32[16,8]{1,0}) tuple(%all-reduce.1, %copy_fusion)
+}
+"""
+
+
+def test_hlo_instructions_fall_into_their_categories():
+    from llama_jax.bench import profile as pf
+
+    ops, comps, roots = pf.parse_hlo(HLO)
+    got = {n: pf.categorize(n, ops, comps, roots) for n in ops if n in comps["main"]}
+    assert got["ynn_fusion"] == "matmul"
+    assert got["attn"] == "attention"
+    assert got["copy_fusion"] == "copies"  # its root is a transpose under a bitcast
+    assert got["exp_fusion"] == "loss"
+    assert got["adam"] == "optimizer"
+    assert got["silu"] == "elementwise"
+    assert got["all-reduce.1"] == "collectives"
+
+
+def test_peers_train_the_same_model_side_by_side():
+    """launch.benchmark peers: our step and transformers' PyTorch LLaMA step (and its Flax
+    one where transformers still ships it) timed interleaved on one shape. Equal parameter
+    counts (GQA included) show both build the model the config describes."""
+    from launch import benchmark
+    from llama_jax import stats
+
+    results = benchmark.main(
+        ["peers", "--config", f"{ROOT}/configs/tiny.py", "--config.model.n_layers=2"]
+        + ["--config.train.seq_len=64", "--config.train.batch_size=8", "--peers-repeats", "2"]
+    )
+    rows = {r["peer"]: r for r in results["peers"]}
+    assert list(rows) == ["ours", "pytorch", "flax"]
+    n = stats.count_params(load(f"{ROOT}/configs/tiny.py", ["model.n_layers=2"]).model)
+    assert rows["ours"]["params"] == rows["pytorch"]["params"] == n
+    for row in rows.values():
+        if "tokens/s" not in row:  # transformers 5 has no Flax models: a row says so
+            assert row["peer"] == "flax" and row["detail"].startswith("n/a: transformers")
+            continue
+        assert row["params"] == n
+        assert row["step_s_min"] <= row["step_s"] <= row["step_s_max"]
+        assert row["tokens/s"] == pytest.approx(8 * 64 / row["step_s"])
+        assert row["ours_vs"] == pytest.approx(rows["ours"]["tokens/s"] / row["tokens/s"])

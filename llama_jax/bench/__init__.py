@@ -9,4 +9,5 @@ SECTIONS = {
     "step": "llama_jax.bench.step",
     "data": "llama_jax.bench.data",
     "compile": "llama_jax.bench.compile",
+    "peers": "llama_jax.bench.peers",
 }

@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import collections
 import glob
+import os
 import re
 import tempfile
 from typing import NamedTuple
@@ -30,6 +31,7 @@ from typing import NamedTuple
 import jax
 
 from llama_jax.attention import SCOPE as ATTENTION_SCOPE
+from llama_jax.bench.common import time_fn
 
 CATEGORIES = (
     "matmul",
@@ -257,22 +259,32 @@ def trace_breakdown(xspace_path: str, ops) -> tuple[dict[str, float], float, lis
     return per_op, idle, windows
 
 
-def profile(fn, hlo_text: str, *, steps: int = 3) -> dict:
+def profile(fn, hlo_text: str, *, steps: int = 5, keep_dir: str = "") -> dict:
     """Traces `steps` calls of fn() (each blocked on) and breaks their wall time down.
 
-    Returns {"step_s": mean traced step wall time, "categories": {category: seconds per
-    step}, "top": [(seconds per step, category, op name, op_name metadata), ...]}.
+    Returns {"step_s": mean traced step wall time, "untraced_s": the median of as many
+    untraced steps timed just before, "categories": {category: seconds per step}, "top":
+    [(seconds per step, category, op name, op_name metadata), ...]}. With keep_dir the
+    trace (TensorBoard/xprof/Perfetto) and the optimized HLO stay there.
     """
     ops, comps, roots = parse_hlo(hlo_text)
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d):
+    untraced = time_fn(fn, warmup=1, repeats=steps)["median"]
+    with tempfile.TemporaryDirectory() as tmp:
+        d = keep_dir or tmp
+        if keep_dir:
+            os.makedirs(keep_dir, exist_ok=True)
+            with open(os.path.join(keep_dir, "step.optimized_hlo.txt"), "w") as f:
+                f.write(hlo_text)
+        options = jax.profiler.ProfileOptions()
+        options.python_tracer_level = 0  # Python calls are not ops; tracing them costs time
+        with jax.profiler.trace(d, profiler_options=options):
             for _ in range(steps):
                 with jax.profiler.TraceAnnotation(ANNOTATION):
                     jax.block_until_ready(fn())
-        files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+        files = sorted(glob.glob(f"{d}/**/*.xplane.pb", recursive=True), key=os.path.getmtime)
         if not files:
             raise RuntimeError(f"jax.profiler wrote no trace under {d}")
-        per_op, idle, windows = trace_breakdown(files[0], ops)
+        per_op, idle, windows = trace_breakdown(files[-1], ops)
     if len(windows) != steps:
         raise RuntimeError(f"the trace holds {len(windows)} of {steps} step annotations")
     cats = dict.fromkeys(CATEGORIES, 0.0)
@@ -283,4 +295,43 @@ def profile(fn, hlo_text: str, *, steps: int = 3) -> dict:
         cats[cat] += ns / steps / 1e9
         top.append((ns / steps / 1e9, cat, name, ops[name].op_name))
     wall = sum(e - s for s, e in windows) / steps / 1e9
-    return {"step_s": wall, "categories": cats, "top": sorted(top, reverse=True)}
+    return {
+        "step_s": wall,
+        "untraced_s": untraced,
+        "categories": cats,
+        "top": sorted(top, reverse=True),
+    }
+
+
+def breakdown_rows(label: str, result: dict) -> list[dict]:
+    """Table rows of one profile: a row per category (ms per step, share of the traced step,
+    how many HLO ops, the costliest one), then their sum against the untraced step time."""
+    rows = []
+    for cat, sec in result["categories"].items():
+        mine = [t for t in result["top"] if t[1] == cat]
+        top = f"{mine[0][2]} {_short(mine[0][3])}" if mine else ""
+        rows.append(
+            {
+                "policy": label,
+                "category": cat,
+                "ms": sec * 1e3,
+                "share": sec / result["step_s"],
+                "ops": len(mine),
+                "top_op": top[:80],
+            }
+        )
+    total = sum(result["categories"].values())
+    rows.append(
+        {
+            "policy": label,
+            "category": "sum (vs untraced step)",
+            "ms": total * 1e3,
+            "share": total / result["untraced_s"],
+        }
+    )
+    return rows
+
+
+def _short(op_name: str) -> str:
+    """The informative tail of an op_name: its last two scopes."""
+    return "/".join(op_name.split("/")[-2:])

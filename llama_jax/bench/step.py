@@ -18,8 +18,11 @@ An out-of-memory compile or step becomes an "OOM" row instead of ending the run.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import os
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -27,6 +30,7 @@ import numpy as np
 from llama_jax import sharding as shd
 from llama_jax import stats
 from llama_jax import train_step as ts
+from llama_jax.bench import profile
 from llama_jax.bench.common import compiled_memory, load_config, time_fn
 from llama_jax.config import RunConfig
 from llama_jax.remat import REMAT_POLICIES
@@ -62,6 +66,15 @@ def add_args(parser):
     parser.add_argument(
         "--step-dtype", default="", help="compute dtype override (float32 | bfloat16)"
     )
+    parser.add_argument(
+        "--profile",
+        nargs="?",
+        const="-",
+        default="",
+        metavar="DIR",
+        help="also trace each policy's step and print where its time goes per op category "
+        "(bench/profile.py); with DIR, keep the traces and optimized HLO there",
+    )
 
 
 def matmul_flops(n: int, dtype, repeats: int = 5) -> dict:
@@ -93,58 +106,81 @@ def _hwm_bytes():
     return None if not s else s.get("peak_bytes_in_use")
 
 
-def _one_row(cfg: RunConfig, mesh, policy, repeats, compile_only, flops, peak, matmul_rate) -> dict:
+@dataclasses.dataclass
+class _Bench:
+    """What every row of one run shares."""
+
+    mesh: Any
+    repeats: int
+    compile_only: bool
+    flops: dict
+    peak: float | None
+    matmul_rate: float | None
+    profile: str  # "" off, "-" on (temporary trace), else the directory to keep traces in
+    profile_rows: list = dataclasses.field(default_factory=list)
+
+
+def _compile_row(cfg: RunConfig, b: _Bench, row: dict):
+    t0 = time.perf_counter()
+    compiled = ts.compile_train_step(cfg, b.mesh)
+    row["compile_s"] = time.perf_counter() - t0
+    mem = compiled_memory(compiled)
+    if mem["temp_bytes"] is not None:
+        alias = int(compiled.memory_analysis().alias_size_in_bytes)
+        row["mem_GiB"] = (
+            mem["argument_bytes"] + mem["temp_bytes"] + mem["output_bytes"] - alias
+        ) / GiB
+        row["temp_GiB"] = mem["temp_bytes"] / GiB
+    return compiled
+
+
+def _timed_row(cfg: RunConfig, b: _Bench, compiled, row: dict) -> None:
+    B, T, n_dev = cfg.train.batch_size, cfg.train.seq_len, b.mesh.devices.size
+    state, _ = ts.create_train_state(cfg, b.mesh)
+    batch = _random_batch(cfg, b.mesh)
+    holder = [state]
+    del state
+
+    def one_step():
+        holder[0], metrics = compiled(holder[0], batch)
+        return metrics
+
+    t = time_fn(one_step, warmup=1, repeats=b.repeats)
+    achieved = b.flops["total"] * B * T / t["median"] / n_dev  # model FLOP/s per device
+    by_basis = stats.mfu(B * T / t["median"], b.flops, n_dev, b.peak)
+    row.update(
+        {
+            "step_s": t["median"],
+            "step_s_min": t["min"],
+            "step_s_max": t["max"],
+            "tokens/s": B * T / t["median"],
+            "tokens/s/dev": B * T / t["median"] / n_dev,
+            "model_TFLOP/s/dev": achieved / 1e12,
+            "MFU_6n": by_basis.get("mfu_6n"),
+            "MFU_palm": by_basis.get("mfu_palm"),
+            "MFU_causal": None if b.peak is None else achieved / b.peak,
+            "of_matmul": achieved / b.matmul_rate,
+        }
+    )
+    hwm = _hwm_bytes()
+    if hwm is not None:
+        row["hwm_GiB"] = hwm / GiB
+    if b.profile:
+        keep = "" if b.profile == "-" else os.path.join(b.profile, f"{row['policy']}_b{B}")
+        result = profile.profile(one_step, compiled.as_text(), keep_dir=keep)
+        b.profile_rows += profile.breakdown_rows(row["policy"], result)
+    holder.clear()
+
+
+def _one_row(cfg: RunConfig, b: _Bench, policy: str) -> dict:
     cfg = cfg.replace({"model.remat_policy": policy})
+    mesh_desc = "x".join(str(b.mesh.shape[a]) for a in shd.MESH_AXES)
     B, T = cfg.train.batch_size, cfg.train.seq_len
-    n_dev = mesh.devices.size
-    mesh_desc = "x".join(str(mesh.shape[a]) for a in shd.MESH_AXES)
     row = {"policy": policy, "batch": B, "seq": T, "mesh(d,f,t)": mesh_desc}
     try:
-        t0 = time.perf_counter()
-        compiled = ts.compile_train_step(cfg, mesh)
-        row["compile_s"] = time.perf_counter() - t0
-        mem = compiled_memory(compiled)
-        if mem["temp_bytes"] is not None:
-            m = compiled.memory_analysis()
-            row["mem_GiB"] = (
-                mem["argument_bytes"]
-                + mem["temp_bytes"]
-                + mem["output_bytes"]
-                - int(m.alias_size_in_bytes)
-            ) / GiB
-            row["temp_GiB"] = mem["temp_bytes"] / GiB
-        if compile_only:
-            return row
-        state, _ = ts.create_train_state(cfg, mesh)
-        batch = _random_batch(cfg, mesh)
-        holder = [state]
-        del state
-
-        def one_step():
-            holder[0], metrics = compiled(holder[0], batch)
-            return metrics
-
-        t = time_fn(one_step, warmup=1, repeats=repeats)
-        achieved = flops["total"] * B * T / t["median"] / n_dev  # model FLOP/s per device
-        by_basis = stats.mfu(B * T / t["median"], flops, n_dev, peak)
-        row.update(
-            {
-                "step_s": t["median"],
-                "step_s_min": t["min"],
-                "step_s_max": t["max"],
-                "tokens/s": B * T / t["median"],
-                "tokens/s/dev": B * T / t["median"] / n_dev,
-                "model_TFLOP/s/dev": achieved / 1e12,
-                "MFU_6n": by_basis.get("mfu_6n"),
-                "MFU_palm": by_basis.get("mfu_palm"),
-                "MFU_causal": None if peak is None else achieved / peak,
-                "of_matmul": achieved / matmul_rate,
-            }
-        )
-        hwm = _hwm_bytes()
-        if hwm is not None:
-            row["hwm_GiB"] = hwm / GiB
-        holder.clear()
+        compiled = _compile_row(cfg, b, row)
+        if not b.compile_only:
+            _timed_row(cfg, b, compiled, row)
     except Exception as e:  # an OOM is a result (a row), anything else a bug
         if not is_oom(e):
             raise
@@ -152,6 +188,19 @@ def _one_row(cfg: RunConfig, mesh, policy, repeats, compile_only, flops, peak, m
     finally:
         gc.collect()
     return row
+
+
+def _matmul_row(n: int, dtype, peak) -> tuple[dict, float]:
+    mm = matmul_flops(n, dtype)
+    row = {
+        "policy": f"limit: matmul {n}^3 {jax.numpy.dtype(dtype).name}",
+        "model_TFLOP/s/dev": mm["median"] / 1e12,
+        "MFU_causal": None if peak is None else mm["median"] / peak,
+        "of_matmul": 1.0,
+        "matmul_TFLOP/s_min": mm["min"] / 1e12,
+        "matmul_TFLOP/s_max": mm["max"] / 1e12,
+    }
+    return row, mm["median"]
 
 
 def run(args) -> list[dict]:
@@ -166,46 +215,28 @@ def run(args) -> list[dict]:
     policies = [p for p in str(getattr(args, "step_policies", "save_linear")).split(",") if p]
     extra = [int(b) for b in str(getattr(args, "step_extra_batches", "") or "").split(",") if b]
     compile_only = bool(getattr(args, "step_compile_only", False))
-    repeats = int(getattr(args, "step_repeats", 5))
-
-    mesh = shd.make_mesh(*cfg.mesh.sizes)
-    mc = cfg.model
-    flops = stats.flops_per_token(mc, cfg.train.seq_len)
-    peak = stats.device_peak_flops()
     on_cpu = jax.default_backend() == "cpu"
-
-    rows, matmul_row, matmul_rate = [], None, None
+    peak = stats.device_peak_flops()
+    matmul_row, matmul_rate = None, None
     if not compile_only:
         n = int(getattr(args, "step_matmul", 0)) or (2048 if on_cpu else 8192)
-        mm = matmul_flops(n, mc.compute_dtype)
-        matmul_rate = mm["median"]
-        matmul_row = {
-            "policy": f"limit: matmul {n}^3 {mc.dtype}",
-            "model_TFLOP/s/dev": matmul_rate / 1e12,
-            "MFU_causal": None if peak is None else matmul_rate / peak,
-            "of_matmul": 1.0,
-            "matmul_TFLOP/s_min": mm["min"] / 1e12,
-            "matmul_TFLOP/s_max": mm["max"] / 1e12,
-        }
-
-    for policy in policies:
-        rows.append(_one_row(cfg, mesh, policy, repeats, compile_only, flops, peak, matmul_rate))
+        matmul_row, matmul_rate = _matmul_row(n, cfg.model.compute_dtype, peak)
+    b = _Bench(
+        mesh=shd.make_mesh(*cfg.mesh.sizes),
+        repeats=int(getattr(args, "step_repeats", 5)),
+        compile_only=compile_only,
+        flops=stats.flops_per_token(cfg.model, cfg.train.seq_len),
+        peak=peak,
+        matmul_rate=matmul_rate,
+        profile="" if compile_only else str(getattr(args, "profile", "") or ""),
+    )
+    rows = [_one_row(cfg, b, policy) for policy in policies]
     timed = [r for r in rows if "step_s" in r]
     if extra and timed:
         best = max(timed, key=lambda r: r["tokens/s"])
-        for b in extra:
-            if b == best["batch"]:
-                continue
-            rows.append(
-                _one_row(
-                    cfg.replace({"train.batch_size": b}),
-                    mesh,
-                    best["policy"],
-                    repeats,
-                    compile_only,
-                    flops,
-                    peak,
-                    matmul_rate,
-                )
-            )
+        for size in extra:
+            if size != best["batch"]:
+                rows.append(_one_row(cfg.replace({"train.batch_size": size}), b, best["policy"]))
+    if b.profile_rows and hasattr(args, "tables"):
+        args.tables["step profile"] = b.profile_rows
     return rows + ([matmul_row] if matmul_row else [])
