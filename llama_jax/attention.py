@@ -7,7 +7,8 @@ Implementations, chosen by name (model.attention_impl):
              the output and the per-row log-sum-exp, and causal key tiles above the diagonal
              skipped, not computed and masked. Pure JAX, so it runs on every backend.
   cudnn      jax.nn.dot_product_attention(..., implementation="cudnn") on NVIDIA GPUs.
-  auto       cudnn where backend, dtype and shapes allow it, else blockwise.
+  auto       the fastest of those that can run this call, as measured on this kind of device
+             (attention_table.py); without a measurement cudnn where it runs, else blockwise.
 
 Dimension letters as in model.py; tiled arrays add nq/nk (tile counts) and q/k (tile rows).
 """
@@ -22,6 +23,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from llama_jax import attention_table
 
 logger = logging.getLogger(__name__)
 
@@ -299,32 +302,62 @@ IMPLEMENTATIONS = {
 VALID_IMPLS = sorted(IMPLEMENTATIONS) + ["auto"]
 
 
+def _cudnn_unusable(backend: str, dtype, head_dim: int, has_segments: bool) -> str:
+    """Why cudnn cannot run this call ("" when it can)."""
+    if backend != "gpu":
+        return f"backend is {backend}"
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"cudnn needs bf16/fp16, got {dtype.name}"
+    if head_dim > 128 or head_dim % 8:
+        return f"cudnn needs head_dim <= 128 and a multiple of 8, got {head_dim}"
+    if has_segments:
+        return "segment_ids would need an O(T^2) mask in cudnn"
+    return ""
+
+
 def _resolve(
-    impl: str, dtype, head_dim: int, has_segments: bool, backend: str | None
+    impl: str,
+    dtype,
+    head_dim: int,
+    has_segments: bool,
+    backend: str | None,
+    shape: tuple[int | None, int | None, int | None] = (None, None, None),
 ) -> tuple[str, str]:
-    """(implementation, reason) for a name; "auto" decides from backend, dtype and shapes."""
+    """(implementation, reason) for a name. "auto" takes the fastest measured one that this
+    call can use (attention_table.py), else cudnn where it runs, else blockwise.
+    shape: (rows = B * N, T, S) of the call, where known."""
     if impl not in VALID_IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; valid: {VALID_IMPLS}")
     if impl != "auto":
         return impl, "requested"
     backend = backend or jax.default_backend()
     dtype = jnp.dtype(dtype)
-    if backend != "gpu":
-        return "blockwise", f"backend is {backend}"
-    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return "blockwise", f"cudnn needs bf16/fp16, got {dtype.name}"
-    if head_dim > 128 or head_dim % 8:
-        return "blockwise", f"cudnn needs head_dim <= 128 and a multiple of 8, got {head_dim}"
-    if has_segments:
-        return "blockwise", "segment_ids would need an O(T^2) mask in cudnn"
-    return "cudnn", f"gpu, {dtype.name}, head_dim {head_dim}"
+    rows, T, S = shape
+    no_cudnn = _cudnn_unusable(backend, dtype, head_dim, has_segments)
+    if not no_cudnn and T is not None and S is not None and T != S:
+        no_cudnn = "causal with T != S"  # cuDNN aligns the causal mask top-left, ours bottom-right
+    candidates = ["blockwise"] + ["cudnn"] * (not no_cudnn)
+    candidates += ["reference"] * attention_table.reference_fits(rows, T, S)
+    measured = attention_table.choose(backend, dtype.name, T, head_dim, candidates)
+    if measured is not None:
+        return measured
+    if no_cudnn:
+        return "blockwise", no_cudnn
+    return "cudnn", f"gpu, {dtype.name}, head_dim {head_dim} (no measurement in the table)"
 
 
 def resolve_impl(
-    impl: str, dtype, head_dim: int, has_segments: bool, *, backend: str | None = None
+    impl: str,
+    dtype,
+    head_dim: int,
+    has_segments: bool,
+    *,
+    backend: str | None = None,
+    shape: tuple[int | None, int | None, int | None] = (None, None, None),
 ) -> str:
-    """The implementation dot_product_attention runs for these settings ("auto" resolved)."""
-    return _resolve(impl, dtype, head_dim, has_segments, backend)[0]
+    """The implementation dot_product_attention runs for these settings ("auto" resolved);
+    shape is (B * N, T, S) of the call where known (the measured table needs T)."""
+    return _resolve(impl, dtype, head_dim, has_segments, backend, shape)[0]
 
 
 _logged_choices: set = set()
@@ -343,10 +376,9 @@ def dot_product_attention(
     Returns:
       [B, T, N, H] in q's dtype.
     """
-    name, reason = _resolve(impl, q.dtype, q.shape[-1], segment_ids is not None, None)
-    if impl == "auto" and name == "cudnn" and causal and q.shape[1] != k.shape[1]:
-        # cuDNN aligns the causal mask top-left; ours is bottom-right (query r sees r + S - T).
-        name, reason = "blockwise", "causal with T != S"
+    B, T, N, H = q.shape
+    shape = (B * N, T, k.shape[1] if causal else T)
+    name, reason = _resolve(impl, q.dtype, H, segment_ids is not None, None, shape)
     if impl == "auto" and (name, reason) not in _logged_choices:
         _logged_choices.add((name, reason))
         logger.info("attention impl: auto -> %s (%s)", name, reason)

@@ -56,10 +56,13 @@ def _track(acc, step_metrics, step):
     return {"skipped": acc["skipped"] + step_metrics["skipped"], "first_bad": first}
 
 
-def _attention_impl(mc) -> str:
+def _attention_impl(cfg: RunConfig) -> str:
     from llama_jax.attention import resolve_impl
 
-    picked = resolve_impl(mc.attention_impl, mc.compute_dtype, mc.head_dim, False)
+    mc, t = cfg.model, cfg.train
+    rows = t.batch_size // t.grad_accum_steps * mc.n_heads  # B * N of one microbatch
+    shape = (rows, t.seq_len, t.seq_len)
+    picked = resolve_impl(mc.attention_impl, mc.compute_dtype, mc.head_dim, False, shape=shape)
     return picked if picked == mc.attention_impl else f"{mc.attention_impl} -> {picked}"
 
 
@@ -77,7 +80,7 @@ def _log_startup(cfg: RunConfig, diff: dict, mesh: Mesh, n_params: int) -> None:
     log.info("mesh: %s", dict(mesh.shape))
     log.info(
         "attention: %s, remat policy: %s, dtype: %s, params dtype: %s",
-        _attention_impl(mc),
+        _attention_impl(cfg),
         mc.remat_policy,
         mc.dtype,
         mc.param_dtype,

@@ -1,10 +1,12 @@
-"""XLA GPU flags that pay for this workload, set before jax is imported unless the user set them.
+"""XLA flags that pay for this workload, set before jax is imported unless the user set them.
 
 XLA reads XLA_FLAGS once, when the backend starts, and aborts the process on a flag it does not
-know. So setup() runs before `import jax` (launch/train.py, launch/benchmark.py), only on a
-machine with a CUDA plugin and an NVIDIA device, and only adds flags that this jaxlib's shared
-objects name; a flag already in XLA_FLAGS (either value) is left as the user set it.
-LLAMA_JAX_XLA_DEFAULTS=0 turns the defaults off. README.md ("XLA GPU flags") explains each.
+know. So setup() runs before `import jax` (launch/train.py, launch/benchmark.py): GPU_FLAGS on a
+machine with a CUDA plugin and an NVIDIA device, CPU_FLAGS elsewhere, and only flags that this
+jaxlib's shared objects name (tests/test_benchmark.py also starts a backend with each table, as
+a name in the binary is not proof that the parser registers it); a flag already in XLA_FLAGS
+(either value) is left as the user set it. LLAMA_JAX_XLA_DEFAULTS=0 turns the defaults off.
+README.md ("XLA flags") explains each; BENCHMARKS.md has the CPU candidates measured.
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ GPU_FLAGS: dict[str, tuple[str, str]] = {
         "run collectives on a high-priority stream so they are not starved by compute",
     ),
 }
+
+# XLA:CPU flags that measurably speed up the training step on CPU. None does on this jaxlib:
+# oneDNN matmuls, XNNPACK off, YNNPACK eltwise/reduce fusions (+38% temp memory, slower),
+# XNN graph fusion, the concurrency-optimized scheduler, 512-bit vectors and fast min/max all
+# measured within the noise or slower (BENCHMARKS.md, "XLA:CPU flags"); the table stays, so
+# that a flag which pays on a later jaxlib goes here and is checked like the GPU ones.
+CPU_FLAGS: dict[str, tuple[str, str]] = {}
 
 _CUDA_PLUGINS = (
     "jax_plugins.xla_cuda12",
@@ -105,20 +114,22 @@ def user_flag_names(xla_flags: str) -> set[str]:
     return {f.lstrip("-").split("=", 1)[0] for f in xla_flags.split() if f.startswith("--")}
 
 
-def setup(environ=os.environ, *, force: bool = False, dirs=None) -> list[str]:
-    """Adds the GPU defaults the user has not set to environ["XLA_FLAGS"]; returns them.
+def setup(environ=os.environ, *, force: str = "", dirs=None) -> list[str]:
+    """Adds the defaults of this machine (GPU_FLAGS on a CUDA machine, else CPU_FLAGS) that
+    the user has not set to environ["XLA_FLAGS"]; returns them.
 
-    Call before jax is imported. No-op off GPU (unless force, for tests) and under
+    Call before jax is imported. force="gpu" or "cpu" picks the table (tests); no-op under
     LLAMA_JAX_XLA_DEFAULTS=0.
     """
     if environ.get("LLAMA_JAX_XLA_DEFAULTS", "1") == "0":
         return []
-    if not force and not gpu_machine(environ):
-        return []
+    table = {"gpu": GPU_FLAGS, "cpu": CPU_FLAGS}[
+        force or ("gpu" if gpu_machine(environ) else "cpu")
+    ]
     current = environ.get("XLA_FLAGS", "")
-    wanted = [n for n in GPU_FLAGS if n not in user_flag_names(current)]
+    wanted = [n for n in table if n not in user_flag_names(current)]
     known = known_flags(wanted, dirs)
-    added = [f"--{n}={GPU_FLAGS[n][0]}" for n in wanted if n in known]
+    added = [f"--{n}={table[n][0]}" for n in wanted if n in known]
     if added:
         environ["XLA_FLAGS"] = " ".join([*current.split(), *added])
     return added

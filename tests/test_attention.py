@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llama_jax import attention
+from llama_jax import attention, attention_table
 from llama_jax.attention import blockwise_attention, dot_product_attention, resolve_impl
 
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
@@ -212,11 +212,54 @@ def test_unknown_impl_lists_valid_names():
         resolve_impl("xformers", jnp.float32, 8, False)
 
 
-def test_auto_logs_its_choice(caplog):
-    q = jnp.ones((1, 4, 2, 8))
+def test_auto_logs_its_choice(caplog, monkeypatch):
+    monkeypatch.setattr(attention_table, "load", lambda path=None: TABLE)
+    q = jnp.ones((1, 256, 2, 32))
     attention._logged_choices.clear()
     with caplog.at_level(logging.INFO, logger="llama_jax.attention"):
         for _ in range(2):  # logged once only; tracing is enough, so nothing is compiled
-            jax.eval_shape(lambda q: dot_product_attention(q, q, q), q)  # cpu: blockwise
+            jax.eval_shape(lambda q: dot_product_attention(q, q, q), q)
     msgs = [r.getMessage() for r in caplog.records if "attention impl" in r.getMessage()]
-    assert msgs == ["attention impl: auto -> blockwise (backend is cpu)"]
+    assert msgs == [
+        "attention impl: auto -> reference (measured on cpu float32 at T=256 H=32: "
+        "reference 10 ms, blockwise 20 ms)"
+    ]
+
+
+TABLE = [  # two measured points of a made-up CPU
+    {"platform": "cpu", "device": "cpu", "dtype": "float32", "T": 256, "H": 32,
+     "ms": {"reference": 10.0, "blockwise": 20.0}},
+    {"platform": "cpu", "device": "cpu", "dtype": "float32", "T": 1024, "H": 32,
+     "ms": {"reference": 100.0, "blockwise": 50.0}},
+    {"platform": "gpu", "device": "H100", "dtype": "bfloat16", "T": 4096, "H": 128,
+     "ms": {"blockwise": 9.0, "cudnn": 1.0, "reference": 0.5}},
+]  # fmt: skip
+
+
+def test_auto_takes_the_fastest_measured_impl_that_fits(monkeypatch):
+    monkeypatch.setattr(attention_table, "load", lambda path=None: TABLE)
+    f32, bf16 = jnp.float32, jnp.bfloat16
+
+    def auto(dtype, H, rows, T, backend="cpu", segments=False):
+        shape = (rows, T, T)
+        return resolve_impl("auto", dtype, H, segments, backend=backend, shape=shape)
+
+    assert auto(f32, 32, 64, 256) == "reference"  # measured faster at T=256
+    assert auto(f32, 32, 64, 300) == "reference"  # the nearest point is T=256
+    assert auto(f32, 32, 64, 1024) == "blockwise"  # measured faster at T=1024
+    # 1024 x 256 x 256 float32 probabilities are 256 MiB: over the reference's budget
+    assert auto(f32, 32, 1024, 256) == "blockwise"
+    assert auto(f32, 32, 64, 256, backend="gpu") == "blockwise"  # no gpu float32 entry
+    assert auto(bf16, 128, 1, 4096, backend="gpu") == "reference"  # fits: 64 MiB, fastest
+    assert auto(bf16, 128, 64, 4096, backend="gpu") == "cudnn"  # reference over budget
+    assert auto(bf16, 128, 64, 4096, backend="gpu", segments=True) == "blockwise"
+    assert resolve_impl("auto", bf16, 128, False, backend="gpu") == "cudnn"  # T unknown: rule
+
+
+def test_the_packaged_table_measures_this_cpu_kind():
+    """The table in the package has float32 CPU points over T and H (the benchmark wrote it)
+    and every entry times blockwise, the implementation that always runs."""
+    entries = attention_table.load()
+    cpu = [e for e in entries if e["platform"] == "cpu" and e["dtype"] == "float32"]
+    assert {e["T"] for e in cpu} >= {128, 256, 512, 1024} and len({e["H"] for e in cpu}) >= 2
+    assert all(e["ms"]["blockwise"] > 0 for e in entries)

@@ -10,7 +10,9 @@ runs of all variants at one T are interleaved, so load from other processes hits
 CPU defaults (B=1, N=8, H=64, f32, tiles 256, T 1024..4096) run in a couple of minutes on two
 cores; reference is timed only up to --attn-ref-max-seq (its memory is always reported).
 The last row is the physical limit, a square matmul in the same dtype; "of_matmul" is each
-row's causal TFLOP/s as a fraction of it.
+row's causal TFLOP/s as a fraction of it. --attn-table writes the times into the table that
+attention_impl=auto reads (attention_table.py); the package's table was made with
+--seq 64,128,256,512,1024,2048 --attn-batch 8 --attn-head-dim 32|64|128 --attn-block 128.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import statistics
 import jax
 import jax.numpy as jnp
 
+from llama_jax import attention_table
 from llama_jax.attention import IMPLEMENTATIONS, blockwise_attention
 from llama_jax.bench.common import compiled_memory, time_fn
 
@@ -61,6 +64,15 @@ def add_args(parser) -> None:
         type=int,
         default=None,
         help="time reference only up to this T",
+    )
+    g.add_argument(
+        "--attn-table",
+        nargs="?",
+        const=attention_table.TABLE_PATH,
+        default="",
+        metavar="PATH",
+        help="write each T's times into the table attention_impl=auto reads (default: the "
+        "package's attention_table.json)",
     )
     g.add_argument(
         "--attn-ablations",
@@ -197,6 +209,22 @@ def _matmul_limit(rows: list[dict], dtype) -> dict:
     }
 
 
+def _table_entries(rows: list[dict]) -> list[dict]:
+    """attention_table entries: per (T, H), the median ms of each implementation timed."""
+    d = jax.devices()[0]
+    by_point: dict = {}
+    for r in rows:
+        if "ms" in r and ":" not in r["impl"]:  # implementations, not the ablations
+            point = by_point.setdefault(
+                (r["T"], r["H"]),
+                {"platform": d.platform, "device": d.device_kind, "dtype": r["dtype"]}
+                | {"T": r["T"], "H": r["H"], "B": r["B"], "N": r["N"], "K": r["K"]}
+                | {"block": r["block"], "ms": {}},
+            )
+            point["ms"][r["impl"]] = round(r["ms"], 4)
+    return list(by_point.values())
+
+
 def run(args) -> list[dict]:
     s = _settings(args)
     B, N, H = s["B"], s["N"], s["H"]
@@ -206,5 +234,8 @@ def run(args) -> list[dict]:
         t_rows, timed = _compile_variants(s, T, _inputs(T, s))
         _fill_rows(t_rows, _time_interleaved(timed, s["repeats"]), flops)
         rows += t_rows
+    table = getattr(args, "attn_table", "")
+    if table:
+        attention_table.merge(_table_entries(rows), table)
     rows.append(_matmul_limit(rows, s["dtype"]))
     return rows

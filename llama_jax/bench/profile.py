@@ -278,6 +278,7 @@ def profile(fn, hlo_text: str, *, steps: int = 5, keep_dir: str = "") -> dict:
         options = jax.profiler.ProfileOptions()
         options.python_tracer_level = 0  # Python calls are not ops; tracing them costs time
         with jax.profiler.trace(d, profiler_options=options):
+            jax.block_until_ready(fn())  # the tracer's own start-up stays out of the windows
             for _ in range(steps):
                 with jax.profiler.TraceAnnotation(ANNOTATION):
                     jax.block_until_ready(fn())
