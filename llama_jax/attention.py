@@ -32,7 +32,13 @@ DEFAULT_BLOCK = 512  # tile rows when the caller passes none; the model passes i
 # A finite "minus infinity" for masked scores and the initial running max: exp(NEG_INF - m)
 # is exactly 0 for any real m, and NEG_INF - NEG_INF is 0, not the NaN that inf - inf gives.
 NEG_INF = -1e30
-SCOPE = "attention_kernel"  # named scope of the kernel's ops, forward and backward
+SCOPE = "attention_kernel"
+# Small problems run their tile loops unrolled into one graph: no XLA loop machinery, static
+# tile slices, independent tiles free to run side by side (+3-4% of the whole training step
+# on CPU at T = 256-512). XLA may then keep every tile's scores live at once, so only while
+# all of them (the [B, N, T, S] float32 matrix) fit UNROLL_BUDGET_BYTES, in <= UNROLL_TILES.
+UNROLL_BUDGET_BYTES = 64 * 2**20
+UNROLL_TILES = 64  # named scope of the kernel's ops, forward and backward
 
 
 def reference_attention(q, k, v, *, causal=True, segment_ids=None, **_):
@@ -67,6 +73,31 @@ class _Spec(NamedTuple):
     causal: bool
     skip: bool  # skip key tiles that the causal mask hides entirely
     scale: float
+    unroll: bool = False  # tile loops as Python loops: one flat graph (see UNROLL_*)
+
+
+def _fori(lo, hi, body, carry, static: bool):
+    """lax.fori_loop, or with static bounds a Python loop, unrolled into the graph."""
+    if not static:
+        return lax.fori_loop(lo, hi, body, carry)
+    for j in range(int(lo), int(hi)):
+        carry = body(j, carry)
+    return carry
+
+
+def _scan(body, carry, xs, n: int, static: bool):
+    """lax.scan over the leading axis of xs, or a Python loop with static indices."""
+    if not static:
+        return lax.scan(body, carry, xs)
+    ys = []
+    for i in range(n):
+        carry, y = body(carry, jax.tree.map(lambda x, i=i: x[i], xs), i)
+        ys.append(y)
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
+def _clip(x, lo, hi):  # on Python ints (unrolled loops) stays a Python int
+    return max(lo, min(x, hi)) if isinstance(x, int) else jnp.clip(x, lo, hi)
 
 
 def _fwd_key_range(i, bq, bk, nk, spec: _Spec):
@@ -75,10 +106,10 @@ def _fwd_key_range(i, bq, bk, nk, spec: _Spec):
     if not spec.causal:
         return full, nk
     offset = spec.S - spec.T
-    last_row = jnp.minimum((i + 1) * bq, spec.T) - 1
-    hi = jnp.clip((last_row + offset) // bk + 1, 0, nk) if spec.skip else nk
-    lo = jnp.clip((i * bq + offset + 1) // bk, 0, full)  # tiles every row sees in full
-    return jnp.minimum(lo, hi), hi
+    last_row = _clip((i + 1) * bq, 0, spec.T) - 1
+    hi = _clip((last_row + offset) // bk + 1, 0, nk) if spec.skip else nk
+    lo = _clip((i * bq + offset + 1) // bk, 0, full)  # tiles every row sees in full
+    return _clip(lo, 0, hi), hi
 
 
 def _bwd_query_range(j, bq, bk, nq, spec: _Spec):
@@ -88,10 +119,13 @@ def _bwd_query_range(j, bq, bk, nq, spec: _Spec):
     """
     full = spec.S // bk
     if not spec.causal:
-        return 0, jnp.where(j < full, 0, nq)
+        return 0, (0 if j < full else nq) if isinstance(j, int) else jnp.where(j < full, 0, nq)
     offset = spec.S - spec.T
-    lo = jnp.clip((j * bk - offset) // bq, 0, nq) if spec.skip else 0
+    lo = _clip((j * bk - offset) // bq, 0, nq) if spec.skip else 0
     mid = -((offset + 1 - (j + 1) * bk) // bq)  # ceil(((j+1)*bk - 1 - offset) / bq)
+    if isinstance(j, int):
+        mid = _clip(mid, 0, nq) if j < full else nq
+        return lo, max(mid, lo)
     mid = jnp.where(j < full, jnp.clip(mid, 0, nq), nq)
     return lo, jnp.maximum(mid, lo)
 
@@ -124,9 +158,11 @@ def _flash_fwd_impl(q, k, v, qseg, kseg, spec: _Spec):
     """
     nq, bq = q.shape[0], q.shape[4]
     nk, bk = k.shape[0], k.shape[3]
+    static = spec.unroll
 
-    def query_tile(_, xs):
+    def query_tile(_, xs, i_static=None):
         i, qi, qsegi = xs
+        i = i if i_static is None else i_static
 
         def step(j, carry, positional):
             m, l, acc = carry  # running max, running sum [B, K, G, q]; acc [B, K, G, q, H]
@@ -146,8 +182,8 @@ def _flash_fwd_impl(q, k, v, qseg, kseg, spec: _Spec):
         acc = jnp.zeros_like(qi, jnp.float32)  # [B, K, G, q, H]
         carry = (jnp.full_like(acc[..., 0], NEG_INF), jnp.zeros_like(acc[..., 0]), acc)
         lo, hi = _fwd_key_range(i, bq, bk, nk, spec)
-        carry = lax.fori_loop(0, lo, functools.partial(step, positional=False), carry)
-        m, l, acc = lax.fori_loop(lo, hi, functools.partial(step, positional=True), carry)
+        carry = _fori(0, lo, functools.partial(step, positional=False), carry, static)
+        m, l, acc = _fori(lo, hi, functools.partial(step, positional=True), carry, static)
         # A row that saw only masked scores still has m == NEG_INF (its masked p were
         # exp(0) = 1, so l and acc hold junk): it outputs 0 and an lse that zeroes its p.
         dead = m <= NEG_INF / 2
@@ -157,10 +193,12 @@ def _flash_fwd_impl(q, k, v, qseg, kseg, spec: _Spec):
         return None, (o.astype(q.dtype), lse)
 
     segs = qseg if qseg is not None else jnp.zeros((nq, 0), jnp.int32)
-    _, (o, lse) = lax.scan(
-        lambda c, xs: query_tile(c, (xs[0], xs[1], None if qseg is None else xs[2])),
+    _, (o, lse) = _scan(
+        lambda c, xs, *i: query_tile(c, (xs[0], xs[1], None if qseg is None else xs[2]), *i),
         None,
         (jnp.arange(nq), q, segs),
+        nq,
+        static,
     )
     return o, lse
 
@@ -182,9 +220,11 @@ def _flash_bwd(spec, res, do):
     nq, bq = q.shape[0], q.shape[4]
     nk, bk = k.shape[0], k.shape[3]
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1)  # [nq, B, K, G, q]
+    static = spec.unroll
 
-    def key_tile(dq, xs):
+    def key_tile(dq, xs, j_static=None):
         j, kj, vj, ksegj = xs
+        j = j if j_static is None else j_static
 
         def step(i, carry, positional):
             dq, dk, dv = carry
@@ -207,15 +247,17 @@ def _flash_bwd(spec, res, do):
 
         zeros = jnp.zeros_like(kj, jnp.float32)  # [B, K, k, H]
         lo, mid = _bwd_query_range(j, bq, bk, nq, spec)
-        carry = lax.fori_loop(lo, mid, functools.partial(step, positional=True), (dq, zeros, zeros))
-        dq, dk, dv = lax.fori_loop(mid, nq, functools.partial(step, positional=False), carry)
+        carry = _fori(lo, mid, functools.partial(step, positional=True), (dq, zeros, zeros), static)
+        dq, dk, dv = _fori(mid, nq, functools.partial(step, positional=False), carry, static)
         return dq, ((dk * spec.scale).astype(k.dtype), dv.astype(v.dtype))
 
     segs = kseg if kseg is not None else jnp.zeros((nk, 0), jnp.int32)
-    dq, (dk, dv) = lax.scan(
-        lambda c, xs: key_tile(c, (*xs[:3], None if kseg is None else xs[3])),
+    dq, (dk, dv) = _scan(
+        lambda c, xs, *j: key_tile(c, (*xs[:3], None if kseg is None else xs[3]), *j),
         jnp.zeros_like(q, jnp.float32),
         (jnp.arange(nk), k, v, segs),
+        nk,
+        static,
     )
     return (dq * spec.scale).astype(q.dtype), dk, dv, None, None
 
@@ -253,7 +295,8 @@ def blockwise_attention(
     bq = min(block_q or DEFAULT_BLOCK, T)
     bk = min(block_k or DEFAULT_BLOCK, S)
     nq, nk = -(-T // bq), -(-S // bk)
-    spec = _Spec(T=T, S=S, causal=causal, skip=skip_masked_blocks, scale=1.0 / math.sqrt(H))
+    unroll = B * N * T * S * 4 <= UNROLL_BUDGET_BYTES and nq * nk <= UNROLL_TILES
+    spec = _Spec(T, S, causal, skip_masked_blocks, 1.0 / math.sqrt(H), unroll)
 
     qt = _to_tiles(q.reshape(B, T, K, N // K, H), nq, bq)  # [nq, B, q, K, G, H]
     qt = qt.transpose(0, 1, 3, 4, 2, 5)  # [nq, B, K, G, q, H]

@@ -103,8 +103,17 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["loops", "unrolled"])
+def tile_loops(request, monkeypatch):
+    """Both ways blockwise runs its tiles: XLA loops, or unrolled Python loops (what small
+    problems get by default)."""
+    unrolled = request.param == "unrolled"
+    monkeypatch.setattr(attention, "UNROLL_BUDGET_BYTES", 2**40 if unrolled else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype,N,K,T,bq,bk,segments", CASES)
-def test_blockwise_matches_float64(dtype, N, K, T, bq, bk, segments):
+def test_blockwise_matches_float64(dtype, N, K, T, bq, bk, segments, tile_loops):
     q, k, v, do, seg = make_inputs(1 if T == 1000 else 2, T, T, N, K, 16, dtype, segments)
     attn = lambda q, k, v: dot_product_attention(
         q, k, v, impl="blockwise", segment_ids=seg, block_q=bq, block_k=bk
@@ -113,7 +122,7 @@ def test_blockwise_matches_float64(dtype, N, K, T, bq, bk, segments):
 
 
 @pytest.mark.parametrize("skip,causal", [(False, True), (True, False)])
-def test_blockwise_without_skipping_and_noncausal(skip, causal):
+def test_blockwise_without_skipping_and_noncausal(skip, causal, tile_loops):
     q, k, v, do, seg = make_inputs(2, 100, 100, 4, 2, 16, "float32", True, seed=1)
     attn = lambda q, k, v: blockwise_attention(
         q, k, v, causal=causal, segment_ids=seg, block_q=32, block_k=24, skip_masked_blocks=skip
@@ -121,7 +130,7 @@ def test_blockwise_without_skipping_and_noncausal(skip, causal):
     check_against_numpy(attn, q, k, v, do, seg, causal=causal)
 
 
-def test_rows_without_visible_keys_are_zero_not_nan():
+def test_rows_without_visible_keys_are_zero_not_nan(tile_loops):
     # S < T with bottom-right causal alignment: the first T - S queries see no key at all.
     q, k, v, do, _ = make_inputs(2, 9, 5, 2, 1, 8, "float32", False, seed=2)
     attn = lambda q, k, v: blockwise_attention(q, k, v, block_q=4, block_k=2)
