@@ -10,7 +10,8 @@ Every step is a whole training step (forward, loss, backward, clip, AdamW with t
 b1/b2/eps/weight decay) on the config's shape, batch and dtype (float32; bfloat16 as autocast
 for PyTorch and dtype=bfloat16 for Flax), random tokens. After two warm-up steps each, the
 timed steps are interleaved (ours, pytorch, flax, ours, ...) so that a machine's drift hits
-every peer alike; each row reports the median, min and max, and "ours_vs" is our tokens/s
+every peer alike, with a pause before each (PAUSE_S) so that one library's idle-spinning
+threads do not slow the next; each row reports the median, min and max, and "ours_vs" is our tokens/s
 over that peer's. Ours runs with the config's remat policy and attention. "params" counts
 each model's parameters: equal counts say the shapes match.
 """
@@ -31,6 +32,10 @@ from llama_jax.bench.common import load_config
 from llama_jax.config import RunConfig
 
 PEERS = ("pytorch", "flax")
+# Between timed steps: the previous library's worker threads keep spinning for a while after
+# their last parallel region (OpenMP's default wait policy, XLA's pools), and would otherwise
+# take the cores from whichever peer runs next.
+PAUSE_S = 0.5
 
 
 def add_args(parser):
@@ -154,6 +159,7 @@ def _time_interleaved(steps: dict, repeats: int) -> dict[str, list[float]]:
     times = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
+            time.sleep(PAUSE_S)
             t0 = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t0)
