@@ -1,4 +1,4 @@
-"""python -m launch.benchmark {attention,step,data,compile,all} [...] [--config FILE]
+"""python -m launch.benchmark {attention,step,data,compile,peers,all} [...] [--config FILE]
     [--config.group.field=value ...] [--json]
 
 One table format for every section (or one JSON object per section with --json); each timed
@@ -56,6 +56,7 @@ SUMMARY_COLUMNS = {
     ),
     "data": ("what", "detail", "tokens/s", "MB/s"),
     "compile": ("layers", "compile_s", "vs_first"),
+    "peers": ("peer", "tokens/s", "ours_vs"),
 }
 
 
@@ -63,6 +64,8 @@ def summary_rows(results: dict[str, list[dict]]) -> list[dict]:
     """One row per benchmark row, a 'section' column first and the headline columns after."""
     out = []
     for name, rows in results.items():
+        if name not in SUMMARY_COLUMNS:  # further tables (the step profile) stay out of it
+            continue
         for r in rows:
             item = {"section": name, "what": ""}
             keys = [k for k in SUMMARY_COLUMNS.get(name, ()) if k in r]

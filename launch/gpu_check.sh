@@ -4,13 +4,15 @@
 #   (b) attention fwd+bwd per implementation, bf16, H=128, T=2048..16384
 #   (c) the llama_1b train step at seq 2048: remat policies save_linear, full, none at batch 8,
 #       then the fastest one at batch 4 and 16: tokens/s, MFU (6N, PaLM, causal), peak memory
-#       (an OOM is reported as a row), and ends with one summary table.
+#       (an OOM is reported as a row), each policy's step broken down by op category
+#       (--profile), and ends with one summary table.
 #
 #   bash launch/gpu_check.sh            # on the GPU machine, from anywhere
 #   bash launch/gpu_check.sh --dry-run  # the same pipeline on CPU at tiny sizes (CI, ~2 min)
 #
 # Results: $OUT (if set, e.g. by the device runner) or /tmp/gpu_check: log.txt, bench.json,
-# pytest.txt. The machine needs no network: its Python must have jax (CUDA), flax, optax,
+# pytest.txt, attention_table.json (the GPU's measured attention times: merge its entries into
+# llama_jax/attention_table.json, which attention_impl=auto reads). The machine needs no network: its Python must have jax (CUDA), flax, optax,
 # orbax-checkpoint, sentencepiece and tensorstore. ml_collections (configs/*.py build
 # ConfigDicts) is installed from wheels in .whl/ when missing. .whl/ is git-ignored; fill it
 # on a machine with network (and carry it along, e.g. the device tool's carry=[".whl"]):
@@ -74,6 +76,7 @@ TEST_LINE=$(tail -n 1 "$OUTDIR/pytest.txt")
 
 say "(b, c) attention per implementation; llama step per remat policy and batch"
 timeout "$BENCH_TIMEOUT" "$PY" -m launch.benchmark attention step --attn-ablations 0 \
+    --attn-table "$OUTDIR/attention_table.json" --profile \
     --step-policies save_linear,full,none --json-out "$OUTDIR/bench.json" "${BENCH[@]}" \
     2>&1 | grep -v -E '^[IW][0-9]{4} ' | tee -a "$LOG"
 BENCH_RC=${PIPESTATUS[0]}

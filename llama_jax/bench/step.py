@@ -167,8 +167,11 @@ def _timed_row(cfg: RunConfig, b: _Bench, compiled, row: dict) -> None:
         row["hwm_GiB"] = hwm / GiB
     if b.profile:
         keep = "" if b.profile == "-" else os.path.join(b.profile, f"{row['policy']}_b{B}")
-        result = profile.profile(one_step, compiled.as_text(), keep_dir=keep)
-        b.profile_rows += profile.breakdown_rows(row["policy"], result)
+        try:
+            result = profile.profile(one_step, compiled.as_text(), keep_dir=keep)
+            b.profile_rows += profile.breakdown_rows(row["policy"], result)
+        except Exception as e:  # noqa: BLE001 - a trace we cannot read must not cost the row
+            row["profile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
     holder.clear()
 
 
