@@ -32,13 +32,13 @@ DEFAULT_BLOCK = 512  # tile rows when the caller passes none; the model passes i
 # A finite "minus infinity" for masked scores and the initial running max: exp(NEG_INF - m)
 # is exactly 0 for any real m, and NEG_INF - NEG_INF is 0, not the NaN that inf - inf gives.
 NEG_INF = -1e30
-SCOPE = "attention_kernel"
+SCOPE = "attention_kernel"  # named scope of the kernel's ops, forward and backward
 # Small problems run their tile loops unrolled into one graph: no XLA loop machinery, static
 # tile slices, independent tiles free to run side by side (+3-4% of the whole training step
 # on CPU at T = 256-512). XLA may then keep every tile's scores live at once, so only while
 # all of them (the [B, N, T, S] float32 matrix) fit UNROLL_BUDGET_BYTES, in <= UNROLL_TILES.
 UNROLL_BUDGET_BYTES = 64 * 2**20
-UNROLL_TILES = 64  # named scope of the kernel's ops, forward and backward
+UNROLL_TILES = 64
 
 
 def reference_attention(q, k, v, *, causal=True, segment_ids=None, **_):
@@ -85,19 +85,24 @@ def _fori(lo, hi, body, carry, static: bool):
     return carry
 
 
-def _scan(body, carry, xs, n: int, static: bool):
-    """lax.scan over the leading axis of xs, or a Python loop with static indices."""
+def _scan_tiles(body, carry, xs, n: int, static: bool):
+    """lax.scan of body(carry, (i, *x[i] for x in xs)) over tiles i < n; with static, a Python
+    loop in which i is a Python int, so that tile ranges and slices are static too."""
     if not static:
-        return lax.scan(body, carry, xs)
+        return lax.scan(body, carry, (jnp.arange(n), *xs))
     ys = []
     for i in range(n):
-        carry, y = body(carry, jax.tree.map(lambda x, i=i: x[i], xs), i)
+        carry, y = body(carry, (i, *(x[i] for x in xs)))
         ys.append(y)
     return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
 
-def _clip(x, lo, hi):  # on Python ints (unrolled loops) stays a Python int
+def _clip(x, lo, hi):  # Python ints (unrolled loops) stay Python ints
     return max(lo, min(x, hi)) if isinstance(x, int) else jnp.clip(x, lo, hi)
+
+
+def _where(c, a, b):
+    return (a if c else b) if isinstance(c, bool) else jnp.where(c, a, b)
 
 
 def _fwd_key_range(i, bq, bk, nk, spec: _Spec):
@@ -119,15 +124,12 @@ def _bwd_query_range(j, bq, bk, nq, spec: _Spec):
     """
     full = spec.S // bk
     if not spec.causal:
-        return 0, (0 if j < full else nq) if isinstance(j, int) else jnp.where(j < full, 0, nq)
+        return 0, _where(j < full, 0, nq)
     offset = spec.S - spec.T
     lo = _clip((j * bk - offset) // bq, 0, nq) if spec.skip else 0
     mid = -((offset + 1 - (j + 1) * bk) // bq)  # ceil(((j+1)*bk - 1 - offset) / bq)
-    if isinstance(j, int):
-        mid = _clip(mid, 0, nq) if j < full else nq
-        return lo, max(mid, lo)
-    mid = jnp.where(j < full, jnp.clip(mid, 0, nq), nq)
-    return lo, jnp.maximum(mid, lo)
+    mid = _where(j < full, _clip(mid, 0, nq), nq)
+    return lo, _clip(mid, lo, nq)
 
 
 def _tile_mask(i, j, qseg, kseg, bq, bk, spec: _Spec, positional: bool):
@@ -160,9 +162,8 @@ def _flash_fwd_impl(q, k, v, qseg, kseg, spec: _Spec):
     nk, bk = k.shape[0], k.shape[3]
     static = spec.unroll
 
-    def query_tile(_, xs, i_static=None):
+    def query_tile(_, xs):
         i, qi, qsegi = xs
-        i = i if i_static is None else i_static
 
         def step(j, carry, positional):
             m, l, acc = carry  # running max, running sum [B, K, G, q]; acc [B, K, G, q, H]
@@ -193,10 +194,10 @@ def _flash_fwd_impl(q, k, v, qseg, kseg, spec: _Spec):
         return None, (o.astype(q.dtype), lse)
 
     segs = qseg if qseg is not None else jnp.zeros((nq, 0), jnp.int32)
-    _, (o, lse) = _scan(
-        lambda c, xs, *i: query_tile(c, (xs[0], xs[1], None if qseg is None else xs[2]), *i),
+    _, (o, lse) = _scan_tiles(
+        lambda c, xs: query_tile(c, (xs[0], xs[1], None if qseg is None else xs[2])),
         None,
-        (jnp.arange(nq), q, segs),
+        (q, segs),
         nq,
         static,
     )
@@ -222,9 +223,8 @@ def _flash_bwd(spec, res, do):
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1)  # [nq, B, K, G, q]
     static = spec.unroll
 
-    def key_tile(dq, xs, j_static=None):
+    def key_tile(dq, xs):
         j, kj, vj, ksegj = xs
-        j = j if j_static is None else j_static
 
         def step(i, carry, positional):
             dq, dk, dv = carry
@@ -252,10 +252,10 @@ def _flash_bwd(spec, res, do):
         return dq, ((dk * spec.scale).astype(k.dtype), dv.astype(v.dtype))
 
     segs = kseg if kseg is not None else jnp.zeros((nk, 0), jnp.int32)
-    dq, (dk, dv) = _scan(
-        lambda c, xs, *j: key_tile(c, (*xs[:3], None if kseg is None else xs[3]), *j),
+    dq, (dk, dv) = _scan_tiles(
+        lambda c, xs: key_tile(c, (*xs[:3], None if kseg is None else xs[3])),
         jnp.zeros_like(q, jnp.float32),
-        (jnp.arange(nk), k, v, segs),
+        (k, v, segs),
         nk,
         static,
     )
