@@ -1,4 +1,4 @@
-"""Next-token cross entropy: on logits (cross_entropy), or fused with the LM head (head_loss).
+"""Next-token cross entropy fused with the LM head: head_loss.
 
 head_loss takes the final hidden states and the output matrix and never lets autodiff see
 the [B, T, V] logits. Autodiff of logits -> logsumexp -> one-hot pick writes the logits,
@@ -17,26 +17,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llama_jax.model import BTV
 from llama_jax.ops import weight_grad
-
-BTV = ("batch", "length", "vocab")
 
 
 def _picked(logits, targets):
     """logits[b, t, targets[b, t]] as a masked sum over V (no gather, no one-hot array)."""
     vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
     return jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
-
-
-def cross_entropy(logits, targets, mask):
-    """Summed next-token cross entropy in float32 and the number of tokens counted.
-
-    logits [B, T, V], targets [B, T] ints, mask [B, T] (1 = counts).
-    """
-    with jax.named_scope("loss"):
-        logits = logits.astype(jnp.float32)
-        logz = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
-        return jnp.sum((logz - _picked(logits, targets)) * mask), jnp.sum(mask)
 
 
 def _logits(x, w):
@@ -71,7 +59,8 @@ _head_loss.defvjp(_head_loss_fwd, _head_loss_bwd)
 
 
 def head_loss(x, w, targets, mask):
-    """cross_entropy(x @ w, targets, mask) with a one-pass backward (module docstring).
+    """Summed next-token cross entropy of the logits x @ w, float32, with a one-pass
+    backward (module docstring).
 
     x [B, T, D] final hidden states, w [D, V] the output matrix (compute dtype), targets
     [B, T] ints, mask [B, T] float32. Returns (summed loss, tokens counted), float32.

@@ -7,15 +7,18 @@ the step's optimized module; its category comes from that instruction:
   optimizer    ops under jax.named_scope("optimizer") (train_step: norm, clip, AdamW)
   attention    ops under attention.SCOPE (the attention kernel, forward and backward)
   matmul       other instructions that are or contain a dot/convolution (projections, head)
-  loss         other ops under "loss" (loss.py: logsumexp, the target pick, softmax grad)
+  loss         other ops under "loss" (loss.head_loss: logsumexp, the target pick, its backward)
   copies       copy, transpose, (dynamic-)slice/update, gather/scatter, concatenate, pad
   loop         while/call/conditional bodies' own bookkeeping (not the ops inside)
   elementwise  every other fusion: norms, rope, SwiGLU's gate, residual adds, casts
   idle         wall time inside the step when no op runs (launch, sync, host work)
 
 Wall time is split, not summed: at each instant the running ops share it equally (an op
-spread over two threads gets both halves), and nested events (a while loop and its body's
-ops) count for the innermost one. So the categories add up to the traced step's wall time.
+spread over two threads gets both halves), nested events (a while loop and its body's ops)
+count for the innermost one, and an op whose "end:" marker comes after its own event (an Eigen
+dot finishing on a pool the trace does not show) counts until the marker. So the categories
+add up to the traced step's wall time; the tracer's own cost (~1 us per op event) is the gap
+to an untraced step, which breakdown_rows reports.
 """
 
 from __future__ import annotations
@@ -123,7 +126,8 @@ def _contains(ops, comps, names, opcodes, seen=None) -> bool:
         op = ops.get(n)
         if op is None:
             continue
-        if op.opcode in opcodes or ("matmul" in op.target.lower() and "dot" in opcodes):
+        library_gemm = any(w in op.target.lower() for w in ("gemm", "matmul"))  # cuBLAS(Lt)
+        if op.opcode in opcodes or (library_gemm and "dot" in opcodes):
             return True
         for c in op.calls:
             if c not in seen and op.opcode != "while":
