@@ -23,6 +23,10 @@ class CharTokenizer:
     def encode(self, text):
         return [ord(c) + 3 for c in text]
 
+    def encode_offsets(self, text):
+        starts = np.cumsum([0] + [len(c.encode()) for c in text])[:-1]
+        return self.encode(text), starts.tolist()
+
 
 def ids(text):
     return [ord(c) + 3 for c in text]
@@ -36,14 +40,14 @@ def test_alpaca_template_pins_ids_and_mask():
     prompt = (
         "Below is an instruction that describes a task, paired with an input that provides "
         "further context. Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\nAdd.\n\n### Input:\n2 3\n\n### Response:\n"
+        "### Instruction:\nAdd.\n\n### Input:\n2 3\n\n### Response:"
     )
     assert tokens.tolist() == [1, *ids(prompt), *ids("5"), 2]
     assert mask.tolist() == [0] * (1 + len(prompt)) + [1, 1]
     no_input = instruct.render({"instruction": "Hi", "output": "Yo"}, "alpaca", CharTokenizer())
     prompt = (
         "Below is an instruction that describes a task. Write a response that appropriately "
-        "completes the request.\n\n### Instruction:\nHi\n\n### Response:\n"
+        "completes the request.\n\n### Instruction:\nHi\n\n### Response:"
     )
     assert no_input[0].tolist() == [1, *ids(prompt), *ids("Yo"), 2]
 
@@ -63,6 +67,107 @@ def test_llama2_chat_template_pins_ids_and_mask():
     assert tokens.tolist() == want
     learn = [0] * (1 + len(p1)) + [1] * 8 + [0] * (1 + len(p2)) + [1] * 7
     assert mask.tolist() == learn
+
+
+# Independent re-implementations of the published encodings, on sentencepiece directly.
+DIALOGS = [
+    [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}],
+    [{"role": "system", "content": "You are terse.\nAnswer in one word."},
+     {"role": "user", "content": "  Capital of France? "},
+     {"role": "assistant", "content": " Paris. "},
+     {"role": "user", "content": "And of Japan (\u65e5\u672c)?"},
+     {"role": "assistant", "content": "Tokyo, caf\u00e9 capital."}],
+    [{"role": "user", "content": "def f(x):\n    return x"},
+     {"role": "assistant", "content": "It returns x.\n\n```python\nf(1)\n```"},
+     {"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Identity."},
+     {"role": "user", "content": "ok"}, {"role": "assistant", "content": "Good!"}],
+]  # fmt: skip
+ALPACA_ROWS = [
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    {"instruction": "Name a fruit.", "input": "", "output": "An apple."},
+    {"instruction": "Translate to French: cat", "output": " le chat (f\u00e9lin)\n"},
+    {"instruction": "Write code.", "input": "sum of a list", "output": "def s(x):\n    return sum(x)"},
+]  # fmt: skip
+
+
+def meta_chat_ids(sp, dialog):
+    """Meta's llama/generation.py chat_completion for a dialog that ends with an answer: the
+    system prompt folded into the first user message, then per (user, answer) pair
+    tokenizer.encode(f"{B_INST} {user.strip()} {E_INST} {answer.strip()} ", bos, eos)."""
+    B_INST, E_INST, B_SYS, E_SYS = "[INST]", "[/INST]", "<<SYS>>\n", "\n<</SYS>>\n\n"
+    if dialog[0]["role"] == "system":
+        first = B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]
+        dialog = [{"role": "user", "content": first}] + dialog[2:]
+    ids = []
+    for user, answer in zip(dialog[::2], dialog[1::2]):
+        text = f"{B_INST} {(user['content']).strip()} {E_INST} {(answer['content']).strip()} "
+        ids += [sp.bos_id()] + sp.encode(text) + [sp.eos_id()]
+    return ids
+
+
+STANFORD_PROMPTS = {
+    "prompt_input": (
+        "Below is an instruction that describes a task, paired with an input that provides "
+        "further context. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+    ),
+    "prompt_no_input": (
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:"
+    ),
+}
+
+
+def stanford_ids_and_labels(sp, row):
+    """Stanford Alpaca's train.py: source = PROMPT_DICT[...].format_map(row), target = output +
+    eos_token, tokenized as source + target by LLaMA's tokenizer (BOS, then the text, then the
+    "</s>" special token: EOS); labels IGNORE the first len(tokenize(source)) tokens."""
+    key = "prompt_input" if row.get("input", "") != "" else "prompt_no_input"
+    source = STANFORD_PROMPTS[key].format_map(row)
+    ids = [sp.bos_id()] + sp.encode(source + row["output"]) + [sp.eos_id()]
+    source_len = 1 + len(sp.encode(source))
+    return ids, [0] * source_len + [1] * (len(ids) - source_len)
+
+
+def test_llama2_chat_ids_equal_metas(tiny_dataset):
+    """Every dialog's ids equal Meta's, id for id (one encode per turn: no extra dummy-prefix
+    "\u2581" before a response); the loss mask covers exactly the answer's tokens and EOS,
+    and the prompt for a new user turn is Meta's last-turn encoding."""
+    import sentencepiece as spm
+
+    from llama_jax.data.tokenizer import Tokenizer
+
+    sp, tok = spm.SentencePieceProcessor(model_file=tiny_dataset[1]), Tokenizer(tiny_dataset[1])
+    for dialog in DIALOGS:
+        tokens, mask = instruct.render({"messages": dialog}, "llama2_chat", tok)
+        assert tokens.tolist() == meta_chat_ids(sp, dialog)
+        # the trained tokens decode to the answers (and their EOS), nothing of the prompts
+        answers = [m["content"].strip() for m in dialog if m["role"] == "assistant"]
+        trained = np.split(tokens, np.flatnonzero(np.diff(mask.astype(int)) == 1) + 1)[1:]
+        picked = [t[: int(np.argmax(t == tok.eos_id)) + 1] for t in trained]
+        assert [sp.decode(t[:-1].tolist()).strip() for t in picked] == answers
+        assert all(t[-1] == tok.eos_id for t in picked) and mask.sum() == sum(map(len, picked))
+    ask = "  Capital of France? "
+    want = [sp.bos_id()] + sp.encode(f"[INST] {ask.strip()} [/INST]")
+    assert instruct.prompt(ask, "llama2_chat", tok).tolist() == want
+
+
+def test_alpaca_ids_and_labels_equal_stanfords(tiny_dataset):
+    """Every row's ids and loss mask equal Stanford's train.py preprocessing, id for id; the
+    generation prompt is Stanford's source."""
+    import sentencepiece as spm
+
+    from llama_jax.data.tokenizer import Tokenizer
+
+    sp, tok = spm.SentencePieceProcessor(model_file=tiny_dataset[1]), Tokenizer(tiny_dataset[1])
+    for row in ALPACA_ROWS:
+        tokens, mask = instruct.render(row, "alpaca", tok)
+        ids, labels = stanford_ids_and_labels(sp, row)
+        assert tokens.tolist() == ids, row
+        assert mask.tolist() == labels, row
+    source = STANFORD_PROMPTS["prompt_no_input"].format_map({"instruction": "Name a fruit."})
+    want = [sp.bos_id()] + sp.encode(source)
+    assert instruct.prompt("Name a fruit.", "alpaca", tok).tolist() == want
 
 
 @pytest.mark.parametrize(

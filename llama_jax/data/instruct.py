@@ -3,8 +3,12 @@ several examples per training row.
 
 Rows (JSONL, one per line): Alpaca style {"instruction", "input" (optional), "output"}, or chat
 style {"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}. A
-template turns a row into segments (text, trained?): the loss mask is 1 exactly on the
-response tokens and the EOS that ends each response, 0 on everything the model is given.
+template turns a row into sequences of segments (text, trained?). Each sequence is encoded as
+one string in one tokenizer call, as Meta's chat_completion and Stanford's train.py encode
+theirs, so the ids are theirs (encoding segments one by one would put sentencepiece's dummy
+prefix "▁" before every response). The loss mask is 1 on the tokens that start inside a
+response (by the tokenizer's byte offsets) and on the EOS that ends each response, 0 on
+everything the model is given.
 
 Packing: examples go into rows of seq_len + 1 tokens in input order, each into the first row
 with room (first fit); segment_ids number the examples of a row from 1 (0 = padding), so the
@@ -30,17 +34,18 @@ ALPACA_INTRO = (
 
 
 def alpaca(row: dict) -> list[Segments]:
-    """Stanford Alpaca's prompt (with or without an input) and the output as the response."""
+    """Stanford Alpaca's prompt (with or without an input) and the output as the response,
+    joined as their train.py joins them: the output right after "### Response:", then EOS."""
     _need(row, "instruction", "output")
     if row.get("input"):
         prompt = (
             ALPACA_INTRO.format(", paired with an input that provides further context")
             + f"### Instruction:\n{row['instruction']}\n\n### Input:\n{row['input']}\n\n"
-            "### Response:\n"
+            "### Response:"
         )
     else:
         prompt = (
-            ALPACA_INTRO.format("") + f"### Instruction:\n{row['instruction']}\n\n### Response:\n"
+            ALPACA_INTRO.format("") + f"### Instruction:\n{row['instruction']}\n\n### Response:"
         )
     return [[(prompt, False), (row["output"], True)]]
 
@@ -57,7 +62,7 @@ def llama2_chat(row: dict) -> list[Segments]:
         user, answer = messages[i], messages[i + 1] if i + 1 < len(messages) else None
         if user["role"] != "user" or answer is None or answer["role"] != "assistant":
             raise ValueError("messages must alternate user, assistant (after an optional system)")
-        prompt = f"[INST] {(system if i == 0 else '') + user['content'].strip()} [/INST]"
+        prompt = f"[INST] {((system if i == 0 else '') + user['content']).strip()} [/INST]"
         turns.append([(prompt, False), (f" {answer['content'].strip()} ", True)])
     return turns
 
@@ -109,15 +114,17 @@ def render(row: dict, template: str, tok: Tokenizer) -> tuple[np.ndarray, np.nda
         raise ValueError(f"unknown template {template!r}; valid: {sorted(TEMPLATES)}")
     tokens, mask = [], []
     for sequence in TEMPLATES[template](row):
-        ids, learn = [tok.bos_id] if tok.bos_id >= 0 else [], [0] if tok.bos_id >= 0 else []
+        ids, starts = tok.encode_offsets("".join(text for text, _ in sequence))
+        spans, at = [], 0  # byte ranges of the responses in the joined text
         for text, response in sequence:
-            piece = tok.encode(text)
-            ids += piece
-            learn += [int(response)] * len(piece)
-        ids.append(tok.eos_id)
-        learn.append(int(sequence[-1][1]))
-        tokens += ids
-        mask += learn
+            n = len(text.encode("utf-8"))
+            if response:
+                spans.append((at, at + n))
+            at += n
+        learn = [int(any(a <= s < b for a, b in spans)) for s in starts]
+        bos = [tok.bos_id] if tok.bos_id >= 0 else []
+        tokens += bos + ids + [tok.eos_id]
+        mask += [0] * len(bos) + learn + [int(sequence[-1][1])]
     return np.asarray(tokens, np.int64), np.asarray(mask, np.uint8)
 
 
@@ -127,12 +134,9 @@ def prompt(text: str, template: str, tok: Tokenizer) -> np.ndarray:
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; valid: {sorted(TEMPLATES)}")
     sequence = TEMPLATES[template]({"instruction": text, "output": "?"})[-1]
+    given = "".join(piece for piece, _ in sequence[: [r for _, r in sequence].index(True)])
     ids = [tok.bos_id] if tok.bos_id >= 0 else []
-    for piece, response in sequence:
-        if response:
-            break
-        ids += tok.encode(piece)
-    return np.asarray(ids, np.int64)
+    return np.asarray(ids + tok.encode(given), np.int64)
 
 
 def read_rows(path: str) -> Iterator[tuple[int, dict]]:

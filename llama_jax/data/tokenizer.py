@@ -91,6 +91,11 @@ class Tokenizer:
         ids = self.sp.encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """(ids, the UTF-8 byte offset in text where each id's piece starts)."""
+        pieces = self.sp.encode_as_proto(text).pieces  # begin: byte offset of the piece
+        return [p.id for p in pieces], [p.begin for p in pieces]
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of many texts in one call (sentencepiece loops in C++)."""
         return self.sp.encode(list(texts))
