@@ -390,3 +390,33 @@ def _transformers_answers(tmp_path, tokenizer, pairs) -> list[str]:
         new = [t for t in out[0, ids.shape[1] :].tolist() if t != tok.eos_id]
         answers.append(tok.decode(new).strip())
     return answers
+
+
+def test_training_refuses_data_with_no_response_left(tmp_path, tiny_dataset, capsys):
+    """Rows longer than the sequence lose their response to truncation: prepare counts the
+    examples with no response token left, and training refuses to start (one line, exit 2)
+    when no loss token is left at all, or when most examples lost their response, instead
+    of training on nothing and logging loss 0.0."""
+    from launch.train import main as train_main
+
+    long = {"instruction": "Repeat: " + "all work and no play " * 60, "output": "no"}
+    short = {"instruction": "Say yes.", "output": "yes"}
+    for name, rows, match in (
+        ("none", [long] * 8, "has no loss token (no response token in any of its 8 examples)"),
+        ("most", [long] * 7 + [short], "7 of the 'train' split's 8 examples lost their whole"),
+    ):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        data = str(tmp_path / name)
+        meta = instruct.prepare(str(path), tiny_dataset[1], data, "alpaca", seq_len=255,
+                                val_fraction=0)  # fmt: skip
+        assert meta["packed"]["train"]["no_response"] == rows.count(long)
+        assert f"{rows.count(long)} of them with no response token left" in (
+            instruct.summary_line(meta, data))
+        with pytest.raises(SystemExit) as e:
+            train_main(["--config", f"{ROOT}/configs/tiny.py", "--workdir", str(tmp_path / "run"),
+                        "--config.model.vocab_size=512", "--config.train.seq_len=255",
+                        "--config.model.max_seq_len=256", "--config.train.steps=2",
+                        "--config.train.batch_size=8", f"--config.data.path={data}"])  # fmt: skip
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+        assert e.value.code == 2 and len(err) == 1 and match in err[0], err

@@ -18,11 +18,15 @@ loader gives attention a document mask and positions that restart at 0 in each e
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import numpy as np
 
+from llama_jax.data import format as fmt
 from llama_jax.data.tokenizer import Tokenizer
 
 Segments = list[tuple[str, bool]]  # (text, is a response the model learns to produce)
@@ -160,6 +164,7 @@ class Packed(NamedTuple):
     segment_ids: np.ndarray  # uint16, same length: example number within its row, 0 = padding
     examples: int
     truncated: int  # examples longer than a row, cut to it
+    no_response: int  # examples cut so short that no response token is left: nothing to learn
 
     @property
     def efficiency(self) -> float:
@@ -190,7 +195,42 @@ def pack(examples: list[tuple[np.ndarray, np.ndarray]], row_len: int, pad_id: in
             t, m = examples[i][0][:row_len], examples[i][1][:row_len]
             tokens[at : at + len(t)], mask[at : at + len(t)], seg[at : at + len(t)] = t, m, k
             at += len(t)
-    return Packed(tokens, mask, seg, len(examples), truncated)
+    learned = response_tokens(mask, seg, row_len)
+    return Packed(tokens, mask, seg, len(examples), truncated, int((learned == 0).sum()))
+
+
+def response_tokens(mask: np.ndarray, segments: np.ndarray, row_len: int) -> np.ndarray:
+    """The trained tokens of each packed example (a run of one segment id within a row)."""
+    if not len(segments):
+        return np.zeros(0, np.int64)
+    key = (np.arange(len(segments)) // row_len) * (1 << 16) + segments.astype(np.int64)
+    starts = np.flatnonzero(np.diff(key, prepend=-1) != 0)
+    real = segments[starts] > 0
+    return np.add.reduceat(mask.astype(np.int64), starts)[real]
+
+
+def check_trainable(dataset_dir: str) -> None:
+    """Raises (one line) when a packed split's examples leave nothing to learn: no loss token
+    at all (training would log loss 0.0 and look converged), or most examples cut to a row so
+    short that their whole response is gone."""
+    meta = fmt.read_metadata(dataset_dir)
+    packed = meta.get("packed")
+    for split in meta["splits"] if packed else ():
+        if not meta["splits"][split]["documents"]:
+            continue
+        mask, seg = (np.asarray(fmt.open_split(dataset_dir, f"{split}.{name}").read().result())
+                     for name in ("loss_mask", "segment_ids"))  # fmt: skip
+        learned = response_tokens(mask, seg, packed["row_len"])
+        lost, why = int((learned == 0).sum()), (
+            f"cut to rows of {packed['row_len']} tokens: prepare it again with a larger "
+            "--seq-len (and train.seq_len), or drop the long rows"
+        )
+        if not learned.sum():
+            raise ValueError(f"{dataset_dir}: the {split!r} split has no loss token (no "
+                             f"response token in any of its {len(learned)} examples), {why}")  # fmt: skip
+        if 2 * lost > len(learned):
+            raise ValueError(f"{dataset_dir}: {lost} of the {split!r} split's {len(learned)} "
+                             f"examples lost their whole response, {why}")  # fmt: skip
 
 
 def positions_and_mask(segments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -217,12 +257,6 @@ def prepare(
 ) -> dict:
     """Renders, packs and writes an instruction dataset (train/val splits of rows of seq_len + 1
     tokens, with loss_mask and segment_ids arrays beside the tokens); returns its metadata."""
-    import os
-    import shutil
-    import tempfile
-
-    from llama_jax.data import format as fmt
-
     tok = Tokenizer(tokenizer_path)
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; valid: {sorted(TEMPLATES)}")
@@ -248,7 +282,8 @@ def prepare(
                                 (".segment_ids", p.segment_ids, "uint16")):  # fmt: skip
             fmt.write_split(os.path.join(tmp, name + suffix), [arr.astype(dt)], len(arr), dt)
         meta_splits[name] = {"tokens": len(p.tokens), "documents": p.examples}
-        packed[name] = {"efficiency": round(p.efficiency, 4), "truncated": p.truncated}
+        packed[name] = {"efficiency": round(p.efficiency, 4), "truncated": p.truncated,
+                        "no_response": p.no_response}  # fmt: skip
     shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
     meta = {
         "format": fmt.FORMAT,
@@ -268,10 +303,12 @@ def prepare(
 def summary_line(meta: dict, output_dir: str) -> str:
     p, s = meta["packed"], meta["splits"]
     rows = lambda n: s[n]["tokens"] // p["row_len"]  # noqa: E731
+    cut = lambda k: p["train"].get(k, 0) + p["val"].get(k, 0)  # noqa: E731
     return (
         f"prepared {s['train']['documents'] + s['val']['documents']} examples (template "
         f"{p['template']}): train {s['train']['documents']} in {rows('train')} rows of "
         f"{p['row_len']} tokens, packing efficiency {p['train']['efficiency']:.1%} (non-pad "
         f"tokens); val {s['val']['documents']} in {rows('val')} rows; "
-        f"{p['train']['truncated'] + p['val']['truncated']} examples cut to a row -> {output_dir}"
+        f"{cut('truncated')} examples cut to a row, {cut('no_response')} of them with no "
+        f"response token left -> {output_dir}"
     )

@@ -11,7 +11,7 @@ import logging
 import numpy as np
 
 from llama_jax.config import RunConfig
-from llama_jax.data import mixture
+from llama_jax.data import instruct, mixture
 from llama_jax.data.default_corpus import resolve_dataset
 from llama_jax.data.format import fingerprint as format_fingerprint
 from llama_jax.data.loader import Loader
@@ -68,9 +68,12 @@ def train_loader(cfg: RunConfig, sharding, dataset_dir: str, tokenizer: Tokenize
         expected_tokenizer_sha=tokenizer.sha256,
         document_bos=document_bos(cfg, tokenizer),
     )
+    sources = mixture.parse(cfg.data.mixture) if cfg.data.mixture else {"": (dataset_dir, 1)}
+    for path, _ in sources.values():
+        instruct.check_trainable(path)
     if not cfg.data.mixture:
         return Loader(dataset_dir, "train", **kw)
-    loader = mixture.MixtureLoader(mixture.parse(cfg.data.mixture), "train", **kw)
+    loader = mixture.MixtureLoader(sources, "train", **kw)
     plan = loader.planned_epochs(cfg.train.steps)
     log.info("mixture over %d steps: %s", cfg.train.steps, "; ".join(
         f"{n} {w:.1%} ({plan[n]:.2f} epochs)" for n, w in zip(loader.names, loader.weights)))  # fmt: skip
