@@ -412,7 +412,8 @@ def test_training_refuses_data_with_no_response_left(tmp_path, tiny_dataset, cap
                                 val_fraction=0)  # fmt: skip
         assert meta["packed"]["train"]["no_response"] == rows.count(long)
         assert f"{rows.count(long)} of them with no response token left" in (
-            instruct.summary_line(meta, data))
+            instruct.summary_line(meta, data)
+        )
         with pytest.raises(SystemExit) as e:
             train_main(["--config", f"{ROOT}/configs/tiny.py", "--workdir", str(tmp_path / "run"),
                         "--config.model.vocab_size=512", "--config.train.seq_len=255",

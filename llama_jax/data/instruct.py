@@ -221,10 +221,9 @@ def check_trainable(dataset_dir: str) -> None:
         mask, seg = (np.asarray(fmt.open_split(dataset_dir, f"{split}.{name}").read().result())
                      for name in ("loss_mask", "segment_ids"))  # fmt: skip
         learned = response_tokens(mask, seg, packed["row_len"])
-        lost, why = int((learned == 0).sum()), (
-            f"cut to rows of {packed['row_len']} tokens: prepare it again with a larger "
-            "--seq-len (and train.seq_len), or drop the long rows"
-        )
+        lost = int((learned == 0).sum())
+        why = (f"cut to rows of {packed['row_len']} tokens: prepare it again with a larger "
+               "--seq-len (and train.seq_len), or drop the long rows")  # fmt: skip
         if not learned.sum():
             raise ValueError(f"{dataset_dir}: the {split!r} split has no loss token (no "
                              f"response token in any of its {len(learned)} examples), {why}")  # fmt: skip
