@@ -1,8 +1,10 @@
 """Fine-tune the tiny model from weights: --config.train.init_from=hf:DIR | meta:DIR | ours:DIR.
 
-The model fields below are tiny.py's; weights of another shape are refused, naming the field
-(override it on the command line to match them). Fine-tuning recipes (Alpaca, LLaMA-I) use a
-small peak lr, a short warmup and no weight decay.
+With train.init_from the model's shape (and tokenizer) comes from the weights, whatever their
+shape; tiny.py's shape below is what a run without weights builds. A shape field given on the
+command line (e.g. --config.model.n_layers=4) must agree with the weights, or the run is
+refused naming it. Fine-tuning recipes (Alpaca, LLaMA-I) use a small peak lr, a short warmup
+and no weight decay.
 """
 
 from configs.tiny import get_config as tiny

@@ -392,6 +392,9 @@ class RunConfig:
     data: DataConfig = DataConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
+    # "group.field" of every field set by replace() (the command line's overrides): what the
+    # user asked for by name, e.g. a model shape field train.init_from's weights must match.
+    given: frozenset[str] = dataclasses.field(default=frozenset(), compare=False)
 
     def __post_init__(self):
         if self.train.seq_len > self.model.max_seq_len:
@@ -426,13 +429,14 @@ class RunConfig:
         string values are parsed to the field's type."""
         if not isinstance(changes, Mapping):
             changes = dict(_split_override(item) for item in changes)
-        d = self.to_dict()
+        d, given = self.to_dict(), set(self.given)
         for key, value in changes.items():
             group, field = _resolve_field(key)
             if isinstance(value, str) and _field(group, field).type != "str":
                 value = parse_value(key, value)
             d[group][field] = value
-        return RunConfig.from_dict(d)
+            given.add(f"{group}.{field}")
+        return dataclasses.replace(RunConfig.from_dict(d), given=frozenset(given))
 
 
 def _split_override(item: str) -> tuple[str, str]:

@@ -54,14 +54,15 @@ def source_config(fmt: str, path: str) -> ModelConfig:
 
 
 def apply_source(run: RunConfig) -> RunConfig:
-    """run with the model shape of train.init_from's weights (and their tokenizer)."""
+    """run with the model shape of train.init_from's weights (and their tokenizer). The config
+    file's shape is what a run without weights would build; a shape field given by name
+    (run.given: the command line's overrides) must agree with the weights."""
     if not run.train.init_from:
         return run
     fmt, path = parse(run.train.init_from)
-    src, default = source_config(fmt, path), ModelConfig()
+    src = source_config(fmt, path)
     for field, value in SHAPE.items():
-        set_here = getattr(run.model, field) != getattr(default, field)
-        if set_here and value(run.model) != value(src):
+        if f"model.{field}" in run.given and value(run.model) != value(src):
             raise ValueError(
                 f"model.{field}={getattr(run.model, field)!r} in the config, but "
                 f"{run.train.init_from} has {getattr(src, field)!r}: the model's shape comes "

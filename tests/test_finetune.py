@@ -77,8 +77,8 @@ def test_first_batch_loss_is_transformers_loss(tmp_path, tiny_dataset, source):
 
 
 def test_weights_of_another_shape_are_refused_naming_the_field(tmp_path, tiny_dataset):
-    """finetune_tiny's vocab (2048) against weights with 512: one error naming the field and
-    both values, before anything is built."""
+    """A vocab given on the command line (2048) against weights with 512: one error naming the
+    field and both values, before anything is built."""
     from llama_jax import trainer
 
     tiny_hf(tmp_path / "hf")
@@ -89,6 +89,29 @@ def test_weights_of_another_shape_are_refused_naming_the_field(tmp_path, tiny_da
     with pytest.raises(FileNotFoundError, match="no directory"):
         trainer.train(cfg.replace({"train.init_from": f"hf:{tmp_path / 'nowhere'}"}),
                       str(tmp_path / "run"))  # fmt: skip
+
+
+def test_weights_of_any_shape_give_the_model_its_shape(tmp_path):
+    """finetune_tiny (tiny.py's shape: dim 128, 4 layers, 4 heads, 2 kv heads) from weights of
+    another shape (dim 64, 3 layers, 8 heads, multi-head, FFN 192, vocab 320): the run takes the
+    weights' shape, as the README says; the same fields given on the command line are
+    compared, and a disagreeing one is refused naming it."""
+    from llama_jax import init_from
+
+    hf = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=192,
+                                  num_hidden_layers=3, num_attention_heads=8,
+                                  num_key_value_heads=8, max_position_embeddings=128)  # fmt: skip
+    transformers.LlamaForCausalLM(hf).save_pretrained(tmp_path / "hf")
+    spec = f"train.init_from=hf:{tmp_path / 'hf'}"
+    run = init_from.apply_source(load(f"{ROOT}/configs/finetune_tiny.py", [spec]))
+    m = run.model
+    assert (m.dim, m.n_layers, m.n_heads, m.kv_heads, m.hidden_dim, m.vocab_size) == (
+        64, 3, 8, 8, 192, 320)  # fmt: skip
+    agree = load(f"{ROOT}/configs/finetune_tiny.py", [spec, "model.n_layers=3", "model.dim=64"])
+    assert init_from.apply_source(agree).model.n_layers == 3
+    pinned = load(f"{ROOT}/configs/finetune_tiny.py", [spec, "model.n_layers=4"])
+    with pytest.raises(ValueError, match=r"model.n_layers=4 in the config, but hf:.* has 3"):
+        init_from.apply_source(pinned)
 
 
 def test_the_tokenizer_comes_from_the_weights_directory(tmp_path, tiny_dataset):
