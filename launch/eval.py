@@ -10,6 +10,7 @@ Prints one JSON object per task.
 
 import argparse
 import json
+import logging
 import os
 
 from llama_jax import cli
@@ -61,14 +62,16 @@ def main(argv=None):
     )
     p.add_argument("--limit", type=int, default=0, help="first N examples only; 0 = all")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default=None, help="cast params on load, e.g. bfloat16")
+    p.add_argument("--dtype", default=None,
+                   help="cast params and compute in it, e.g. bfloat16 (default: the checkpoint's)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="few-shot example draw")
     a = p.parse_args(argv)
     a.normalization = a.normalization or ["none", "token", "char"]
+    cli.log_to_stderr()  # which dtype computes, and why
     try:
         from llama_jax.data.tokenizer import Tokenizer, check_vocab
         from llama_jax.evaluate import Scorer
-        from llama_jax.params_io import load_params
+        from llama_jax.params_io import load_for_inference
 
         tok_path = a.tokenizer or next(
             (
@@ -81,7 +84,8 @@ def main(argv=None):
         if tok_path is None:
             raise ValueError("--tokenizer is required (no prepared dataset task supplies one)")
         tokenizer = Tokenizer(tok_path)
-        params, cfg = load_params(a.checkpoint, dtype=a.dtype)
+        params, cfg, line = load_for_inference(a.checkpoint, dtype=a.dtype)
+        logging.getLogger("launch.eval").info("%s: %s", a.checkpoint, line)
         check_vocab(tokenizer, cfg.vocab_size)
         scorer = Scorer(params, cfg, batch_size=a.batch_size)
         for task in a.task:

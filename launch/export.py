@@ -10,7 +10,6 @@ the run's train.init_from directory when that is hf:DIR.
 """
 
 import argparse
-import logging
 
 from llama_jax import cli
 
@@ -18,9 +17,7 @@ from llama_jax import cli
 def run(c: cli.Command):
     from llama_jax.checkpoint import export
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-    for noisy in ("absl", "jax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cli.log_to_stderr()  # the merge error
     a = c.args
     out = export(a.workdir, a.output, a.step, a.dtype, merge_lora=a.merge_lora, peft=a.peft,
                  peft_base=a.peft_base)  # fmt: skip

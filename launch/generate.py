@@ -48,10 +48,12 @@ def main(argv=None):
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling; 1 = off")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default=None, help="cast params on load, e.g. bfloat16")
+    p.add_argument("--dtype", default=None,
+                   help="cast params and compute in it, e.g. bfloat16 (default: the checkpoint's)")  # fmt: skip
     p.add_argument("--tensor", type=int, default=1, help="devices to shard heads/cache over")
     p.add_argument("--template", default="", help="wrap prompts as instructions (alpaca, ...)")
     a = p.parse_args(argv)
+    cli.log_to_stderr()  # which dtype computes, and why
     try:
         from llama_jax.generate import Sampling, generate, load
 

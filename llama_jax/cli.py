@@ -11,6 +11,7 @@ traceback instead. AttributeError and the like stay tracebacks: those are our bu
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Any, NamedTuple
@@ -26,6 +27,13 @@ RESUME_EXIT = 75  # EX_TEMPFAIL in sysexits.h: "try again later"
 def _one_line(e: BaseException) -> str:
     msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
     return " ".join(msg.replace("\\n", " ").split())
+
+
+def log_to_stderr() -> None:
+    """Our INFO lines on stderr, one message a line (absl's and jax's only from WARNING up)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    for noisy in ("absl", "jax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def fail(e: BaseException) -> None:

@@ -414,6 +414,11 @@ class _HFTensors:
         return _to_numpy(t)
 
 
+def _dtypes(dt) -> dict[str, str]:
+    """The ModelConfig dtypes of weights stored in dt: held and computed in it."""
+    return {"param_dtype": dtype_name(dt), "dtype": dtype_name(dt)}
+
+
 def open_hf(path: str, dtype=None, overrides: dict | None = None):
     """A Hugging Face LLaMA directory (config.json + weights) as (ModelConfig, dtype, get):
     get(weight, layer) reads one tensor, in torch layout, with Meta's q/k row order.
@@ -425,7 +430,9 @@ def open_hf(path: str, dtype=None, overrides: dict | None = None):
     src = _HFTensors(path)
     probe = src.get("model.norm.weight")
     dt = _np_dtype(dtype) or probe.dtype
-    c = config_from_hf(hf_cfg, **{"param_dtype": dtype_name(dt), **(overrides or {})})
+    # computing in the weights' dtype, as transformers does: a float32 checkpoint decoded in
+    # bfloat16 leaves transformers' greedy text within a few dozen tokens
+    c = config_from_hf(hf_cfg, **{**_dtypes(dt), **(overrides or {})})
 
     def get(w: _Weight, i):
         x = src.get(w.hf.format(i=i))
@@ -524,7 +531,7 @@ def open_meta(path: str, dtype=None, overrides: dict | None = None):
 
     emb = shards[0][WEIGHTS[0].meta]  # [V, D / shards]: vocab is whole in every shard
     dt = _np_dtype(dtype) or _to_numpy(shards[0]["norm.weight"]).dtype
-    over = {"param_dtype": dtype_name(dt), **(overrides or {})}
+    over = {**_dtypes(dt), **(overrides or {})}
     c = config_from_meta(params, vocab_size=emb.shape[0], **over)
     return c, dt, lambda w, i: merged(w, i).astype(dt, copy=False)
 

@@ -239,9 +239,10 @@ def sample_texts(
 def load(checkpoint: str, tokenizer_path: str, dtype: str | None = None, tensor: int = 1):
     """(params, ModelConfig, Tokenizer, mesh or None) of a params checkpoint (launch.export or
     launch.convert --to ours), its vocab checked against the tokenizer; with tensor > 1 the
-    params are sharded over that many devices (heads, mlp and vocab: sharding.py's rules)."""
+    params are sharded over that many devices (heads, mlp and vocab: sharding.py's rules).
+    Computes in the stored weights' dtype, or in dtype (params cast to it); logs which."""
     from llama_jax.data.tokenizer import Tokenizer, check_vocab
-    from llama_jax.params_io import load_config, load_params
+    from llama_jax.params_io import load_config, load_for_inference
     from llama_jax.sharding import make_mesh
 
     tokenizer = Tokenizer(tokenizer_path)
@@ -249,5 +250,6 @@ def load(checkpoint: str, tokenizer_path: str, dtype: str | None = None, tensor:
     mesh = None
     if tensor > 1:
         mesh = make_mesh(data=1, fsdp=1, tensor=tensor, devices=jax.devices()[:tensor])
-    params, cfg = load_params(checkpoint, dtype=dtype, mesh=mesh)
+    params, cfg, line = load_for_inference(checkpoint, dtype=dtype, mesh=mesh)
+    logging.getLogger(__name__).info("%s: %s", checkpoint, line)
     return params, cfg, tokenizer, mesh

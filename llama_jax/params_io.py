@@ -80,6 +80,18 @@ def load_config(path: str) -> ModelConfig:
         return ModelConfig.from_dict(json.load(f))
 
 
+def load_for_inference(path: str, dtype=None, mesh=None):
+    """(params, ModelConfig, a line saying which dtype computes) of a params checkpoint for
+    decoding or evaluation: computed in the dtype its weights are stored in (a float32 export
+    of a run trained in bfloat16 decodes in float32), or in dtype when one is asked for (the
+    params are cast to it)."""
+    params, cfg = load_params(path, dtype=dtype, mesh=mesh)
+    stored = jax.tree.leaves(params)[0].dtype
+    cfg = dataclasses.replace(cfg, dtype=dtype_name(stored))
+    why = "as asked (--dtype)" if dtype is not None else "the checkpoint's; --dtype to change"
+    return params, cfg, f"computing in {cfg.dtype} ({why}), params in {dtype_name(stored)}"
+
+
 def load_params(path: str, dtype=None, sharding=None, mesh=None):
     """Reads a checkpoint written by save_params.
 

@@ -112,3 +112,48 @@ def test_sharded_cache_same_tokens(params, want):
     assert cache["layers"]["attention"]["k"].sharding.spec[3] == "tensor"  # [L, B, S, K, H]
     got = gen.generate(params, CFG, PROMPTS, 4, mesh=mesh)
     assert got == [w[:4] for w in want]  # greedy's first 4 tokens
+
+
+def test_converted_float32_model_decodes_as_transformers(tmp_path, capsys, tiny_dataset):
+    """Greedy decoding of a float32 Hugging Face model converted to ours computes in float32
+    (the checkpoint's dtype, said on stderr), so 48 greedy tokens equal transformers' for
+    each of 4 prompts. Bound: both sides compute float32 logits, which agree to ~1e-4 of the
+    largest logit (the conversion tests' bound); every greedy pick below has a top-2 gap in
+    transformers' logits above that (asserted first), so no pick can flip on any CPU. In
+    bfloat16 (2^-8 relative) the picks depart within a few dozen tokens. --dtype bfloat16
+    still casts the params and computes in bfloat16 when asked."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from test_finetune import tiny_hf
+
+    from launch.generate import main as generate_main
+    from llama_jax import convert
+    from llama_jax.params_io import load_for_inference
+
+    model = tiny_hf(tmp_path / "hf", seed=7)
+    convert.convert("hf", "ours", str(tmp_path / "hf"), str(tmp_path / "ours"))
+    params, cfg, line = load_for_inference(str(tmp_path / "ours"))
+    assert (cfg.dtype, cfg.param_dtype) == ("float32", "float32"), line
+    prompts = [[1, 17], [1, 300, 45, 9], [1, 77, 78, 79, 80, 81, 82], [1, 5, 500, 250, 125]]
+    new = 48
+    for prompt in prompts:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True,
+                                 eos_token_id=2, pad_token_id=0)  # fmt: skip
+        theirs = out.sequences[0, len(prompt) :].tolist()
+        theirs = theirs[: theirs.index(2)] if 2 in theirs else theirs  # ours stops before EOS
+        logits = torch.stack(out.logits)[:, 0].double()  # [steps, V] float32 logits
+        top2 = logits.topk(2, dim=-1).values
+        assert (top2[:, 0] - top2[:, 1]).min() > 1e-4 * logits.abs().max(), prompt
+        ours = gen.generate(params, cfg, [prompt], new, eos_id=2)[0]
+        assert len(theirs) > 8 and ours == theirs, (prompt, ours, theirs)
+    argv = ["--checkpoint", str(tmp_path / "ours"), "--tokenizer", tiny_dataset[1],
+            "--prompt", "x", "--temperature", "0", "--max-new-tokens", "4"]  # fmt: skip
+    capsys.readouterr()
+    generate_main(argv)
+    assert "computing in float32 (the checkpoint's" in capsys.readouterr().err
+    generate_main([*argv, "--dtype", "bfloat16"])
+    assert "computing in bfloat16 (as asked (--dtype)), params in bfloat16" in (
+        capsys.readouterr().err
+    )
