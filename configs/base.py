@@ -22,6 +22,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.n_heads = 32  # query heads N; head dim H = dim // n_heads
     m.n_kv_heads = -1  # key/value heads K for grouped-query attention; -1 = n_heads (LLaMA-1)
     m.vocab_size = 32000  # tokenizer vocabulary V
+    # the LM head is the embedding table transposed, no separate output matrix (LLaMA-3.2-1B/3B)
+    m.tie_word_embeddings = False
     m.multiple_of = 256  # SwiGLU hidden size is rounded up to a multiple of this
     m.ffn_dim_multiplier = -1.0  # extra SwiGLU width factor (LLaMA-2-70B: 1.3); -1 = none
     m.norm_eps = 1e-6  # epsilon of RMSNorm

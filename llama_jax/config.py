@@ -150,6 +150,7 @@ class ModelConfig(_Group):
     n_heads: int = 32
     n_kv_heads: int = -1
     vocab_size: int = 32000
+    tie_word_embeddings: bool = False
     multiple_of: int = 256
     ffn_dim_multiplier: float = -1.0
     norm_eps: float = 1e-6

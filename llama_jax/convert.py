@@ -126,6 +126,11 @@ WEIGHTS = (
 # fmt: on
 
 
+def weights(c: ModelConfig) -> tuple[_Weight, ...]:
+    """The tensors c's model holds: WEIGHTS, less output when the head is the embedding table."""
+    return tuple(w for w in WEIGHTS if not (c.tie_word_embeddings and w.ours == ("output",)))
+
+
 def hf_to_meta_rows(w: np.ndarray, n: int) -> np.ndarray:
     """Undoes HF's q/k permutation: per head, rows [halves (2), H/2] -> interleaved [H/2, 2]."""
     rows, D = w.shape
@@ -187,7 +192,7 @@ def _read_tree(get: Callable[[str, _Weight], np.ndarray], c: ModelConfig, dtype)
     the output plus one source tensor.
     """
     tree: dict = {}
-    for w in WEIGHTS:
+    for w in weights(c):
         shape = _expected_shape(w, c)
         if w.per_layer:
             out = None
@@ -267,8 +272,6 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     """ModelConfig from a Hugging Face LlamaConfig dict (config.json)."""
     if hf.get("model_type", "llama") != "llama":
         raise ValueError(f"model_type={hf.get('model_type')!r}; only 'llama' converts")
-    if hf.get("tie_word_embeddings", False):
-        raise ValueError("tie_word_embeddings=True: ours has a separate output matrix (LLaMA's)")
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag, False):
             raise ValueError(f"{flag}=True: LLaMA has no biases")
@@ -294,6 +297,8 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
         "norm_eps": hf.get("rms_norm_eps", 1e-6),
         "rope_theta": float(theta),
         "max_seq_len": hf.get("max_position_embeddings", 2048),
+        # tied, lm_head.weight is not read even when stored: transformers ties it to the table
+        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
     }
     return ModelConfig(**{**fields, **overrides})
 
@@ -315,7 +320,7 @@ def config_to_hf(c: ModelConfig, torch_dtype: str) -> dict:
         "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},  # ... >= 5 this
         "max_position_embeddings": c.max_seq_len,
         "hidden_act": "silu",
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": c.tie_word_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
         "bos_token_id": 1,
@@ -470,7 +475,7 @@ def write_hf(path: str, tree: dict, c: ModelConfig, max_shard_bytes: int = 5 << 
         json.dump(config_to_hf(c, torch_dtype), f, indent=2)
 
     def tensors():
-        for w in WEIGHTS:
+        for w in weights(c):  # tied: no lm_head, as transformers' save_pretrained writes it
             full = _get(tree, w.ours)
             for i in range(c.n_layers) if w.per_layer else [None]:
                 x = w.from_ours(np.asarray(full[i] if w.per_layer else full), c)
@@ -540,9 +545,17 @@ OPENERS = {"hf": open_hf, "meta": open_meta}  # "ours" is params_io's orbax chec
 
 
 def write_meta(path: str, tree: dict, c: ModelConfig, num_shards: int = 1):
-    """Writes params.json + consolidated.XX.pth split the way Meta's model-parallel code loads."""
+    """Writes params.json + consolidated.XX.pth split the way Meta's model-parallel code loads.
+
+    Meta's params.json has no tie flag and its model always loads an output.weight (transformers'
+    conversion script reads one for the tied LLaMA-3.2 too), so a tied model is written with
+    output.weight = tok_embeddings: it reads back untied with the same logits, or tied again
+    with the override tie_word_embeddings=True.
+    """
     import torch
 
+    if c.tie_word_embeddings:
+        tree = {**tree, "output": np.asarray(tree["tok_embeddings"]).T}  # [D, V]
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "params.json"), "w") as f:
         json.dump(config_to_meta(c), f, indent=2)

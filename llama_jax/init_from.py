@@ -29,6 +29,7 @@ SHAPE = {
     "ffn_dim_multiplier": lambda m: m.hidden_dim,
     "norm_eps": lambda m: m.norm_eps,
     "rope_theta": lambda m: m.rope_theta,
+    "tie_word_embeddings": lambda m: m.tie_word_embeddings,  # whether the tree has an output
 }
 
 
@@ -85,7 +86,7 @@ def load_params(run: RunConfig, shardings):
         return params_io.load_params(path, dtype=dtype, sharding=shardings)[0]
     c, _, get = convert.OPENERS[fmt](path)
     tree: dict = {}
-    for w in convert.WEIGHTS:
+    for w in convert.weights(c):
         layers = c.n_layers if w.per_layer else None
         shape = ((layers,) if layers else ()) + convert._expected_shape(w, c)
         read = lambda i, w=w: w.to_ours(get(w, i), c)  # noqa: E731

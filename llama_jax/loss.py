@@ -62,7 +62,7 @@ def head_loss(x, w, targets, mask):
     """Summed next-token cross entropy of the logits x @ w, float32, with a one-pass
     backward (module docstring).
 
-    x [B, T, D] final hidden states, w [D, V] the output matrix (compute dtype), targets
+    x [B, T, D] final hidden states, w [D, V] the head (model.head_weight), targets
     [B, T] ints, mask [B, T] float32. Returns (summed loss, tokens counted), float32.
     """
     with jax.named_scope("loss"):

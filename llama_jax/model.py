@@ -276,14 +276,27 @@ class Llama(nn.Module):
         x, _ = layers(x, positions, segment_ids)
 
         x = Norm(c, name="norm")(x)
-        out = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), c)
+        if c.tie_word_embeddings:  # the head is the embedding table: one [V, D] matrix, no output
+            spec, out = "BTD,VD->BTV", emb
+        else:
+            spec = "BTD,DV->BTV"
+            out = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), c)
         if hidden:
             return x
         # float32 accumulation and output: bf16 logits would round the loss and its gradient.
         logits = jnp.einsum(
-            "BTD,DV->BTV", x, out.astype(c.compute_dtype), preferred_element_type=jnp.float32
+            spec, x, out.astype(c.compute_dtype), preferred_element_type=jnp.float32
         )
         return nn.with_logical_constraint(logits, BTV).astype(jnp.float32)
+
+
+def head_weight(params, cfg: ModelConfig):
+    """The LM head's [D, V] matrix in compute dtype, for loss.head_loss: params' output, or
+    the embedding table transposed when cfg.tie_word_embeddings (its gradient then sums the
+    lookup's and the head's)."""
+    if cfg.tie_word_embeddings:
+        return params["tok_embeddings"].astype(cfg.compute_dtype).T  # [D, V]
+    return params["output"].astype(cfg.compute_dtype)
 
 
 def abstract_params(cfg: ModelConfig):

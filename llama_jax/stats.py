@@ -29,12 +29,13 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int | None = None)
     full attention, halved because causal attention skips the masked half, times 3 for
     training. "total" is their sum, the causal basis. "palm": PaLM's (appendix B, used by
     MaxText's tables): 6 x the non-embedding parameters (all but the token and learned position
-    tables, whose lookups do no matmul; the untied output layer stays) + 12 x L x D x T, the
-    attention matmuls of full, unmasked attention.
+    tables, whose lookups do no matmul; the output layer stays, and so does a tied table, which
+    is the head's matmul too) + 12 x L x D x T, the attention matmuls of full, unmasked attention.
+    A tied table is one parameter tensor, so "6n" counts it once.
     """
     n = count_params(cfg) if n_params is None else n_params
     attention = 3 * 2 * 2 * cfg.n_layers * cfg.dim * seq_len / 2
-    embedding = cfg.vocab_size * cfg.dim + (
+    embedding = (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.dim) + (
         cfg.max_seq_len * cfg.dim if cfg.position == "learned" else 0
     )
     palm = 6.0 * (n - embedding) + 12.0 * cfg.n_layers * cfg.dim * seq_len

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from llama_jax import sharding as shd
 from llama_jax.config import RunConfig
 from llama_jax.loss import head_loss
-from llama_jax.model import Llama
+from llama_jax.model import Llama, head_weight
 from llama_jax.optim import make_optimizer, make_schedule
 
 Batch = dict[str, jax.Array]  # inputs, targets: int32 [B, T]; optional loss_mask float32 [B, T]
@@ -130,7 +130,7 @@ def _loss_sum(model: Llama, params, mb: Batch, frozen=None):
     x = model.apply(
         variables, mb["inputs"], mb.get("positions"), mb.get("segment_ids"), hidden=True
     )  # [B, T, D]
-    w = variables["params"]["output"].astype(model.cfg.compute_dtype)  # [D, V]
+    w = head_weight(variables["params"], model.cfg)  # [D, V]
     return head_loss(x, w, mb["targets"], mb["loss_mask"])
 
 

@@ -26,9 +26,10 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-def hf_model(n_kv_heads: int, seed: int = 0):
+def hf_model(n_kv_heads: int, seed: int = 0, tie: bool = False):
     """A tiny random LlamaForCausalLM, with weights large enough that attention is far from
-    uniform (so a wrong RoPE permutation shows) and norm scales that are not all ones."""
+    uniform (so a wrong RoPE permutation shows) and norm scales that are not all ones; tie: the
+    LM head is the embedding table (tests/test_tied.py)."""
     cfg = transformers.LlamaConfig(
         vocab_size=96,
         hidden_size=64,
@@ -39,7 +40,7 @@ def hf_model(n_kv_heads: int, seed: int = 0):
         max_position_embeddings=64,
         rms_norm_eps=1e-5,
         rope_theta=500.0,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
         initializer_range=0.15,
     )
     torch.manual_seed(seed)
@@ -295,8 +296,7 @@ def test_hf_config_errors():
         "intermediate_size": 176,
         "vocab_size": 96,
     }
-    with pytest.raises(ValueError, match="tie_word_embeddings"):
-        convert.config_from_hf({**base, "tie_word_embeddings": True})
+    assert convert.config_from_hf({**base, "tie_word_embeddings": True}).tie_word_embeddings
     with pytest.raises(NotImplementedError, match="llama3"):
         convert.config_from_hf({**base, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
     assert convert.config_from_hf(base).n_kv_heads == 4

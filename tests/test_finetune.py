@@ -18,8 +18,9 @@ RUN = ["model.vocab_size=512", "train.batch_size=8", "train.seq_len=32", "train.
        "train.eval_every=0", "checkpoint.every_steps=1"]  # fmt: skip
 
 
-def tiny_hf(path, seed=0):
-    """A random transformers LlamaForCausalLM of finetune_tiny's shape (GQA), saved to path."""
+def tiny_hf(path, seed=0, tie=False):
+    """A random transformers LlamaForCausalLM of finetune_tiny's shape (GQA), saved to path;
+    tie: the LM head is the embedding table (tests/test_tied.py)."""
     cfg = transformers.LlamaConfig(
         vocab_size=512,
         hidden_size=128,
@@ -30,7 +31,7 @@ def tiny_hf(path, seed=0):
         max_position_embeddings=128,
         rms_norm_eps=1e-6,
         rope_theta=10000.0,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
         initializer_range=0.1,  # far from uniform attention, so a layout error would show
     )
     torch.manual_seed(seed)
