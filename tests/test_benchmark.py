@@ -329,3 +329,15 @@ def test_attention_benchmark_writes_the_auto_table(tmp_path):
             attention_table.choose("cpu", "float32", e["T"], 16, list(e["ms"]), entries)[0] == best
         )
         assert attention_table.reference_fits(*shape)
+
+
+def test_tables_name_the_cpu_model(capsys):
+    """Every table's header names the CPU model (timings hold for one CPU: AMD and Intel
+    machines of the same size differ), as /proc/cpuinfo gives it."""
+    from llama_jax.bench.common import print_table
+
+    with open("/proc/cpuinfo") as f:
+        model = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    print_table("peers", [{"peer": "ours", "tokens/s": 1.0}])
+    header = capsys.readouterr().out.strip().splitlines()[0]
+    assert header.startswith("## peers  [") and model in header, header

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -40,9 +42,22 @@ def load_config(args):
     return args.run
 
 
+def cpu_model() -> str:
+    """The host CPU's model name (lscpu's "Model name"), with its core count: a CPU timing
+    holds for that CPU only (AMD and Intel machines of the same size differ)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+    except OSError:
+        names = []
+    name = names[0] if names else (platform.processor() or platform.machine())
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def device_description() -> str:
     d = jax.devices()[0]
-    return f"{len(jax.devices())} x {d.device_kind} ({d.platform})"
+    where = cpu_model() if d.platform == "cpu" else d.device_kind
+    return f"{len(jax.devices())} x {d.device_kind} ({d.platform}; {where})"
 
 
 def fmt(v) -> str:
