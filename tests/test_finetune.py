@@ -83,8 +83,8 @@ def test_weights_of_another_shape_are_refused_naming_the_field(tmp_path, tiny_da
     from llama_jax import trainer
 
     tiny_hf(tmp_path / "hf")
-    cfg = load(f"{ROOT}/configs/finetune_tiny.py",
-               [f"data.path={tiny_dataset[0]}", f"train.init_from=hf:{tmp_path / 'hf'}"])  # fmt: skip
+    cfg = load(f"{ROOT}/configs/finetune_tiny.py", ["model.vocab_size=2048",
+               f"data.path={tiny_dataset[0]}", f"train.init_from=hf:{tmp_path / 'hf'}"])  # fmt: skip
     with pytest.raises(ValueError, match=r"model.vocab_size=2048 in the config, but hf:.* has 512"):
         trainer.train(cfg, str(tmp_path / "run"))
     with pytest.raises(FileNotFoundError, match="no directory"):
