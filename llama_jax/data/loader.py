@@ -23,7 +23,6 @@ prepares `prefetch` batches ahead.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import queue
 import threading
 import weakref
@@ -124,6 +123,12 @@ def _close_all() -> None:
     """Stops prefetch threads at exit: a daemon thread killed inside a JAX call can abort."""
     for loader in list(_live):
         loader.close()
+
+
+def _halt_and_join(halt: threading.Event, thread: threading.Thread) -> None:
+    halt.set()
+    if thread is not threading.current_thread():  # a collection may run on the thread itself
+        thread.join()
 
 
 class Loader:
@@ -350,6 +355,11 @@ class Loader:
             daemon=True,
         )
         self._thread.start()
+        # Stops the thread when the loader is collected. Not a __del__: one run during
+        # interpreter teardown finds module globals already None, while a finalizer holds what
+        # it needs and never runs after atexit (where _close_all stops the threads).
+        self._finalizer = weakref.finalize(self, _halt_and_join, self._halt, self._thread)
+        self._finalizer.atexit = False
 
     @staticmethod
     def _produce(ref, step: int, q: queue.Queue, halt: threading.Event) -> None:
@@ -374,9 +384,10 @@ class Loader:
 
     def _stop(self) -> None:
         if self._thread is not None:
-            self._halt.set()
-            if self._thread is not threading.current_thread():  # __del__ may run on it
-                self._thread.join()
+            # detach, not call: a finalizer is a no-op once weakref's own atexit hook has run,
+            # which may come before _close_all
+            self._finalizer.detach()
+            _halt_and_join(self._halt, self._thread)
             self._thread = None
 
     def close(self) -> None:
@@ -387,10 +398,6 @@ class Loader:
 
     def __exit__(self, *exc):
         self.close()
-
-    def __del__(self):
-        with contextlib.suppress(Exception):  # interpreter shutdown may have torn down modules
-            self.close()
 
     def __repr__(self) -> str:
         return (
