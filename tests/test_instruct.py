@@ -274,12 +274,14 @@ def test_prepared_rows_and_loader(instruction_data):
     b = loader.batch(0)
     assert set(b) == {"inputs", "targets", "loss_mask", "segment_ids", "positions"}
     tok = Tokenizer(os.path.join(data, "tokenizer.model"))
+    colors = {"red", "green", "blue", "cyan", "black", "white", "pink", "gray"}
     for r in range(2):
         trained = b["targets"][r][b["loss_mask"][r] > 0]
-        text = tok.decode([t for t in trained if t != tok.eos_id])
-        assert text.replace(" ", "") and set(text.split()) <= {
-            "red", "green", "blue", "cyan", "black", "white", "pink", "gray"}  # fmt: skip
         assert (trained == tok.eos_id).sum() == len(set(b["segment_ids"][r]) - {0})
+        for seg in set(b["segment_ids"][r]) - {0}:  # each example's trained targets: its output
+            mine = b["targets"][r][(b["loss_mask"][r] > 0) & (b["segment_ids"][r] == seg)]
+            text = tok.decode([t for t in mine if t != tok.eos_id])
+            assert text.strip() and set(text.split()) <= colors, text
     with pytest.raises(ValueError, match="packed in rows of 256 tokens: set train.seq_len=255"):
         Loader(data, "train", batch_size=2, seq_len=32, prefetch=0)
 
