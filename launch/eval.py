@@ -10,7 +10,6 @@ Prints one JSON object per task.
 
 import argparse
 import json
-import logging
 import os
 
 from llama_jax import cli
@@ -67,7 +66,6 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="few-shot example draw")
     a = p.parse_args(argv)
     a.normalization = a.normalization or ["none", "token", "char"]
-    cli.log_to_stderr()  # which dtype computes, and why
     try:
         from llama_jax.data.tokenizer import Tokenizer, check_vocab
         from llama_jax.evaluate import Scorer
@@ -85,7 +83,7 @@ def main(argv=None):
             raise ValueError("--tokenizer is required (no prepared dataset task supplies one)")
         tokenizer = Tokenizer(tok_path)
         params, cfg, line = load_for_inference(a.checkpoint, dtype=a.dtype)
-        logging.getLogger("launch.eval").info("%s: %s", a.checkpoint, line)
+        cli.say(f"{a.checkpoint}: {line}")
         check_vocab(tokenizer, cfg.vocab_size)
         scorer = Scorer(params, cfg, batch_size=a.batch_size)
         for task in a.task:

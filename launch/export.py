@@ -17,10 +17,9 @@ from llama_jax import cli
 def run(c: cli.Command):
     from llama_jax.checkpoint import export
 
-    cli.log_to_stderr()  # the merge error
     a = c.args
     out = export(a.workdir, a.output, a.step, a.dtype, merge_lora=a.merge_lora, peft=a.peft,
-                 peft_base=a.peft_base)  # fmt: skip
+                 peft_base=a.peft_base, report=cli.say)  # fmt: skip
     print(f"exported to {out}" + (f" and {a.peft}" if a.peft and a.output else ""))
 
 

@@ -53,11 +53,10 @@ def main(argv=None):
     p.add_argument("--tensor", type=int, default=1, help="devices to shard heads/cache over")
     p.add_argument("--template", default="", help="wrap prompts as instructions (alpaca, ...)")
     a = p.parse_args(argv)
-    cli.log_to_stderr()  # which dtype computes, and why
     try:
         from llama_jax.generate import Sampling, generate, load
 
-        params, cfg, tok, mesh = load(a.checkpoint, a.tokenizer, a.dtype, a.tensor)
+        params, cfg, tok, mesh = load(a.checkpoint, a.tokenizer, a.dtype, a.tensor, cli.say)
         if a.template:
             from llama_jax.data.instruct import prompt
 

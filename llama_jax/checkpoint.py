@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -338,6 +339,7 @@ def export(
     merge_lora: bool = False,
     peft: str | None = None,
     peft_base: str | None = None,
+    report: Callable[[str], None] = log.info,
 ) -> str:
     """Writes the params of a training checkpoint (no optimizer state) plus the model config,
     in the params_io format launch.generate, launch.eval and launch.convert read. Restores onto
@@ -345,7 +347,7 @@ def export(
 
     A LoRA checkpoint holds adapters: merge_lora folds them into the base (train.init_from,
     reloaded) in float32 and writes plain params to output, in float32 unless dtype names
-    another (the merge error is logged); peft writes a Hugging Face PEFT adapter whose
+    another (the merge error goes to report); peft writes a Hugging Face PEFT adapter whose
     base_model_name_or_path is peft_base, else train.init_from's directory when it is hf:."""
     from llama_jax import convert, params_io
     from llama_jax import train_step as ts
@@ -376,12 +378,12 @@ def export(
         base = _peft_base(run) if peft_base is None else peft_base
         convert.write_peft(peft, jax.device_get(state.params), run.model, base)
     if merge_lora:
-        _export_merged(run, mesh, state.params, output, dtype or "float32")
+        _export_merged(run, mesh, state.params, output, dtype or "float32", report)
     return output or peft
 
 
-def _export_merged(run: RunConfig, mesh, adapters, output: str, dtype: str) -> None:
-    """The base with the adapters merged in float32, stored in dtype; logs the merge error."""
+def _export_merged(run: RunConfig, mesh, adapters, output: str, dtype: str, report) -> None:
+    """The base with the adapters merged in float32, stored in dtype; reports the merge error."""
     from llama_jax import lora, params_io
 
     base = _lora_base(run, mesh)
@@ -389,11 +391,11 @@ def _export_merged(run: RunConfig, mesh, adapters, output: str, dtype: str) -> N
     path = params_io.save_params(output, merged, lora.plain(run.model), dtype=dtype)
     err = lora.merge_error(base, adapters, params_io.load_params(path)[0], run.model)
     lossy = err > 1e-3  # float32 rounding is ~1e-7 of the update; bfloat16's is ~1e-1
-    (log.warning if lossy else log.info)(
-        "merged the adapters into the base in float32, stored in %s: largest error %.2e of the "
-        "adapters' largest update entry%s", dtype, err,
-        "; an export in float32 (no --dtype) keeps the whole update" if lossy else "",
-    )  # fmt: skip
+    report(
+        f"merged the adapters into the base in float32, stored in {dtype}: largest error "
+        f"{err:.2e} of the adapters' largest update entry"
+        + ("; an export in float32 (no --dtype) keeps the whole update" if lossy else "")
+    )
 
 
 def _peft_base(run: RunConfig) -> str:
@@ -401,11 +403,11 @@ def _peft_base(run: RunConfig) -> str:
     fmt, _, path = run.train.init_from.partition(":")
     if fmt == "hf":
         return os.path.abspath(path)
-    log.warning(
-        "the base (train.init_from=%r) is not a Hugging Face directory: adapter_config.json "
-        "names no base; convert it (launch.convert --to hf) and pass --peft-base DIR",
-        run.train.init_from,
-    )
+    print(
+        f"warning: the base (train.init_from={run.train.init_from!r}) is not a Hugging Face "
+        "directory: adapter_config.json names no base; convert it (launch.convert --to hf) "
+        "and pass --peft-base DIR", file=sys.stderr,
+    )  # fmt: skip
     return ""
 
 

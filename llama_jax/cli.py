@@ -11,7 +11,6 @@ traceback instead. AttributeError and the like stay tracebacks: those are our bu
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from typing import Any, NamedTuple
@@ -29,11 +28,9 @@ def _one_line(e: BaseException) -> str:
     return " ".join(msg.replace("\\n", " ").split())
 
 
-def log_to_stderr() -> None:
-    """Our INFO lines on stderr, one message a line (absl's and jax's only from WARNING up)."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-    for noisy in ("absl", "jax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def say(message: str) -> None:
+    """A line for the user on stderr (stdout stays the command's output)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def fail(e: BaseException) -> None:

@@ -236,11 +236,17 @@ def sample_texts(
     return [tokenizer.decode(list(p) + o) for p, o in zip(prompts, out)]  # whole: keeps spaces
 
 
-def load(checkpoint: str, tokenizer_path: str, dtype: str | None = None, tensor: int = 1):
+def load(
+    checkpoint: str,
+    tokenizer_path: str,
+    dtype: str | None = None,
+    tensor: int = 1,
+    report: Callable[[str], None] | None = None,
+):
     """(params, ModelConfig, Tokenizer, mesh or None) of a params checkpoint (launch.export or
     launch.convert --to ours), its vocab checked against the tokenizer; with tensor > 1 the
     params are sharded over that many devices (heads, mlp and vocab: sharding.py's rules).
-    Computes in the stored weights' dtype, or in dtype (params cast to it); logs which."""
+    Computes in the stored weights' dtype, or in dtype (params cast to it); reports which."""
     from llama_jax.data.tokenizer import Tokenizer, check_vocab
     from llama_jax.params_io import load_config, load_for_inference
     from llama_jax.sharding import make_mesh
@@ -251,5 +257,5 @@ def load(checkpoint: str, tokenizer_path: str, dtype: str | None = None, tensor:
     if tensor > 1:
         mesh = make_mesh(data=1, fsdp=1, tensor=tensor, devices=jax.devices()[:tensor])
     params, cfg, line = load_for_inference(checkpoint, dtype=dtype, mesh=mesh)
-    logging.getLogger(__name__).info("%s: %s", checkpoint, line)
+    (report or logging.getLogger(__name__).info)(f"{checkpoint}: {line}")
     return params, cfg, tokenizer, mesh
