@@ -46,3 +46,18 @@ def tiny_dataset(tmp_path_factory):
         verbose=False,
     )
     return str(root / "data"), tok
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_log_handlers():
+    """A launcher run in-process (launch.train's basicConfig) leaves a root handler on that
+    test's captured stderr, closed once the test ends: later log records (orbax's INFO) would
+    print '--- Logging error ---' into other tests' stderr. Remove such handlers after each test."""
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    yield
+    for h in [h for h in root.handlers if type(h) is logging.StreamHandler]:
+        root.removeHandler(h)
+    root.setLevel(level)
