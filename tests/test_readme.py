@@ -8,7 +8,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    command = "pip install -e '.[test]' && python -m pytest -q tests"
+    command = "pip install -e '.[test]' && python -m pytest -q -n 2 tests"
     assert command in readme
     assert any(line.strip() == command for line in ci.splitlines())
 
