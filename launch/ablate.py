@@ -7,7 +7,7 @@ budget, once per init seed, and writes DIR/results.csv, results.md and ablation.
 --vary is one axis; the variants are the base config plus one run per other value of each axis
 (one factor at a time), or every combination with --grid. Run the same command again to
 resume an interrupted sweep: finished runs are skipped, a cut-short run resumes from its
-checkpoint. See llama_jax/ablate.py.
+checkpoint. See llama_jax/experiments/ablate.py.
 """
 
 import argparse
@@ -23,7 +23,7 @@ def run(c: cli.Command):
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True
     )
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
-    from llama_jax import ablate
+    from llama_jax.experiments import ablate
 
     try:
         axes = [ablate.parse_vary(v) for v in a.vary]

@@ -9,7 +9,7 @@ may be named at once; the model sections use --config (default configs/tiny.py) 
 (what launch/gpu_check.sh prints last). --json-out writes every row.
 """
 
-from llama_jax import xla_flags  # before jax is imported: XLA reads XLA_FLAGS once
+from llama_jax.parallel import xla_flags  # before jax is imported: XLA reads XLA_FLAGS once
 
 xla_flags.setup()
 

@@ -23,7 +23,7 @@ def model_overrides(c: cli.Command) -> dict:
 
 
 def run(c: cli.Command):
-    from llama_jax.convert import convert
+    from llama_jax.weights.convert import convert
 
     a = c.args
     cfg = convert(
@@ -43,7 +43,7 @@ def run(c: cli.Command):
 
 
 def parser() -> argparse.ArgumentParser:
-    from llama_jax.convert import FORMATS
+    from llama_jax.weights.convert import FORMATS
 
     p = argparse.ArgumentParser(
         prog="python -m launch.convert",

@@ -4,7 +4,7 @@
 
 NAME: commoncrawl, c4, github, wikipedia, books, arxiv or stackexchange.
 
-The paper's per-source cleaning on HF datatrove (llama_jax.curate): cleaned JSONL shards in DIR,
+The paper's per-source cleaning on HF datatrove (llama_jax.data.curate.recipes): cleaned JSONL shards in DIR,
 what each step removed in DIR/removed/<step>/, and DIR/data_card.json + data_card.md with the
 documents and bytes each step took in, kept and removed. Needs the curate extra:
 pip install -e '.[curate]'.
@@ -16,7 +16,7 @@ from llama_jax import cli
 
 
 def run(c: cli.Command):
-    from llama_jax.curate import curate
+    from llama_jax.data.curate.recipes import curate
 
     a = c.args
     card = curate(a.recipe, a.input, a.output, a.workers, reference=a.reference,

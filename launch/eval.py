@@ -16,7 +16,7 @@ from llama_jax import cli
 
 
 def run_task(scorer, tokenizer, path: str, args) -> dict:
-    from llama_jax import evaluate as ev
+    from llama_jax.inference import evaluate as ev
 
     if os.path.isdir(path):
         return ev.perplexity_dataset(scorer, path, args.split, tokenizer, args.max_tokens)
@@ -68,8 +68,8 @@ def main(argv=None):
     a.normalization = a.normalization or ["none", "token", "char"]
     try:
         from llama_jax.data.tokenizer import Tokenizer, check_vocab
-        from llama_jax.evaluate import Scorer
-        from llama_jax.params_io import load_for_inference
+        from llama_jax.inference.evaluate import Scorer
+        from llama_jax.weights.params_io import load_for_inference
 
         tok_path = a.tokenizer or next(
             (

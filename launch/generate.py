@@ -54,7 +54,7 @@ def main(argv=None):
     p.add_argument("--template", default="", help="wrap prompts as instructions (alpaca, ...)")
     a = p.parse_args(argv)
     try:
-        from llama_jax.generate import Sampling, generate, load
+        from llama_jax.inference.generate import Sampling, generate, load
 
         params, cfg, tok, mesh = load(a.checkpoint, a.tokenizer, a.dtype, a.tensor, cli.say)
         if a.template:

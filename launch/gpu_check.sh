@@ -12,7 +12,7 @@
 #
 # Results: $OUT (if set, e.g. by the device runner) or /tmp/gpu_check: log.txt, bench.json,
 # pytest.txt, attention_table.json (the GPU's measured attention times: merge its entries into
-# llama_jax/attention_table.json, which attention_impl=auto reads). The machine needs no network: its Python must have jax (CUDA), flax, optax,
+# llama_jax/model/attention_table.json, which attention_impl=auto reads). The machine needs no network: its Python must have jax (CUDA), flax, optax,
 # orbax-checkpoint, sentencepiece and tensorstore. ml_collections (configs/*.py build
 # ConfigDicts) is installed from wheels in .whl/ when missing. .whl/ is git-ignored; fill it
 # on a machine with network (and carry it along, e.g. the device tool's carry=[".whl"]):

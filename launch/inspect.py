@@ -57,7 +57,8 @@ if __name__ == "__main__" and "--memory" in sys.argv:
 import argparse
 import json
 
-from llama_jax import cli, stats
+from llama_jax import cli
+from llama_jax.model import stats
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -71,8 +72,8 @@ def _human(n: float, unit: str = "") -> str:
 def _memory(c: cli.Command) -> dict:
     import jax
 
-    from llama_jax import memory
-    from llama_jax import sharding as shd
+    from llama_jax.parallel import sharding as shd
+    from llama_jax.train import memory
 
     cfg, a = c.cfg, c.args
     mesh = shd.make_mesh(*cfg.mesh.sizes)
@@ -96,7 +97,7 @@ def run(c: cli.Command):
     cfg, a = c.cfg, c.args
     info = stats.summary(cfg.model, cfg.train.seq_len)
     if a.memory:
-        from llama_jax import memory
+        from llama_jax.train import memory
 
         result = _memory(c)
         if a.json:

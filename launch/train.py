@@ -6,7 +6,7 @@ under SLURM it finds its peers by itself; elsewhere set --config.distributed.coo
 python -m launch.local_cluster, which does).
 """
 
-from llama_jax import xla_flags  # before jax is imported: XLA reads XLA_FLAGS once
+from llama_jax.parallel import xla_flags  # before jax is imported: XLA reads XLA_FLAGS once
 
 xla_flags.setup()
 import argparse
@@ -24,7 +24,7 @@ def run(c: cli.Command):
     )
     for noisy in ("absl", "jax"):  # orbax's per-save chatter, jax's backend probing
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from llama_jax import trainer  # after flag parsing: importing jax is slow
+    from llama_jax.trainer import loop as trainer  # after flag parsing: importing jax is slow
 
     name = os.path.splitext(os.path.basename(c.config_path.split(":")[0]))[0]
     workdir = c.args.workdir or os.path.join("runs", name)

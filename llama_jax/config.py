@@ -19,12 +19,13 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from llama_jax.attention import VALID_IMPLS
-from llama_jax.remat import REMAT_POLICIES
-
 LORA_TARGETS = ("q", "k", "v", "o", "w1", "w2", "w3")  # lora.TARGETS: the weights LoRA adapts
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# Choice-valued fields of each group -> the valid names, each from the table that implements it.
+# Choice-valued fields of each group -> the valid names. The tables that implement them check at
+# import that they implement exactly these (model/attention.py, model/remat.py), so the schema
+# names its choices without importing the kernels.
+ATTENTION_IMPLS = ("blockwise", "cudnn", "reference", "auto")
+REMAT_POLICIES = ("none", "full", "save_linear", "save_qkv_attn", "offload_linear")
 # What a run does with a checkpoint that cannot be restored (checkpoint.Checkpointer
 # .restore_newest): move it aside and continue from the newest older one, or stop.
 ON_CORRUPT = ("fallback", "fail")
@@ -33,8 +34,8 @@ MODEL_CHOICES = {
     "dtype": ("dtype", tuple(DTYPES)),
     "param_dtype": ("dtype", tuple(DTYPES)),
     "residual_dtype": ("dtype", tuple(DTYPES)),
-    "attention_impl": ("attention impl", tuple(VALID_IMPLS)),
-    "remat_policy": ("remat policy", tuple(REMAT_POLICIES)),
+    "attention_impl": ("attention impl", ATTENTION_IMPLS),
+    "remat_policy": ("remat policy", REMAT_POLICIES),
     # The ablation switches (model.py branches on them).
     "norm": ("norm", ("rmsnorm", "layernorm")),
     "norm_placement": ("norm placement", ("pre", "post")),

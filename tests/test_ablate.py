@@ -1,4 +1,4 @@
-"""launch.ablate / llama_jax.ablate: variants, run configs, and a small sweep end to end that
+"""launch.ablate / llama_jax.experiments.ablate: variants, run configs, and a small sweep end to end that
 is interrupted and resumed without re-running finished runs."""
 
 import csv
@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from llama_jax import ablate
 from llama_jax.config import load
+from llama_jax.experiments import ablate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [  # as tests/test_train.py: a small float32 model, milliseconds per step

@@ -10,8 +10,8 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llama_jax import attention, attention_table
-from llama_jax.attention import blockwise_attention, dot_product_attention, resolve_impl
+from llama_jax.model import attention, attention_table
+from llama_jax.model.attention import blockwise_attention, dot_product_attention, resolve_impl
 
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
 
@@ -164,7 +164,7 @@ def test_sharded_under_remat(axis_type):
 def test_tiny_model_blockwise_matches_reference():
     """The scanned, rematerialized tiny Llama: logits and parameter grads agree to 1e-5."""
     from llama_jax.config import load
-    from llama_jax.model import Llama
+    from llama_jax.model.llama import Llama
 
     base = load("configs/tiny.py").model
     base = dataclasses.replace(base, n_layers=2, attn_block_q=16, attn_block_k=16)
@@ -225,7 +225,7 @@ def test_auto_logs_its_choice(caplog, monkeypatch):
     monkeypatch.setattr(attention_table, "load", lambda path=None: TABLE)
     q = jnp.ones((1, 256, 2, 32))
     attention._logged_choices.clear()
-    with caplog.at_level(logging.INFO, logger="llama_jax.attention"):
+    with caplog.at_level(logging.INFO, logger="llama_jax.model.attention"):
         for _ in range(2):  # logged once only; tracing is enough, so nothing is compiled
             jax.eval_shape(lambda q: dot_product_attention(q, q, q), q)
     msgs = [r.getMessage() for r in caplog.records if "attention impl" in r.getMessage()]

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from llama_jax import xla_flags
 from llama_jax.config import load
+from llama_jax.parallel import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,7 +112,7 @@ def test_is_oom_recognizes_xla_messages():
 
 
 def test_profile_steps_write_a_trace(tmp_path, tiny_dataset):
-    from llama_jax import trainer
+    from llama_jax.trainer import loop as trainer
     from tests.test_train import SMALL  # the training tests' small float32 model
 
     cfg = load(
@@ -289,7 +289,7 @@ def test_peers_train_the_same_model_side_by_side():
     one where transformers still ships it) timed interleaved on one shape. Equal parameter
     counts (GQA included) show both build the model the config describes."""
     from launch import benchmark
-    from llama_jax import stats
+    from llama_jax.model import stats
 
     results = benchmark.main(
         ["peers", "--config", f"{ROOT}/configs/tiny.py", "--config.model.n_layers=2"]
@@ -313,7 +313,7 @@ def test_attention_benchmark_writes_the_auto_table(tmp_path):
     """--attn-table PATH merges one entry per (T, H) with each implementation's time; a
     second run at another T adds to it, one at the same point replaces it."""
     from launch import benchmark
-    from llama_jax import attention_table
+    from llama_jax.model import attention_table
 
     path = str(tmp_path / "table.json")
     base = ["attention", "--attn-impls", "reference,blockwise", "--attn-ablations", "0"]

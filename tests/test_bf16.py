@@ -26,11 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax import train_step as ts
 from llama_jax.config import ModelConfig, RunConfig, TrainConfig
-from llama_jax.model import Llama
-from llama_jax.remat import REMAT_POLICIES
-from llama_jax.sharding import make_mesh
+from llama_jax.model.llama import Llama
+from llama_jax.model.remat import REMAT_POLICIES
+from llama_jax.parallel.sharding import make_mesh
+from llama_jax.train import step as ts
 
 U = 2.0**-8  # bf16 unit roundoff
 REL_L2 = 8 * U  # see the module docstring

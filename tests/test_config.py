@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from llama_jax import config
-from llama_jax.attention import IMPLEMENTATIONS
 from llama_jax.config import ConfigError, ModelConfig, RunConfig, load
-from llama_jax.remat import REMAT_POLICIES
+from llama_jax.model.attention import IMPLEMENTATIONS
+from llama_jax.model.remat import REMAT_POLICIES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = f"{ROOT}/configs/tiny.py"
@@ -206,7 +206,7 @@ def test_every_switch_value_changes_the_model(field):
     import jax
     import jax.numpy as jnp
 
-    from llama_jax.model import Llama
+    from llama_jax.model.llama import Llama
 
     base = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16,
                        max_seq_len=16, dtype="float32", attention_impl="reference")  # fmt: skip

@@ -12,10 +12,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from llama_jax import convert
 from llama_jax.config import ModelConfig
-from llama_jax.model import Llama
-from llama_jax.params_io import load_params, save_params
+from llama_jax.model.llama import Llama
+from llama_jax.weights import convert
+from llama_jax.weights.params_io import load_params, save_params
 
 F32 = {"dtype": "float32", "attention_impl": "reference"}
 KV_HEADS = {"mha": 4, "gqa": 2}
@@ -132,7 +132,7 @@ def test_ours_to_hf_logits(tmp_path, attn):
 
 
 def meta_state_dict(model) -> dict:
-    """Meta's unsharded state dict from an HF model, written independently of llama_jax.convert:
+    """Meta's unsharded state dict from an HF model, written independently of llama_jax.weights.convert:
     the inverse of permute() in transformers' convert_llama_weights_to_hf.py."""
     c = model.config
     H = c.hidden_size // c.num_attention_heads
@@ -347,7 +347,7 @@ def test_truncated_inputs_are_one_line_errors(tmp_path, capsys):
     files = [p for p in (tmp_path / "ours" / "params").rglob("*") if p.is_file()]
     max(files, key=lambda p: p.stat().st_size).write_bytes(b"")
     from llama_jax import cli
-    from llama_jax.params_io import CorruptParamsError
+    from llama_jax.weights.params_io import CorruptParamsError
 
     with pytest.raises(CorruptParamsError, match="cannot read the params checkpoint") as e:
         load_params(str(tmp_path / "ours"))

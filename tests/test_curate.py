@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("datatrove")
-from llama_jax.curate import curate  # noqa: E402
+from llama_jax.data.curate.recipes import curate  # noqa: E402
 
 
 def _run(tmp_path, recipe, rows):
@@ -139,7 +139,7 @@ def test_c4(tmp_path):
     assert len(kept) == 1  # `other` lost its lines seen before and is too short; lorem ipsum
     from datatrove.data import Document
 
-    from llama_jax.curate_steps import C4Heuristics
+    from llama_jax.data.curate.steps import C4Heuristics
 
     step = C4Heuristics(bad_words=["grumbleword"])
     assert step.apply(Document(text=ENGLISH, id="0")) == ENGLISH
@@ -152,7 +152,7 @@ def test_stackexchange(tmp_path):
                {"text": "<p>Use <code>sorted(x)</code> &amp; be happy.</p>", "score": 10},
                {"text": "<p>Ask again.</p>", "score": -2}]  # fmt: skip
     kept, _ = _run(tmp_path, "stackexchange", [{"text": question, "answers": answers}])
-    from llama_jax.curate_steps import html_to_text
+    from llama_jax.data.curate.steps import html_to_text
 
     assert html_to_text("<p>a <![ b</p><p>c &amp; d</p>") == "a\nc & d"  # malformed: no crash
     assert kept == [
@@ -189,7 +189,7 @@ def test_commoncrawl_filters_are_trained_by_the_pipeline(tmp_path):
     text a low perplexity and word salad a high one; the classifier (reference vs random pages)
     tells a new encyclopedic page from a new spam page; end to end the French page, the word
     salad and the spam page go and the encyclopedic page stays."""
-    from llama_jax import curate_models as cm
+    from llama_jax.data.curate import models as cm
 
     ref, rnd = _encyclopedia(40, 0), _spam(40, 1)
     for name, pages in (("ref.jsonl", ref), ("rnd.jsonl", rnd)):
@@ -226,7 +226,7 @@ def test_line_dedup_memory_is_bounded_and_exact():
     punctuation, which CCNet's normalization equates)."""
     from datatrove.data import Document
 
-    from llama_jax.curate_steps import LineDedup
+    from llama_jax.data.curate.steps import LineDedup
 
     def word(n):  # digits would all normalize to 0: spell numbers in letters
         return "".join(chr(97 + int(c)) for c in str(n))

@@ -10,9 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from llama_jax import evaluate as ev
 from llama_jax.config import ModelConfig
-from llama_jax.model import Llama
+from llama_jax.inference import evaluate as ev
+from llama_jax.model.llama import Llama
 
 SOUNDS = {"cat": "meow", "dog": "woof", "cow": "moo", "owl": "hoot", "pig": "oink", "bee": "buzz"}
 CFG = ModelConfig(
@@ -219,7 +219,7 @@ def test_launch_generate_and_eval(tiny_dataset, tmp_path, capsys):
 
     from launch.eval import main as eval_main
     from launch.generate import main as generate_main
-    from llama_jax.params_io import save_params
+    from llama_jax.weights.params_io import save_params
 
     data_dir, tok_path = tiny_dataset
     cfg = ModelConfig(

@@ -57,8 +57,9 @@ def test_first_batch_loss_is_transformers_loss(tmp_path, tiny_dataset, source):
     that batch. Bound: float32 forward passes (eps 1.2e-7) over 4 layers with reductions of
     <= 512 terms differ by ~1e-6 relative from the float64-reduced reference; 1e-4 leaves room
     yet a wrong layout (a RoPE permutation, a transposed weight) moves the loss by > 1%."""
-    from llama_jax import convert, trainer
     from llama_jax.data.loader import Loader
+    from llama_jax.trainer import loop as trainer
+    from llama_jax.weights import convert
 
     model = tiny_hf(tmp_path / "hf")
     src = tmp_path / "hf"
@@ -80,7 +81,7 @@ def test_first_batch_loss_is_transformers_loss(tmp_path, tiny_dataset, source):
 def test_weights_of_another_shape_are_refused_naming_the_field(tmp_path, tiny_dataset):
     """A vocab given on the command line (2048) against weights with 512: one error naming the
     field and both values, before anything is built."""
-    from llama_jax import trainer
+    from llama_jax.trainer import loop as trainer
 
     tiny_hf(tmp_path / "hf")
     cfg = load(f"{ROOT}/configs/finetune_tiny.py", ["model.vocab_size=2048",
@@ -97,7 +98,7 @@ def test_weights_of_any_shape_give_the_model_its_shape(tmp_path):
     another shape (dim 64, 3 layers, 8 heads, multi-head, FFN 192, vocab 320): the run takes the
     weights' shape, as the README says; the same fields given on the command line are
     compared, and a disagreeing one is refused naming it."""
-    from llama_jax import init_from
+    from llama_jax.weights import init_from
 
     hf = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=192,
                                   num_hidden_layers=3, num_attention_heads=8,
@@ -120,7 +121,7 @@ def test_the_tokenizer_comes_from_the_weights_directory(tmp_path, tiny_dataset):
     one), and the model's shape fields come from config.json."""
     import shutil
 
-    from llama_jax import init_from
+    from llama_jax.weights import init_from
 
     tiny_hf(tmp_path / "hf")
     cfg = load(f"{ROOT}/configs/finetune_tiny.py",

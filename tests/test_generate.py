@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax import generate as gen
 from llama_jax.config import ModelConfig
-from llama_jax.model import Llama
+from llama_jax.inference import generate as gen
+from llama_jax.model.llama import Llama
 
 CFG = ModelConfig(
     dim=32,
@@ -105,7 +105,7 @@ def test_sample_logits_filters():
 
 def test_sharded_cache_same_tokens(params, want):
     """On a mesh the cache is sharded like the k/v activations and the tokens do not change."""
-    from llama_jax.sharding import make_mesh
+    from llama_jax.parallel.sharding import make_mesh
 
     mesh = make_mesh(data=1, fsdp=1, tensor=2, devices=jax.devices()[:2])
     cache = gen.init_cache(CFG, 4, 32, mesh)
@@ -127,8 +127,8 @@ def test_converted_float32_model_decodes_as_transformers(tmp_path, capsys, tiny_
     from test_finetune import tiny_hf
 
     from launch.generate import main as generate_main
-    from llama_jax import convert
-    from llama_jax.params_io import load_for_inference
+    from llama_jax.weights import convert
+    from llama_jax.weights.params_io import load_for_inference
 
     model = tiny_hf(tmp_path / "hf", seed=7)
     convert.convert("hf", "ours", str(tmp_path / "hf"), str(tmp_path / "ours"))

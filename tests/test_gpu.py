@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.attention import (
+from llama_jax.model.attention import (
     blockwise_attention,
     cudnn_attention,
     reference_attention,
@@ -74,9 +74,9 @@ def test_cudnn_and_blockwise_agree_with_each_other():
 
 def test_llama_step_on_gpu_cudnn_matches_blockwise_loss():
     """A small bf16 LLaMA's loss is the same (to bf16) with cudnn and blockwise attention."""
-    from llama_jax import sharding as shd
-    from llama_jax import train_step as ts
     from llama_jax.config import load
+    from llama_jax.parallel import sharding as shd
+    from llama_jax.train import step as ts
 
     losses = {}
     for impl in ("cudnn", "blockwise"):

@@ -219,7 +219,7 @@ def test_positions_restart_and_no_target_crosses_examples():
 
 def _tiny_model(impl):
     from llama_jax.config import ModelConfig
-    from llama_jax.model import Llama
+    from llama_jax.model.llama import Llama
 
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=8,
                       max_seq_len=32, dtype="float32", attention_impl=impl, attn_block_q=4,
@@ -291,8 +291,8 @@ def test_prompt_targets_do_not_count(instruction_data):
     the target of a response token changes it."""
     from llama_jax.config import load
     from llama_jax.data.loader import Loader
-    from llama_jax.sharding import make_mesh
-    from llama_jax.train_step import create_train_state, make_eval_step
+    from llama_jax.parallel.sharding import make_mesh
+    from llama_jax.train.step import create_train_state, make_eval_step
 
     data, _ = instruction_data
     cfg = load(f"{ROOT}/configs/tiny.py", ["model.vocab_size=512", "train.seq_len=255",
@@ -340,8 +340,8 @@ def test_fine_tuning_teaches_responses_that_generate_reproduces(tmp_path, tiny_d
     `--to hf` answers the same in transformers."""
     from launch.export import main as export_main
     from launch.generate import main as generate_main
-    from llama_jax import trainer
     from llama_jax.config import load
+    from llama_jax.trainer import loop as trainer
 
     pairs = {"Name a fruit.": "apple pie", "Name a color.": "deep blue",
              "Name an animal.": "grey wolf", "Name a tool.": "steel hammer"}  # fmt: skip
@@ -378,8 +378,8 @@ def _transformers_answers(tmp_path, tokenizer, pairs) -> list[str]:
     """Greedy answers of the exported model converted to Hugging Face, run by transformers."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from llama_jax import convert
     from llama_jax.data.tokenizer import Tokenizer
+    from llama_jax.weights import convert
 
     convert.convert("ours", "hf", str(tmp_path / "export"), str(tmp_path / "hf"))
     model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()

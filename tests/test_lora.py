@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from llama_jax.config import ModelConfig, load
-from llama_jax.model import Llama
+from llama_jax.model.llama import Llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL = "q,k,v,o,w1,w2,w3"
@@ -33,7 +33,7 @@ def test_trained_parameter_count_is_the_formula(targets):
     )
     got = sum(math.prod(x.shape) for x in jax.tree.leaves(variables["lora"]))
     assert got == want
-    from llama_jax import lora
+    from llama_jax.adapters import lora
 
     assert lora.count(cfg) == want
 
@@ -51,8 +51,8 @@ def test_base_is_frozen_and_optimizer_state_is_adapter_sized():
     moment has an adapter's shape, and the compiled step's arguments are the base, the
     adapters with their AdamW moments and the batch, per device, to the byte (a fully trained
     model would add three more copies of the base)."""
-    from llama_jax import train_step as ts
-    from llama_jax.sharding import make_mesh
+    from llama_jax.parallel.sharding import make_mesh
+    from llama_jax.train import step as ts
 
     cfg = load(f"{ROOT}/configs/tiny.py", ["model.lora_rank=4", f"model.lora_targets={ALL}",
                "train.batch_size=8", "train.seq_len=32", "train.lr=1e-2", "train.warmup_steps=1"])  # fmt: skip
@@ -89,7 +89,7 @@ def lora_run(tmp_path_factory, tiny_dataset):
     (lr 1e-2) that the adapters change the logits well beyond the bounds below."""
     from test_finetune import tiny_hf
 
-    from llama_jax import trainer
+    from llama_jax.trainer import loop as trainer
 
     root = tmp_path_factory.mktemp("lora")
     model = tiny_hf(root / "hf", seed=3)
@@ -104,10 +104,11 @@ def lora_run(tmp_path_factory, tiny_dataset):
 
 def _adapter_logits(root, cfg, toks):
     """The adapter model's logits: the checkpoint's adapters over the reloaded base."""
-    from llama_jax import init_from, lora
-    from llama_jax import train_step as ts
-    from llama_jax.checkpoint import Checkpointer
-    from llama_jax.sharding import make_mesh
+    from llama_jax.adapters import lora
+    from llama_jax.checkpoint.manager import Checkpointer
+    from llama_jax.parallel.sharding import make_mesh
+    from llama_jax.train import step as ts
+    from llama_jax.weights import init_from
 
     run = init_from.apply_source(cfg)
     mesh = make_mesh(1, -1, 1)
@@ -125,7 +126,7 @@ def test_merged_export_gives_the_adapter_models_logits(lora_run, capsys):
     x(W + sAB) vs xW + s(xA)B in float32 reassociate sums of <= 352 terms: ~1e-6 relative;
     1e-5, while the adapters move the logits by far more (checked)."""
     from launch.export import main as export_main
-    from llama_jax.params_io import load_params
+    from llama_jax.weights.params_io import load_params
 
     root, _, cfg = lora_run
     export_main(["--workdir", str(root / "run"), "--output", str(root / "merged"), "--merge-lora"])
@@ -184,8 +185,8 @@ def test_merge_onto_a_bfloat16_base_keeps_the_whole_update(tmp_path, tiny_datase
     from test_finetune import tiny_hf
 
     from launch.export import main as export_main
-    from llama_jax import trainer
-    from llama_jax.params_io import load_params
+    from llama_jax.trainer import loop as trainer
+    from llama_jax.weights.params_io import load_params
 
     tiny_hf(tmp_path / "hf", seed=4)
     cfg = load(f"{ROOT}/configs/finetune_tiny.py", [
@@ -218,12 +219,12 @@ def test_will_it_fit_counts_a_frozen_base_and_adapter_state():
     """launch.inspect --memory for LoRA: the compiled step's arguments are the frozen base, the
     adapters and their two AdamW moments (plus a few scalar counters); gradients are
     adapter-sized. So the state is base + 4 x adapters, not 16 bytes per parameter."""
-    from llama_jax import memory
-    from llama_jax.sharding import make_mesh
+    from llama_jax.parallel.sharding import make_mesh
+    from llama_jax.train import memory
 
     cfg = load(f"{ROOT}/configs/tiny.py", ["model.lora_rank=8", f"model.lora_targets={ALL}",
                "train.batch_size=8", "train.seq_len=32", "model.param_dtype=bfloat16"])  # fmt: skip
-    from llama_jax import train_step as ts
+    from llama_jax.train import step as ts
 
     mesh = make_mesh(1, -1, 1)
     row = memory.analyze(cfg, mesh, policies=["save_linear"])["policies"][0]

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax import loss, ops
+from llama_jax.model import loss, ops
 
 U32 = 2.0**-24
 
@@ -108,10 +108,10 @@ def test_step_gradients_match_transformers_float64(tmp_path, impl):
     passes through ~50 roundings and contractions of length <= B*T = 48 or V = 96; their
     errors have random signs, so the relative L2 error is ~ u * sqrt(50 * 96) ~ 4e-6;
     1e-4 is 25x that, and a wrong gradient is off by O(1)."""
-    from llama_jax import convert
-    from llama_jax import sharding as shd
-    from llama_jax import train_step as ts
     from llama_jax.config import RunConfig, TrainConfig
+    from llama_jax.parallel import sharding as shd
+    from llama_jax.train import step as ts
+    from llama_jax.weights import convert
     from tests.test_convert import hf_model, tokens
 
     model = hf_model(2).double()

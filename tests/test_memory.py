@@ -8,9 +8,9 @@ import sys
 import jax
 import pytest
 
-from llama_jax import memory
-from llama_jax import sharding as shd
 from llama_jax.config import load
+from llama_jax.parallel import sharding as shd
+from llama_jax.train import memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA_7B = 6_738_415_616  # released parameter count (LLAMA_FACTS.md)

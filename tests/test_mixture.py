@@ -98,8 +98,8 @@ def test_training_logs_tokens_and_validation_per_source(tmp_path, tiny_dataset, 
     with another mixture is refused (it changes the data order)."""
     import logging
 
-    from llama_jax import trainer
     from llama_jax.config import load
+    from llama_jax.trainer import loop as trainer
 
     spec = f"code={tiny_dataset[0]}@3;more={tiny_dataset[0]}@1"
     cfg = load(f"{ROOT}/configs/tiny.py", [

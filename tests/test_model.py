@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax import stats
 from llama_jax.config import ModelConfig, load
-from llama_jax.model import Llama
+from llama_jax.model import stats
+from llama_jax.model.llama import Llama
 
 PUBLISHED = {  # parameter counts of the released checkpoints
     "llama_7b": (6_738_415_616, 11008),

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from llama_jax import sharding as shd
-from llama_jax import train_step as ts
 from llama_jax.config import ModelConfig, RunConfig, TrainConfig
-from llama_jax.model import BTD, Llama
+from llama_jax.model.llama import BTD, Llama
+from llama_jax.parallel import sharding as shd
+from llama_jax.train import step as ts
 
 
 def tiny_config(model=None, **train):

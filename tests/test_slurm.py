@@ -170,7 +170,7 @@ def test_curation_on_slurm_matches_local(tmp_path, slurm_env, monkeypatch):
     pytest.importorskip("datatrove")
     from test_curate import _check_card
 
-    from llama_jax import curate as cur
+    from llama_jax.data.curate import recipes as cur
 
     for k in [k for k in os.environ if k.startswith("SLURM_") and k not in slurm_env]:
         monkeypatch.delenv(k)

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax import stats
 from llama_jax.config import ModelConfig, load
-from llama_jax.model import Block, Llama, Norm
+from llama_jax.model import stats
+from llama_jax.model.llama import Block, Llama, Norm
 
 
 def cfg_of(**kw) -> ModelConfig:
@@ -295,7 +295,7 @@ def test_no_positions_last_token_ignores_order_of_earlier_tokens(position):
     "switches", [VARIANTS[-1], {"position": "none"}], ids=["all-switched", "position=none"]
 )
 def test_kv_cache_decode_matches_full_forward(switches):
-    """Generation (llama_jax.generate) works for the variants: the cached path gives the
+    """Generation (llama_jax.inference.generate) works for the variants: the cached path gives the
     full-sequence logits, so a learned-position, post-norm or position-free model samples right."""
     cfg = cfg_of(**switches)
     params = init(cfg)["params"]

@@ -21,13 +21,15 @@ from safetensors.torch import save_file
 from test_convert import F32, hf_logits, hf_model, our_logits, tokens
 from test_finetune import ROOT, RUN, hf_loss, tiny_hf
 
-from llama_jax import convert, init_from, stats, trainer
-from llama_jax import sharding as shd
-from llama_jax import train_step as ts
 from llama_jax.config import ModelConfig, RunConfig, TrainConfig, load
 from llama_jax.data.loader import Loader
-from llama_jax.model import Llama
-from llama_jax.params_io import load_params, save_params
+from llama_jax.model import stats
+from llama_jax.model.llama import Llama
+from llama_jax.parallel import sharding as shd
+from llama_jax.train import step as ts
+from llama_jax.trainer import loop as trainer
+from llama_jax.weights import convert, init_from
+from llama_jax.weights.params_io import load_params, save_params
 
 # Bound on max |our logits - transformers'| / max |transformers' logits|, both in float32.
 # Rounding (u = 2^-24 = 6e-8 per operation) adds up like a random walk, ~sqrt(n) u over a

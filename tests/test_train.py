@@ -83,7 +83,7 @@ def run_train(workdir, dataset, *extra, env=None, devices=4, check=True, preexec
 
 
 def test_loss_falls_and_outputs_written(tmp_path, tiny_dataset):
-    from llama_jax import trainer
+    from llama_jax.trainer import loop as trainer
 
     cfg = small_cfg(tiny_dataset, "train.steps=40", "train.eval_every=20", "train.lr=1e-2")
     last = trainer.train(cfg, str(tmp_path))
@@ -101,7 +101,7 @@ def test_loss_falls_and_outputs_written(tmp_path, tiny_dataset):
 
 
 def test_blockwise_and_reference_give_the_same_loss_curve(tmp_path, tiny_dataset):
-    from llama_jax import trainer
+    from llama_jax.trainer import loop as trainer
 
     curves = {}
     for impl in ("blockwise", "reference"):
@@ -176,10 +176,10 @@ def test_nonfinite_loss_stops_with_clear_error(tmp_path, tiny_dataset):
 
 
 def test_restore_onto_other_meshes_gives_the_same_next_loss(tmp_path, tiny_dataset):
-    from llama_jax import sharding as shd
-    from llama_jax import train_step as ts
-    from llama_jax.checkpoint import Checkpointer
+    from llama_jax.checkpoint.manager import Checkpointer
     from llama_jax.data.loader import Loader
+    from llama_jax.parallel import sharding as shd
+    from llama_jax.train import step as ts
 
     cfg = small_cfg(tiny_dataset, "mesh.fsdp=8")
     mesh = shd.make_mesh(*cfg.mesh.sizes)
@@ -209,11 +209,11 @@ def test_restore_onto_other_meshes_gives_the_same_next_loss(tmp_path, tiny_datas
 
 
 def test_export_then_load_gives_the_training_logits(tmp_path, tiny_dataset):
-    from llama_jax import params_io
-    from llama_jax import sharding as shd
-    from llama_jax import train_step as ts
-    from llama_jax.checkpoint import Checkpointer, export
-    from llama_jax.model import Llama
+    from llama_jax.checkpoint.manager import Checkpointer, export
+    from llama_jax.model.llama import Llama
+    from llama_jax.parallel import sharding as shd
+    from llama_jax.train import step as ts
+    from llama_jax.weights import params_io
 
     cfg = small_cfg(tiny_dataset)
     mesh = shd.make_mesh(*cfg.mesh.sizes)
@@ -269,7 +269,7 @@ def test_resume_refuses_another_dataset_at_the_same_path(tmp_path, tiny_dataset)
     one-line error that names the override, and the override resumes on purpose."""
     import shutil
 
-    from llama_jax import trainer
+    from llama_jax.trainer import loop as trainer
 
     data = tmp_path / "data"
     shutil.copytree(tiny_dataset[0], data)
@@ -294,7 +294,7 @@ def test_lost_checkpoints_do_not_silently_restart(tmp_path, tiny_dataset):
     checkpoint.allow_restart, which starts over and keeps the old metrics aside."""
     import shutil
 
-    from llama_jax import trainer
+    from llama_jax.trainer import loop as trainer
 
     cfg = small_cfg(tiny_dataset, "train.steps=4", "checkpoint.every_steps=2", "train.eval_every=0")
     trainer.train(cfg, str(tmp_path))
@@ -320,7 +320,7 @@ def test_metrics_rewrite_never_truncates_history(tmp_path):
         "import resource, signal, sys\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))\n"
-        "from llama_jax.metrics import MetricsWriter\n"
+        "from llama_jax.trainer.metrics import MetricsWriter\n"
         "try:\n"
         f"    MetricsWriter({str(tmp_path)!r}, resume_step=20, enabled=True)\n"
         "except OSError as e:\n"
@@ -337,7 +337,7 @@ def test_one_run_per_workdir(tmp_path, tiny_dataset):
     leaves no lock behind."""
     import socket
 
-    from llama_jax import trainer
+    from llama_jax.trainer import loop as trainer
 
     cfg = small_cfg(tiny_dataset, "train.steps=2", "train.eval_every=0")
     lock = tmp_path / "run.lock"
@@ -362,7 +362,7 @@ def test_resume_compares_every_field(tmp_path, tiny_dataset, caplog):
     rope theta used to change silently), or refused under checkpoint.strict_resume."""
     import logging
 
-    from llama_jax import trainer
+    from llama_jax.trainer import loop as trainer
 
     cfg = small_cfg(tiny_dataset, "train.steps=2", "train.eval_every=0")
     trainer.train(cfg, str(tmp_path))
@@ -374,7 +374,7 @@ def test_resume_compares_every_field(tmp_path, tiny_dataset, caplog):
         ValueError, match=r"changed config \(.*train.weight_decay: 0.1 -> 0.0.*strict"
     ):
         trainer.train(drift.replace({"checkpoint.strict_resume": True}), str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="llama_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="llama_jax.checkpoint.manager"):
         assert trainer.train(drift, str(tmp_path))["step"] == 3
     warned = [r.getMessage() for r in caplog.records if "changed config" in r.getMessage()]
     assert len(warned) == 1 and "model.rope_theta: 10000.0 -> 500.0" in warned[0], warned
@@ -384,8 +384,8 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, tiny_dataset, capsys):
     """The newest checkpoint cut short (its largest array file emptied): the run moves it to
     checkpoints/corrupt-<step> and continues from the newest one that restores, with the
     losses of the uninterrupted run (it used to stop with exit 2); on_corrupt=fail stops."""
-    from llama_jax import trainer
-    from llama_jax.checkpoint import CorruptCheckpointError
+    from llama_jax.checkpoint.manager import CorruptCheckpointError
+    from llama_jax.trainer import loop as trainer
 
     cfg = small_cfg(tiny_dataset, "train.steps=6", "checkpoint.every_steps=2", "train.eval_every=0")
     trainer.train(cfg, str(tmp_path / "straight"))

@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax import sharding as shd
-from llama_jax import train_step as ts
 from llama_jax.config import ModelConfig, RunConfig, TrainConfig
-from llama_jax.model import Llama
-from llama_jax.optim import decay_mask, make_optimizer, make_schedule
-from llama_jax.remat import REMAT_POLICIES
+from llama_jax.model.llama import Llama
+from llama_jax.model.remat import REMAT_POLICIES
+from llama_jax.parallel import sharding as shd
+from llama_jax.train import step as ts
+from llama_jax.train.optim import decay_mask, make_optimizer, make_schedule
 
 
 def tiny_config(model=None, **train):

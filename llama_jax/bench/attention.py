@@ -23,9 +23,9 @@ import statistics
 import jax
 import jax.numpy as jnp
 
-from llama_jax import attention_table
-from llama_jax.attention import IMPLEMENTATIONS, blockwise_attention
 from llama_jax.bench.common import compiled_memory, time_fn
+from llama_jax.model import attention_table
+from llama_jax.model.attention import IMPLEMENTATIONS, blockwise_attention
 
 MiB = 2**20
 

@@ -16,7 +16,7 @@ import optax
 
 from llama_jax.bench.common import load_config
 from llama_jax.config import ModelConfig
-from llama_jax.model import Llama, abstract_params
+from llama_jax.model.llama import Llama, abstract_params
 
 
 def add_args(parser):

@@ -131,7 +131,7 @@ def _curation_rows(mb: float) -> list[dict]:
         from datatrove.pipeline.readers import JsonlReader
         from datatrove.pipeline.writers import JsonlWriter
 
-        from llama_jax.curate import RECIPES, curate
+        from llama_jax.data.curate.recipes import RECIPES, curate
     except ImportError:
         return [{"what": "curation", "detail": "pip install -e '.[curate]' for these rows"}]
     rows = []

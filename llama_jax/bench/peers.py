@@ -26,10 +26,10 @@ import time
 import jax
 import numpy as np
 
-from llama_jax import sharding as shd
-from llama_jax import train_step as ts
 from llama_jax.bench.common import load_config
 from llama_jax.config import RunConfig
+from llama_jax.parallel import sharding as shd
+from llama_jax.train import step as ts
 
 PEERS = ("pytorch", "flax")
 # Between timed steps: the previous library's worker threads keep spinning for a while after
@@ -123,7 +123,7 @@ def flax(cfg: RunConfig):
         )
     import optax
 
-    from llama_jax.optim import make_optimizer
+    from llama_jax.train.optim import make_optimizer
 
     dtype = jax.numpy.bfloat16 if cfg.model.dtype == "bfloat16" else jax.numpy.float32
     model = transformers.FlaxLlamaForCausalLM(_hf_config(cfg, transformers), seed=0, dtype=dtype)

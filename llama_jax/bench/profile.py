@@ -33,8 +33,8 @@ from typing import NamedTuple
 
 import jax
 
-from llama_jax.attention import SCOPE as ATTENTION_SCOPE
 from llama_jax.bench.common import time_fn
+from llama_jax.model.attention import SCOPE as ATTENTION_SCOPE
 
 CATEGORIES = (
     "matmul",

@@ -27,13 +27,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from llama_jax import sharding as shd
-from llama_jax import stats
-from llama_jax import train_step as ts
 from llama_jax.bench import profile
 from llama_jax.bench.common import compiled_memory, load_config, time_fn
 from llama_jax.config import RunConfig
-from llama_jax.remat import REMAT_POLICIES
+from llama_jax.model import stats
+from llama_jax.model.remat import REMAT_POLICIES
+from llama_jax.parallel import sharding as shd
+from llama_jax.train import step as ts
 
 GiB = 2**30
 

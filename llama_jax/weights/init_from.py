@@ -47,7 +47,7 @@ def parse(spec: str) -> tuple[str, str]:
 
 
 def source_config(fmt: str, path: str) -> ModelConfig:
-    from llama_jax import convert, params_io
+    from llama_jax.weights import convert, params_io
 
     if fmt == "ours":
         return params_io.load_config(path)
@@ -78,7 +78,7 @@ def apply_source(run: RunConfig) -> RunConfig:
 
 def load_params(run: RunConfig, shardings):
     """The params of train.init_from on `shardings` (the train state's), in model.param_dtype."""
-    from llama_jax import convert, params_io
+    from llama_jax.weights import convert, params_io
 
     fmt, path = parse(run.train.init_from)
     dtype = run.model.param_dtype

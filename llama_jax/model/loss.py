@@ -17,8 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llama_jax.model import BTV
-from llama_jax.ops import weight_grad
+from llama_jax.model.llama import BTV
+from llama_jax.model.ops import weight_grad
 
 
 def _picked(logits, targets):

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax import generate as gen
 from llama_jax.config import ModelConfig
-from llama_jax.model import Llama
+from llama_jax.inference import generate as gen
+from llama_jax.model.llama import Llama
 
 # ---------------------------------------------------------------------------------------------
 # The primitive.

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.config import ModelConfig
-from llama_jax.model import abstract_params
+from llama_jax.model.llama import abstract_params
 
 
 def param_shapes(cfg: ModelConfig):

@@ -38,7 +38,7 @@ def merge(entries: list[dict], path: str = TABLE_PATH) -> list[dict]:
     table = sorted([*kept, *new.values()], key=_key)
     doc = {
         "about": "written by `python -m launch.benchmark attention --attn-table`; "
-        "read by llama_jax.attention_table.choose for attention_impl=auto",
+        "read by llama_jax.model.attention_table.choose for attention_impl=auto",
         "updated": datetime.date.today().isoformat(),
         "entries": table,
     }

@@ -116,8 +116,8 @@ def load_params(path: str, dtype=None, sharding=None, mesh=None):
     params_dir = os.path.join(path, PARAMS_DIR)
     stored = _readable(lambda: ckptr.metadata(params_dir).item_metadata.tree, path)
     if mesh is not None:
-        from llama_jax.model import abstract_params
-        from llama_jax.sharding import tree_shardings
+        from llama_jax.model.llama import abstract_params
+        from llama_jax.parallel.sharding import tree_shardings
 
         sharding = tree_shardings(abstract_params(model_cfg), mesh)[1]
     if sharding is None:

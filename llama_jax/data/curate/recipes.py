@@ -14,7 +14,7 @@ import glob
 import json
 import os
 
-from llama_jax import curate_steps as cs
+from llama_jax.data.curate import steps as cs
 
 RECIPES = {
     "github": lambda r: [cs.LicenseAllowlist(removed_dir=r), cs.CodeHeuristics(removed_dir=r),
@@ -33,7 +33,7 @@ def _commoncrawl(removed: str, reference: str | None, random: str | None) -> lis
     reference pages, the classifier on reference against random pages (both JSONL files)."""
     import numpy as np
 
-    from llama_jax import curate_models as cm
+    from llama_jax.data.curate import models as cm
 
     if not (reference and random):
         raise ValueError("the commoncrawl recipe needs --reference and --random JSONL pages")

@@ -19,11 +19,11 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llama_jax import sharding as shd
 from llama_jax.config import RunConfig
-from llama_jax.loss import head_loss
-from llama_jax.model import Llama, head_weight
-from llama_jax.optim import make_optimizer, make_schedule
+from llama_jax.model.llama import Llama, head_weight
+from llama_jax.model.loss import head_loss
+from llama_jax.parallel import sharding as shd
+from llama_jax.train.optim import make_optimizer, make_schedule
 
 Batch = dict[str, jax.Array]  # inputs, targets: int32 [B, T]; optional loss_mask float32 [B, T]
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
@@ -49,7 +49,7 @@ def abstract_frozen(run: RunConfig, mesh: Mesh):
     (None, None) when the whole model trains."""
     if not run.model.lora_rank:
         return None, None
-    from llama_jax.model import abstract_params
+    from llama_jax.model.llama import abstract_params
 
     shapes, shardings = shd.tree_shardings(abstract_params(run.model), mesh)
     abstract = jax.tree.map(

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from llama_jax import lora
+from llama_jax.adapters import lora
 from llama_jax.config import ModelConfig, dtype_name, dtype_of
 
 FORMATS = ("hf", "meta", "ours")
@@ -587,7 +587,7 @@ def write_meta(path: str, tree: dict, c: ModelConfig, num_shards: int = 1):
 def read_ours(path: str, dtype=None, overrides: dict | None = None):
     import jax
 
-    from llama_jax.params_io import load_params
+    from llama_jax.weights.params_io import load_params
 
     params, c = load_params(path, dtype=dtype)
     if overrides:
@@ -596,7 +596,7 @@ def read_ours(path: str, dtype=None, overrides: dict | None = None):
 
 
 def write_ours(path: str, tree: dict, c: ModelConfig):
-    from llama_jax.params_io import save_params
+    from llama_jax.weights.params_io import save_params
 
     save_params(path, tree, c)
 

@@ -324,7 +324,7 @@ def check_resume(saved: dict | None, run: RunConfig) -> None:
 
 def _param_shapes(model) -> list:
     """The parameter tree's structure, shapes and dtypes (nothing allocated)."""
-    from llama_jax.stats import param_shapes
+    from llama_jax.model.stats import param_shapes
 
     shapes = param_shapes(model)
     return [jax.tree.structure(shapes), [(x.shape, x.dtype) for x in jax.tree.leaves(shapes)]]
@@ -349,9 +349,9 @@ def export(
     reloaded) in float32 and writes plain params to output, in float32 unless dtype names
     another (the merge error goes to report); peft writes a Hugging Face PEFT adapter whose
     base_model_name_or_path is peft_base, else train.init_from's directory when it is hf:."""
-    from llama_jax import convert, params_io
-    from llama_jax import train_step as ts
-    from llama_jax.sharding import make_mesh
+    from llama_jax.parallel.sharding import make_mesh
+    from llama_jax.train import step as ts
+    from llama_jax.weights import convert, params_io
 
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
@@ -384,7 +384,8 @@ def export(
 
 def _export_merged(run: RunConfig, mesh, adapters, output: str, dtype: str, report) -> None:
     """The base with the adapters merged in float32, stored in dtype; reports the merge error."""
-    from llama_jax import lora, params_io
+    from llama_jax.adapters import lora
+    from llama_jax.weights import params_io
 
     base = _lora_base(run, mesh)
     merged = jax.device_get(lora.merge(base, adapters, run.model))
@@ -412,8 +413,8 @@ def _peft_base(run: RunConfig) -> str:
 
 
 def _lora_base(run: RunConfig, mesh):
-    from llama_jax import init_from
-    from llama_jax import train_step as ts
+    from llama_jax.train import step as ts
+    from llama_jax.weights import init_from
 
     if run.train.init_from:
         return init_from.load_params(run, ts.abstract_frozen(run, mesh)[1])

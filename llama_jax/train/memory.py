@@ -26,11 +26,12 @@ import time
 import jax
 import numpy as np
 
-from llama_jax import lora, remat, stats
-from llama_jax import sharding as shd
-from llama_jax import train_step as ts
+from llama_jax.adapters import lora
 from llama_jax.config import ModelConfig, RunConfig
-from llama_jax.remat import REMAT_POLICIES
+from llama_jax.model import remat, stats
+from llama_jax.model.remat import REMAT_POLICIES
+from llama_jax.parallel import sharding as shd
+from llama_jax.train import step as ts
 
 
 def _shard_bytes(tree) -> int:

@@ -202,7 +202,9 @@ def sweep(
 
 def _train_one(cfg: RunConfig, run_dir: str, what: str) -> None:
     """Trains one (variant, seed) run into run_dir unless it is done; DONE marks it finished."""
-    from llama_jax import trainer  # jax and the model only when a sweep actually runs
+    from llama_jax.trainer import (
+        loop as trainer,  # jax and the model only when a sweep actually runs
+    )
 
     os.makedirs(run_dir, exist_ok=True)
     # A run started (or finished) under other settings is an error, never silently reused.
@@ -257,7 +259,7 @@ def _mean_std(xs):
 
 def summarize(workdir: str, variants, seeds) -> list[dict]:
     """One row per variant with finished runs: mean and sample std over seeds."""
-    from llama_jax import stats
+    from llama_jax.model import stats
 
     rows = []
     for v in variants:

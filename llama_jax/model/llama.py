@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from llama_jax import lora
-from llama_jax.attention import dot_product_attention
+from llama_jax.adapters import lora
 from llama_jax.config import ModelConfig
-from llama_jax.ops import dense
-from llama_jax.remat import remat_policy
+from llama_jax.model.attention import dot_product_attention
+from llama_jax.model.ops import dense
+from llama_jax.model.remat import remat_policy
 
 # Logical layouts of activations, constrained at block boundaries.
 BTD = ("batch", "length", "embed")
@@ -247,7 +247,7 @@ class Llama(nn.Module):
 
         positions default to 0..T-1; segment_ids (optional, [B, T]) keep packed documents apart.
         decode=True reads and extends the KV cache (mutable "cache" collection; see
-        Attention._cached and llama_jax.generate); positions are then required.
+        Attention._cached and llama_jax.inference.generate); positions are then required.
         """
         c = self.cfg
         if decode and positions is None:

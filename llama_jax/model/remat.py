@@ -11,6 +11,8 @@ from typing import Any, NamedTuple
 
 import jax
 
+from llama_jax import config
+
 _cp = jax.checkpoint_policies
 LINEAR_OUTPUTS = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_gate", "mlp_up", "mlp_down")
 
@@ -48,6 +50,8 @@ REMAT_POLICIES: dict[str, Remat] = {
         lambda D, F, KH: D,
     ),
 }
+if tuple(REMAT_POLICIES) != config.REMAT_POLICIES:  # the schema names them; this table serves them
+    raise ImportError(f"config.REMAT_POLICIES {config.REMAT_POLICIES} != {tuple(REMAT_POLICIES)}")
 
 
 def check(name: str) -> str:

@@ -1,0 +1,1 @@
+"""Wrappers that change what a model trains without editing it (LoRA)."""

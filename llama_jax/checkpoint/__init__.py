@@ -1,0 +1,1 @@
+"""Orbax checkpoints of training state: the manager, resume checks, export of params."""

@@ -1,0 +1,1 @@
+"""Per-source cleaning recipes (datatrove pipelines), their steps and their trained models."""

@@ -1,0 +1,2 @@
+"""The LLaMA decoder and what it is made of: attention kernels and their table, linear ops, the fused
+LM-head loss, remat policies, parameter and FLOP counts. Names no mesh axis and no adapter."""

@@ -1,0 +1,1 @@
+"""Device meshes, the logical -> mesh axis rule table, distributed start-up, XLA flags."""

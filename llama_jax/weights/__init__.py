@@ -1,0 +1,1 @@
+"""Weight formats: params-only checkpoints, Hugging Face / Meta / PEFT conversion, init_from."""
