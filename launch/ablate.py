@@ -17,7 +17,7 @@ import sys
 from llama_jax import cli
 
 
-def run(c: cli.Command):
+def execute(c: cli.Command):
     a = c.args
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True
@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    cli.run(run, parser(), argv)
+    cli.call(execute, parser(), argv)
 
 
 if __name__ == "__main__":

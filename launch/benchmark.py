@@ -95,11 +95,11 @@ def main(argv=None):
     names = list(SECTIONS) if "all" in c.args.section else list(dict.fromkeys(c.args.section))
     modules = [importlib.import_module(SECTIONS[name]) for name in names]
     args = c.args
-    args.run = c.cfg
+    args.cfg = c.cfg
     args.tables = {}  # further tables a section adds (the step's --profile breakdown)
     results = {}
     for name, module in zip(names, modules):
-        results[name] = module.run(args)
+        results[name] = module.measure(args)
         print_table(name, results[name], as_json=args.json)
         for title, rows in args.tables.items():
             print_table(title, rows, as_json=args.json)

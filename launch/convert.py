@@ -22,7 +22,7 @@ def model_overrides(c: cli.Command) -> dict:
     return {k.removeprefix("model."): v for k, v in c.overrides.items()}
 
 
-def run(c: cli.Command):
+def execute(c: cli.Command):
     from llama_jax.weights.convert import convert
 
     a = c.args
@@ -60,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    cli.run(run, parser(), argv, config="overrides")
+    cli.call(execute, parser(), argv, config="overrides")
 
 
 if __name__ == "__main__":

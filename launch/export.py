@@ -14,7 +14,7 @@ import argparse
 from llama_jax import cli
 
 
-def run(c: cli.Command):
+def execute(c: cli.Command):
     from llama_jax.checkpoint.manager import export
 
     a = c.args
@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    cli.run(run, parser(), argv, config="none")
+    cli.call(execute, parser(), argv, config="none")
 
 
 if __name__ == "__main__":

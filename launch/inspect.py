@@ -93,7 +93,7 @@ def _memory(c: cli.Command) -> dict:
     return memory.analyze(cfg, mesh, policies, log=None if a.json else progress)
 
 
-def run(c: cli.Command):
+def execute(c: cli.Command):
     cfg, a = c.cfg, c.args
     info = stats.summary(cfg.model, cfg.train.seq_len)
     if a.memory:
@@ -146,7 +146,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    cli.run(run, parser(), argv)
+    cli.call(execute, parser(), argv)
 
 
 if __name__ == "__main__":

@@ -34,12 +34,12 @@ def main(argv=None):
     from llama_jax import cli
 
     try:
-        run(p, args)
+        execute(p, args)
     except cli.USER_ERRORS as e:  # bad input: one line `error: <Type>: <message>`, exit 2
         cli.fail(e)
 
 
-def run(p, args):
+def execute(p, args):
     if not args.input:
         data, tok = default_corpus.ensure_default_dataset(args.vocab_size, args.output)
         print(f"default corpus: dataset {data}, tokenizer {tok}")

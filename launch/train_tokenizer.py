@@ -22,12 +22,12 @@ def main(argv=None):
     from llama_jax import cli
 
     try:
-        run(p, args)
+        execute(p, args)
     except cli.USER_ERRORS as e:  # bad input: one line `error: <Type>: <message>`, exit 2
         cli.fail(e)
 
 
-def run(p, args):
+def execute(p, args):
     path = train_tokenizer(
         args.input,
         args.vocab_size,

@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Any, NamedTuple
 
+from llama_jax import config as cfgmod
+
 USER_ERRORS = (ValueError, KeyError, OSError, RuntimeError)
 # Exit statuses a scheduler can act on: 0 finished; RESUME_EXIT stopped by a signal with its
 # checkpoint saved, run the same command again (SLURM: requeue); USAGE_EXIT a user-facing
@@ -99,12 +101,10 @@ def parse(
     """Parses argv into the tool's flags and the typed RunConfig.
 
     Args:
-      config: "required" (--config FILE must be given), "optional" (run is None without it,
+      config: "required" (--config FILE must be given), "optional" (cfg is None without it,
         unless default_config names a file to use), "overrides" (no file: the overrides alone,
         each checked against the schema), "none" (the tool takes no config).
     """
-    from llama_jax import config as cfgmod
-
     argv = sys.argv[1:] if argv is None else list(argv)
     if config == "none":  # a tool without a config: --config* are unknown flags to argparse
         return Command(parser.parse_args(argv), None, {}, {}, None, argv)
@@ -122,18 +122,16 @@ def parse(
         return Command(args, None, {}, {}, None, argv)
     try:
         from_file = cfgmod.load_file(path)
-        run = from_file.replace(overrides)
+        cfg = from_file.replace(overrides)
     except cfgmod.ConfigError as e:
         fail(e)
-    flat = run.flat()
+    flat = cfg.flat()
     given = {item.partition("=")[0]: flat[item.partition("=")[0]] for item in overrides}
-    return Command(args, run, given, from_file.diff(run), path, argv)
+    return Command(args, cfg, given, from_file.diff(cfg), path, argv)
 
 
 def _typed_overrides(path: str | None, overrides: list[str]) -> dict[str, Any]:
     """{"group.field": typed value} of overrides given without a config file."""
-    from llama_jax import config as cfgmod
-
     try:
         if path is not None:
             raise cfgmod.ConfigError(
@@ -144,7 +142,7 @@ def _typed_overrides(path: str | None, overrides: list[str]) -> dict[str, Any]:
         fail(e)
 
 
-def run(main, parser: argparse.ArgumentParser, argv=None, **kw) -> None:
+def call(main, parser: argparse.ArgumentParser, argv=None, **kw) -> None:
     """parse(), then main(command) with user errors reported as one line (exit status 2)."""
     command = parse(parser, argv, **kw)
     try:

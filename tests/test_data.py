@@ -505,8 +505,8 @@ def test_default_corpus_concurrent_build_and_tiny_batches(tmp_path):
     )
     from llama_jax.config import load_file
 
-    args.run = load_file(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
-    rows = bench_data.run(args)
+    args.cfg = load_file(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
+    rows = bench_data.measure(args)
     measured = [r["what"] for r in rows if not r["what"].startswith("limit:")]
     assert measured == ["prepare_data"] + ["loader"] * (len(measured) - 1)
     assert rows[-1]["what"].startswith("limit:")  # every section states its physical limit

@@ -1,6 +1,6 @@
 """Benchmark sections; launch.benchmark runs them. One file per section, sharing common.py.
 
-Each section module exposes `run(args) -> list[dict]` (one dict per table row) and
+Each section module exposes `measure(args) -> list[dict]` (one dict per table row) and
 `add_args(parser)`; SECTIONS maps the CLI name to the module path.
 """
 

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.bench.common import compiled_memory, time_fn
+from llama_jax.bench.step import matmul_flops
 from llama_jax.model import attention_table
 from llama_jax.model.attention import IMPLEMENTATIONS, blockwise_attention
 
@@ -194,7 +195,6 @@ def _fill_rows(rows: list[dict], samples: dict[str, list[float]], flops: float) 
 def _matmul_limit(rows: list[dict], dtype) -> dict:
     """The physical limit, the device's own matmul rate in the same dtype, as a row; sets each
     timed row's of_matmul."""
-    from llama_jax.bench.step import matmul_flops
 
     n = 8192 if _on_gpu() else 2048
     rate = matmul_flops(n, dtype)
@@ -225,7 +225,7 @@ def _table_entries(rows: list[dict]) -> list[dict]:
     return list(by_point.values())
 
 
-def run(args) -> list[dict]:
+def measure(args) -> list[dict]:
     s = _settings(args)
     B, N, H = s["B"], s["N"], s["H"]
     rows = []

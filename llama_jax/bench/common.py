@@ -38,8 +38,8 @@ def compiled_memory(compiled) -> dict:
 
 def load_config(args):
     """The section's RunConfig: --config with its --config.group.field=value overrides
-    (parsed once by launch.benchmark, as args.run)."""
-    return args.run
+    (parsed once by launch.benchmark, as args.cfg)."""
+    return args.cfg
 
 
 def cpu_model() -> str:

@@ -38,7 +38,7 @@ def _compile_seconds(cfg: ModelConfig, seq_len: int) -> tuple[float, int]:
     return time.perf_counter() - t0, len(lowered.as_text())
 
 
-def run(args) -> list[dict]:
+def measure(args) -> list[dict]:
     cfg = load_config(args)
     seq_len = min(cfg.train.seq_len, 256)
     rows = []

@@ -8,6 +8,13 @@ import os
 import tempfile
 import time
 
+from llama_jax.bench.common import load_config, time_fn
+from llama_jax.data.curate.recipes import RECIPES, curate
+from llama_jax.data.default_corpus import default_dataset_dir, ensure_default_dataset, stdlib_files
+from llama_jax.data.format import read_metadata
+from llama_jax.data.loader import Loader
+from llama_jax.data.prepare import prepare
+
 
 def add_args(parser) -> None:
     parser.add_argument("--data-path", default="", help="dataset to load; '' = the default corpus")
@@ -20,8 +27,6 @@ def add_args(parser) -> None:
 
 def _default_corpus_row(vocab: int) -> tuple[dict, str, str]:
     """Builds (or finds cached) the default corpus: its row, dataset dir and tokenizer."""
-    from llama_jax.data.default_corpus import default_dataset_dir, ensure_default_dataset
-    from llama_jax.data.format import read_metadata
 
     cached = os.path.exists(os.path.join(default_dataset_dir(vocab), "metadata.json"))
     t0 = time.perf_counter()
@@ -40,8 +45,6 @@ def _default_corpus_row(vocab: int) -> tuple[dict, str, str]:
 
 def _prepare_row(args, tok_path: str) -> dict:
     """prepare_data throughput on a slice of the stdlib (includes worker start-up)."""
-    from llama_jax.data.default_corpus import stdlib_files
-    from llama_jax.data.prepare import prepare
 
     files = stdlib_files(int(getattr(args, "data_prepare_mb", 4.0) * (1 << 20)))
     workers = getattr(args, "data_workers", 0) or os.cpu_count() or 1
@@ -71,8 +74,6 @@ def _loader_row(path: str, cfg, n: int, in_memory: bool, sharding) -> dict:
     """Steady-state rate of Loader.next() with the prefetch thread, over n batches."""
     import jax
     import numpy as np
-
-    from llama_jax.data.loader import Loader
 
     B, T = cfg.train.batch_size, cfg.train.seq_len
     ld = Loader(
@@ -107,8 +108,6 @@ def _memcpy_limit_row() -> dict:
     """The physical limit: host memory bandwidth, as int32 tokens copied per second."""
     import numpy as np
 
-    from llama_jax.bench.common import time_fn
-
     src = np.arange(16 << 20, dtype=np.int32)  # 64 MiB
     dst = np.empty_like(src)
     t = time_fn(lambda: np.copyto(dst, src), warmup=1, repeats=5)
@@ -124,14 +123,11 @@ def _curation_rows(mb: float) -> list[dict]:
     and of a datatrove read + write of the same bytes (the floor every recipe pays)."""
     import json
 
-    from llama_jax.data.default_corpus import stdlib_files
-
     try:
         from datatrove.executor.local import LocalPipelineExecutor
         from datatrove.pipeline.readers import JsonlReader
         from datatrove.pipeline.writers import JsonlWriter
 
-        from llama_jax.data.curate.recipes import RECIPES, curate
     except ImportError:
         return [{"what": "curation", "detail": "pip install -e '.[curate]' for these rows"}]
     rows = []
@@ -158,12 +154,10 @@ def _curation_rows(mb: float) -> list[dict]:
     return rows
 
 
-def run(args) -> list[dict]:
+def measure(args) -> list[dict]:
     import jax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
-
-    from llama_jax.bench.common import load_config
 
     cfg = load_config(args)
     rows = []

@@ -30,6 +30,7 @@ from llama_jax.bench.common import load_config
 from llama_jax.config import RunConfig
 from llama_jax.parallel import sharding as shd
 from llama_jax.train import step as ts
+from llama_jax.train.optim import make_optimizer
 
 PEERS = ("pytorch", "flax")
 # Between timed steps: the previous library's worker threads keep spinning for a while after
@@ -123,8 +124,6 @@ def flax(cfg: RunConfig):
         )
     import optax
 
-    from llama_jax.train.optim import make_optimizer
-
     dtype = jax.numpy.bfloat16 if cfg.model.dtype == "bfloat16" else jax.numpy.float32
     model = transformers.FlaxLlamaForCausalLM(_hf_config(cfg, transformers), seed=0, dtype=dtype)
     tx = make_optimizer(cfg.train)
@@ -166,7 +165,7 @@ def _time_interleaved(steps: dict, repeats: int) -> dict[str, list[float]]:
     return times
 
 
-def run(args) -> list[dict]:
+def measure(args) -> list[dict]:
     cfg = load_config(args).replace({"train.grad_accum_steps": 1})
     names = [n for n in str(getattr(args, "peers", ",".join(PEERS))).split(",") if n]
     unknown = sorted(set(names) - set(PEERS))

@@ -206,7 +206,7 @@ def _matmul_row(n: int, dtype, peak) -> tuple[dict, float]:
     return row, mm["median"]
 
 
-def run(args) -> list[dict]:
+def measure(args) -> list[dict]:
     changes = {"train.grad_accum_steps": 1}
     if getattr(args, "step_batch", 0):
         changes["train.batch_size"] = args.step_batch

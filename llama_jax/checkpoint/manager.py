@@ -18,7 +18,12 @@ from collections.abc import Callable
 import jax
 import orbax.checkpoint as ocp
 
+from llama_jax.adapters import lora
 from llama_jax.config import RunConfig
+from llama_jax.model.stats import param_shapes
+from llama_jax.parallel.sharding import make_mesh
+from llama_jax.train import step as ts
+from llama_jax.weights import convert, init_from, params_io
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +265,7 @@ RESUME_FREE = ("mesh.", "distributed.", "data.prefetch", "data.allow_dataset_cha
                "train.step_timeout_s")  # fmt: skip
 
 
-def check_resume_data(saved: dict | None, current: dict, run: RunConfig) -> None:
+def check_resume_data(saved: dict | None, current: dict, cfg: RunConfig) -> None:
     """Raises when the data differs from the checkpoint's: saved and current are
     data.format.fingerprint()s (tokenizer and prepared-metadata hashes)."""
     if not saved:  # a checkpoint from before fingerprints: nothing to compare
@@ -270,20 +275,20 @@ def check_resume_data(saved: dict | None, current: dict, run: RunConfig) -> None
                if saved.get(k) != v]  # fmt: skip
     if not changed:
         return
-    if run.data.allow_dataset_change:
+    if cfg.data.allow_dataset_change:
         log.warning("resuming on a different dataset (%s), as data.allow_dataset_change says",
                     "; ".join(changed))  # fmt: skip
         return
     raise ValueError(
         f"resuming on a different dataset than the checkpoint ({'; '.join(changed)}): the "
-        f"tokenizer or the prepared data at data.path={run.data.path!r} changed; use the "
+        f"tokenizer or the prepared data at data.path={cfg.data.path!r} changed; use the "
         "original data, a new --workdir, or --config.data.allow_dataset_change=true to "
         "continue on this data on purpose"
     )
 
 
-def check_resume(saved: dict | None, run: RunConfig) -> None:
-    """Compares run with the config stored in the checkpoint (saved), field by field, before
+def check_resume(saved: dict | None, cfg: RunConfig) -> None:
+    """Compares cfg with the config stored in the checkpoint (saved), field by field, before
     anything is restored. Refused, naming the fields and both values: a different data order
     (silently skipped or repeated data), and a model of another parameter shape (it cannot be
     restored; orbax would call it corruption). Any other change is listed in one warning, or
@@ -291,10 +296,10 @@ def check_resume(saved: dict | None, run: RunConfig) -> None:
     if not saved:
         return
     before = RunConfig.from_dict(saved)
-    old, new = before.flat(), run.flat()
+    old, new = before.flat(), cfg.flat()
     bad = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in RESUME_FIXED if old[k] != new[k]]
-    if before.train.data_order_seed != run.train.data_order_seed:
-        bad.append(f"data seed: {before.train.data_order_seed} -> {run.train.data_order_seed}")
+    if before.train.data_order_seed != cfg.train.data_order_seed:
+        bad.append(f"data seed: {before.train.data_order_seed} -> {cfg.train.data_order_seed}")
     if bad:
         raise ValueError(
             "resuming with a different data order than the checkpoint ("
@@ -305,7 +310,7 @@ def check_resume(saved: dict | None, run: RunConfig) -> None:
         k: (old[k], new[k]) for k in old if old[k] != new[k] and not k.startswith(RESUME_FREE)
     }
     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-    if _param_shapes(before.model) != _param_shapes(run.model):
+    if _param_shapes(before.model) != _param_shapes(cfg.model):
         shape = "; ".join(
             f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if k.startswith("model.")
         )
@@ -313,7 +318,7 @@ def check_resume(saved: dict | None, run: RunConfig) -> None:
             f"resuming with a model of another shape than the checkpoint ({shape}): its "
             "parameters do not fit; use the original values or a new --workdir"
         )
-    if changed and run.checkpoint.strict_resume:
+    if changed and cfg.checkpoint.strict_resume:
         raise ValueError(
             f"resuming with a changed config ({listed}) under checkpoint.strict_resume: use the "
             "original values, or drop strict_resume to accept the changes"
@@ -324,7 +329,6 @@ def check_resume(saved: dict | None, run: RunConfig) -> None:
 
 def _param_shapes(model) -> list:
     """The parameter tree's structure, shapes and dtypes (nothing allocated)."""
-    from llama_jax.model.stats import param_shapes
 
     shapes = param_shapes(model)
     return [jax.tree.structure(shapes), [(x.shape, x.dtype) for x in jax.tree.leaves(shapes)]]
@@ -349,9 +353,6 @@ def export(
     reloaded) in float32 and writes plain params to output, in float32 unless dtype names
     another (the merge error goes to report); peft writes a Hugging Face PEFT adapter whose
     base_model_name_or_path is peft_base, else train.init_from's directory when it is hf:."""
-    from llama_jax.parallel.sharding import make_mesh
-    from llama_jax.train import step as ts
-    from llama_jax.weights import convert, params_io
 
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
@@ -360,14 +361,14 @@ def export(
     step = ckpt.latest_step() if step is None else step
     if step is None or step not in ckpt.all_steps():
         raise FileNotFoundError(f"no checkpoint step {step} in {ckpt_dir}; have {ckpt.all_steps()}")
-    run = RunConfig.from_dict(ckpt.restore_meta(step)["config"])
+    cfg = RunConfig.from_dict(ckpt.restore_meta(step)["config"])
     mesh = make_mesh(data=1, fsdp=-1, tensor=1)
-    state, _ = ckpt.restore(ts.abstract_train_state(run, mesh)[0], step)
+    state, _ = ckpt.restore(ts.abstract_train_state(cfg, mesh)[0], step)
     ckpt.close()
-    if not run.model.lora_rank:
+    if not cfg.model.lora_rank:
         if output is None or peft:
             raise ValueError(f"{workdir} trained all parameters (no LoRA): give --output alone")
-        params_io.save_params(output, jax.device_get(state.params), run.model, dtype=dtype)
+        params_io.save_params(output, jax.device_get(state.params), cfg.model, dtype=dtype)
         return output
     if not (merge_lora or peft) or bool(output) != merge_lora:
         raise ValueError(
@@ -375,22 +376,20 @@ def export(
             "merged, --peft DIR a Hugging Face PEFT adapter"
         )
     if peft:
-        base = _peft_base(run) if peft_base is None else peft_base
-        convert.write_peft(peft, jax.device_get(state.params), run.model, base)
+        base = _peft_base(cfg) if peft_base is None else peft_base
+        convert.write_peft(peft, jax.device_get(state.params), cfg.model, base)
     if merge_lora:
-        _export_merged(run, mesh, state.params, output, dtype or "float32", report)
+        _export_merged(cfg, mesh, state.params, output, dtype or "float32", report)
     return output or peft
 
 
-def _export_merged(run: RunConfig, mesh, adapters, output: str, dtype: str, report) -> None:
+def _export_merged(cfg: RunConfig, mesh, adapters, output: str, dtype: str, report) -> None:
     """The base with the adapters merged in float32, stored in dtype; reports the merge error."""
-    from llama_jax.adapters import lora
-    from llama_jax.weights import params_io
 
-    base = _lora_base(run, mesh)
-    merged = jax.device_get(lora.merge(base, adapters, run.model))
-    path = params_io.save_params(output, merged, lora.plain(run.model), dtype=dtype)
-    err = lora.merge_error(base, adapters, params_io.load_params(path)[0], run.model)
+    base = _lora_base(cfg, mesh)
+    merged = jax.device_get(lora.merge(base, adapters, cfg.model))
+    path = params_io.save_params(output, merged, lora.plain(cfg.model), dtype=dtype)
+    err = lora.merge_error(base, adapters, params_io.load_params(path)[0], cfg.model)
     lossy = err > 1e-3  # float32 rounding is ~1e-7 of the update; bfloat16's is ~1e-1
     report(
         f"merged the adapters into the base in float32, stored in {dtype}: largest error "
@@ -399,23 +398,21 @@ def _export_merged(run: RunConfig, mesh, adapters, output: str, dtype: str, repo
     )
 
 
-def _peft_base(run: RunConfig) -> str:
+def _peft_base(cfg: RunConfig) -> str:
     """What AutoPeftModelForCausalLM loads the base from: a Hugging Face directory."""
-    fmt, _, path = run.train.init_from.partition(":")
+    fmt, _, path = cfg.train.init_from.partition(":")
     if fmt == "hf":
         return os.path.abspath(path)
     print(
-        f"warning: the base (train.init_from={run.train.init_from!r}) is not a Hugging Face "
+        f"warning: the base (train.init_from={cfg.train.init_from!r}) is not a Hugging Face "
         "directory: adapter_config.json names no base; convert it (launch.convert --to hf) "
         "and pass --peft-base DIR", file=sys.stderr,
     )  # fmt: skip
     return ""
 
 
-def _lora_base(run: RunConfig, mesh):
-    from llama_jax.train import step as ts
-    from llama_jax.weights import init_from
+def _lora_base(cfg: RunConfig, mesh):
 
-    if run.train.init_from:
-        return init_from.load_params(run, ts.abstract_frozen(run, mesh)[1])
-    return ts.random_frozen(run, mesh)
+    if cfg.train.init_from:
+        return init_from.load_params(cfg, ts.abstract_frozen(cfg, mesh)[1])
+    return ts.random_frozen(cfg, mesh)

@@ -30,6 +30,7 @@ import weakref
 import numpy as np
 
 from llama_jax.data.format import open_split, read_metadata
+from llama_jax.data.instruct import positions_and_mask
 from llama_jax.data.tokenizer import check_vocab
 
 _M64 = (1 << 64) - 1
@@ -266,7 +267,6 @@ class Loader:
     def _segments(self, ids: np.ndarray, w: np.ndarray) -> dict:
         """loss_mask, segment_ids and positions of a packed dataset's rows, or of token windows
         under document masking (a segment starts at each BOS)."""
-        from llama_jax.data.instruct import positions_and_mask
 
         if self.packed:
             seg, learn = (

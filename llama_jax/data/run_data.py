@@ -14,6 +14,7 @@ from llama_jax.config import RunConfig
 from llama_jax.data import instruct, mixture
 from llama_jax.data.default_corpus import resolve_dataset
 from llama_jax.data.format import fingerprint as format_fingerprint
+from llama_jax.data.format import open_split
 from llama_jax.data.loader import Loader
 from llama_jax.data.tokenizer import Tokenizer
 
@@ -86,7 +87,6 @@ def val_prompts(
     """The first `length` tokens of n documents spread over the validation split: prompts
     from text the model never trained on. Documents start at BOS (after EOS for a tokenizer
     without one); an empty split gives no prompts."""
-    from llama_jax.data.format import open_split
 
     split = open_split(dataset_dir, "val")
     tokens = np.asarray(split[: min(split.shape[0], 1 << 20)].read().result()).astype(np.int64)

@@ -31,6 +31,8 @@ import time
 import numpy as np
 
 from llama_jax.config import RunConfig, parse_value
+from llama_jax.model import stats
+from llama_jax.trainer import loop as trainer
 
 log = logging.getLogger(__name__)
 
@@ -202,9 +204,6 @@ def sweep(
 
 def _train_one(cfg: RunConfig, run_dir: str, what: str) -> None:
     """Trains one (variant, seed) run into run_dir unless it is done; DONE marks it finished."""
-    from llama_jax.trainer import (
-        loop as trainer,  # jax and the model only when a sweep actually runs
-    )
 
     os.makedirs(run_dir, exist_ok=True)
     # A run started (or finished) under other settings is an error, never silently reused.
@@ -259,7 +258,6 @@ def _mean_std(xs):
 
 def summarize(workdir: str, variants, seeds) -> list[dict]:
     """One row per variant with finished runs: mean and sample std over seeds."""
-    from llama_jax.model import stats
 
     rows = []
     for v in variants:

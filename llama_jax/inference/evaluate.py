@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import ModelConfig
+from llama_jax.data.format import open_split
+from llama_jax.data.loader import Loader
 from llama_jax.inference import generate as gen
 from llama_jax.model.llama import Llama
 
@@ -163,7 +165,6 @@ def perplexity_dataset(
     max_tokens: int | None = None,
 ) -> dict:
     """perplexity_tokens on a split written by launch.prepare_data."""
-    from llama_jax.data.format import open_split
 
     store = open_split(dataset_dir, split)
     n = store.shape[0] if max_tokens is None else min(store.shape[0], max_tokens)
@@ -362,7 +363,6 @@ class ValidationLoss:
         tokenizer_sha: str,
         document_bos: int | None = None,
     ):
-        from llama_jax.data.loader import Loader
 
         self.eval_fn, self.n = eval_fn, train.eval_batches * train.grad_accum_steps
         self.loader = Loader(

@@ -19,8 +19,10 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from llama_jax.config import ModelConfig
+from llama_jax.data.tokenizer import Tokenizer, check_vocab
 from llama_jax.model.llama import BTKH, Llama
-from llama_jax.parallel.sharding import logical_to_sharding, model_context
+from llama_jax.parallel.sharding import logical_to_sharding, make_mesh, model_context
+from llama_jax.weights.params_io import load_config, load_for_inference
 
 PAD_BUCKET = 16  # prompt batches are padded to a multiple of this, so lengths share compilations
 
@@ -247,9 +249,6 @@ def load(
     launch.convert --to ours), its vocab checked against the tokenizer; with tensor > 1 the
     params are sharded over that many devices (heads, mlp and vocab: sharding.py's rules).
     Computes in the stored weights' dtype, or in dtype (params cast to it); reports which."""
-    from llama_jax.data.tokenizer import Tokenizer, check_vocab
-    from llama_jax.parallel.sharding import make_mesh
-    from llama_jax.weights.params_io import load_config, load_for_inference
 
     tokenizer = Tokenizer(tokenizer_path)
     check_vocab(tokenizer, load_config(checkpoint).vocab_size)

@@ -1,6 +1,6 @@
 """Will it fit? Per-device bytes of the real training step, compiled ahead of time.
 
-`analyze(run, mesh)` compiles the jitted step (train_step.compile_train_step) against abstract
+`analyze(cfg, mesh)` compiles the jitted step (train_step.compile_train_step) against abstract
 inputs for each remat policy and splits XLA's memory_analysis() into the parts a user can act
 on, next to the analytic estimate (16 bytes/param + activations):
 
@@ -43,9 +43,9 @@ def _shard_bytes(tree) -> int:
     return total
 
 
-def rows_per_device(run: RunConfig, mesh) -> int:
+def rows_per_device(cfg: RunConfig, mesh) -> int:
     """Sequences of one microbatch each device processes (batch over data x fsdp)."""
-    return max(1, run.train.microbatch_size // shd.batch_shards(mesh))
+    return max(1, cfg.train.microbatch_size // shd.batch_shards(mesh))
 
 
 def analytic_activations(mc: ModelConfig, policy: str, rows: int, seq_len: int, tensor: int = 1):
@@ -67,7 +67,7 @@ def analytic_activations(mc: ModelConfig, policy: str, rows: int, seq_len: int, 
     return saved // (tensor if policy != "full" else 1) + working // tensor + logits
 
 
-def analyze(run: RunConfig, mesh, policies=None, log=None) -> dict:
+def analyze(cfg: RunConfig, mesh, policies=None, log=None) -> dict:
     """Compiles the step per remat policy; returns per-device bytes, compiled and analytic.
 
     Returns {"config": {...}, "policies": [{"policy", "params", "optimizer", "gradients",
@@ -75,11 +75,11 @@ def analyze(run: RunConfig, mesh, policies=None, log=None) -> dict:
     per device. Policies default to every entry of remat.REMAT_POLICIES.
     """
     policies = [remat.check(p) for p in policies or REMAT_POLICIES]
-    mc = run.model
+    mc = cfg.model
     n = stats.count_params(mc)
-    state, _ = ts.abstract_train_state(run, mesh)
-    frozen = ts.abstract_frozen(run, mesh)[0]  # LoRA's base; the state holds the adapters
-    batch = ts.abstract_batch(run, mesh)
+    state, _ = ts.abstract_train_state(cfg, mesh)
+    frozen = ts.abstract_frozen(cfg, mesh)[0]  # LoRA's base; the state holds the adapters
+    batch = ts.abstract_batch(cfg, mesh)
     trained_b = _shard_bytes(state.params)
     base_b = _shard_bytes(frozen) if frozen else trained_b
     params_b = trained_b + (base_b if frozen else 0)
@@ -89,14 +89,14 @@ def analyze(run: RunConfig, mesh, policies=None, log=None) -> dict:
     param_shards = round(n * np.dtype(mc.weight_dtype).itemsize / base_b) if base_b else 1
     # 4 x 4-byte copies of every trained weight (master, mu, nu, gradient), the frozen base once
     analytic_state = 16 * n / param_shards if not frozen else base_b + 4 * trained_b
-    rows, T = rows_per_device(run, mesh), run.train.seq_len
+    rows, T = rows_per_device(cfg, mesh), cfg.train.seq_len
     out = {
         "config": {
             "parameters": n,
             "devices": int(mesh.devices.size),
             "mesh": {a: int(mesh.shape[a]) for a in shd.MESH_AXES},
-            "batch_size": run.train.batch_size,
-            "grad_accum_steps": run.train.grad_accum_steps,
+            "batch_size": cfg.train.batch_size,
+            "grad_accum_steps": cfg.train.grad_accum_steps,
             "seq_len": T,
             "rows_per_device": rows,
             "dtype": mc.dtype,
@@ -111,7 +111,7 @@ def analyze(run: RunConfig, mesh, policies=None, log=None) -> dict:
     shard = {"params": params_b, "trained": trained_b, "optimizer": opt_b, "batch": batch_b,
              "step": step_b}  # fmt: skip
     for policy in policies:
-        row = _policy_row(run, mesh, policy, shard)
+        row = _policy_row(cfg, mesh, policy, shard)
         row["analytic_state"] = analytic_state
         row["analytic_activations"] = analytic_activations(
             mc, policy, rows, T, int(mesh.shape["tensor"])
@@ -123,13 +123,13 @@ def analyze(run: RunConfig, mesh, policies=None, log=None) -> dict:
     return out
 
 
-def _policy_row(run: RunConfig, mesh, policy: str, shard: dict) -> dict:
+def _policy_row(cfg: RunConfig, mesh, policy: str, shard: dict) -> dict:
     """Compiles the step under one remat policy; its memory_analysis() split into parts.
 
     shard: this device's bytes of params, optimizer state, batch and step (from shardings).
     """
     t0 = time.perf_counter()
-    compiled = ts.compile_train_step(run.replace({"model.remat_policy": policy}), mesh)
+    compiled = ts.compile_train_step(cfg.replace({"model.remat_policy": policy}), mesh)
     seconds = time.perf_counter() - t0
     m = compiled.memory_analysis()
     arg, temp = int(m.argument_size_in_bytes), int(m.temp_size_in_bytes)

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from llama_jax.config import RunConfig
-from llama_jax.model.llama import Llama, head_weight
+from llama_jax.model.llama import Llama, abstract_params, head_weight
 from llama_jax.model.loss import head_loss
 from llama_jax.parallel import sharding as shd
 from llama_jax.train.optim import make_optimizer, make_schedule
@@ -44,36 +44,35 @@ def _init_boxed(model: Llama, tx: optax.GradientTransformation, rng, seq_len: in
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def abstract_frozen(run: RunConfig, mesh: Mesh):
+def abstract_frozen(cfg: RunConfig, mesh: Mesh):
     """LoRA's frozen base: (params of ShapeDtypeStructs with shardings, shardings), or
     (None, None) when the whole model trains."""
-    if not run.model.lora_rank:
+    if not cfg.model.lora_rank:
         return None, None
-    from llama_jax.model.llama import abstract_params
 
-    shapes, shardings = shd.tree_shardings(abstract_params(run.model), mesh)
+    shapes, shardings = shd.tree_shardings(abstract_params(cfg.model), mesh)
     abstract = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
     )
     return abstract, shardings
 
 
-def random_frozen(run: RunConfig, mesh: Mesh):
+def random_frozen(cfg: RunConfig, mesh: Mesh):
     """A LoRA base without train.init_from: the random init of train.seed (tests, demos)."""
-    _, shardings = abstract_frozen(run, mesh)
-    model, seed, T = Llama(run.model), run.train.seed, run.train.seq_len
+    _, shardings = abstract_frozen(cfg, mesh)
+    model, seed, T = Llama(cfg.model), cfg.train.seed, cfg.train.seq_len
     init = lambda: nn.meta.unbox(model.init(jax.random.key(seed), jnp.zeros((1, T), jnp.int32)))  # noqa: E731
     return jax.jit(lambda: init()["params"], out_shardings=shardings)()
 
 
-def _init_fn(run: RunConfig):
-    model, tx = Llama(run.model), make_optimizer(run.train)
-    return functools.partial(_init_boxed, model, tx, seq_len=run.train.seq_len)
+def _init_fn(cfg: RunConfig):
+    model, tx = Llama(cfg.model), make_optimizer(cfg.train)
+    return functools.partial(_init_boxed, model, tx, seq_len=cfg.train.seq_len)
 
 
-def abstract_train_state(run: RunConfig, mesh: Mesh):
+def abstract_train_state(cfg: RunConfig, mesh: Mesh):
     """(state of ShapeDtypeStructs carrying their shardings, state_shardings); allocates nothing."""
-    boxed = jax.eval_shape(_init_fn(run), jax.random.key(0))
+    boxed = jax.eval_shape(_init_fn(cfg), jax.random.key(0))
     # Optimizer moments inherit their parameter's box, hence its logical names and sharding.
     shapes, shardings = shd.tree_shardings(boxed, mesh)
     abstract = jax.tree.map(
@@ -82,16 +81,16 @@ def abstract_train_state(run: RunConfig, mesh: Mesh):
     return abstract, shardings
 
 
-def create_train_state(run: RunConfig, mesh: Mesh, rng: jax.Array | None = None):
+def create_train_state(cfg: RunConfig, mesh: Mesh, rng: jax.Array | None = None):
     """Initializes params (float32 master) and AdamW state sharded from the start.
 
     Everything is created inside one jit whose out_shardings are the final layout, so no
     device ever materializes the full model. Returns (state, state_shardings).
     """
-    _, shardings = abstract_train_state(run, mesh)
-    init = _init_fn(run)
+    _, shardings = abstract_train_state(cfg, mesh)
+    init = _init_fn(cfg)
     if rng is None:  # built inside the jit: no host array to place on a multi-host mesh
-        seed = run.train.seed
+        seed = cfg.train.seed
         state = jax.jit(
             lambda: nn.meta.unbox(init(jax.random.key(seed))), out_shardings=shardings
         )()
@@ -100,11 +99,11 @@ def create_train_state(run: RunConfig, mesh: Mesh, rng: jax.Array | None = None)
     return state, shardings
 
 
-def train_state_from_params(run: RunConfig, mesh: Mesh, params):
+def train_state_from_params(cfg: RunConfig, mesh: Mesh, params):
     """A step-0 train state around given params (e.g. released weights): the optimizer state
     is initialized on them, sharded like create_train_state's. Returns (state, shardings)."""
-    _, shardings = abstract_train_state(run, mesh)
-    tx = make_optimizer(run.train)
+    _, shardings = abstract_train_state(cfg, mesh)
+    tx = make_optimizer(cfg.train)
 
     def init(p):
         return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
@@ -157,14 +156,14 @@ def _split_microbatches(batch: Batch, n: int, mesh: Mesh) -> Batch:
     return out
 
 
-def make_loss_and_grads(run: RunConfig, mesh: Mesh, param_shardings):
+def make_loss_and_grads(cfg: RunConfig, mesh: Mesh, param_shardings):
     """fn(params, batch) -> (mean loss, grads, tokens), accumulating over microbatches.
 
     The loss of every microbatch is divided by the token count of the whole batch, so the
     accumulated gradient is exactly that of one big batch whatever the split.
     """
-    model = Llama(run.model)
-    n_micro = run.train.grad_accum_steps
+    model = Llama(cfg.model)
+    n_micro = cfg.train.grad_accum_steps
 
     def loss_fn(params, mb, total, frozen):
         return _loss_sum(model, params, mb, frozen)[0] / total
@@ -195,16 +194,16 @@ def make_loss_and_grads(run: RunConfig, mesh: Mesh, param_shardings):
     return loss_and_grads
 
 
-def make_train_step(run: RunConfig, mesh: Mesh, state_shardings):
+def make_train_step(cfg: RunConfig, mesh: Mesh, state_shardings):
     """Returns the jitted step_fn(state, batch) -> (new_state, metrics); the state is donated.
 
     metrics: scalars loss (mean over counted tokens), grad_norm (before clipping), lr (the
     schedule at this step), tokens (counted tokens), skipped (1 if a non-finite step was
     skipped under train.skip_nonfinite).
     """
-    tx, schedule = make_optimizer(run.train), make_schedule(run.train)
-    loss_and_grads = make_loss_and_grads(run, mesh, state_shardings.params)
-    skip_nonfinite = run.train.skip_nonfinite
+    tx, schedule = make_optimizer(cfg.train), make_schedule(cfg.train)
+    loss_and_grads = make_loss_and_grads(cfg, mesh, state_shardings.params)
+    skip_nonfinite = cfg.train.skip_nonfinite
 
     def step_fn(state: TrainState, batch: Batch, frozen=None):
         with shd.model_context(mesh):
@@ -231,7 +230,7 @@ def make_train_step(run: RunConfig, mesh: Mesh, state_shardings):
         }
         return new_state, metrics
 
-    frozen = abstract_frozen(run, mesh)[1]  # LoRA: step_fn(state, batch, frozen base)
+    frozen = abstract_frozen(cfg, mesh)[1]  # LoRA: step_fn(state, batch, frozen base)
     return jax.jit(
         step_fn,
         in_shardings=(state_shardings, shd.batch_sharding(mesh), *([frozen] if frozen else [])),
@@ -240,9 +239,9 @@ def make_train_step(run: RunConfig, mesh: Mesh, state_shardings):
     )
 
 
-def make_eval_step(run: RunConfig, mesh: Mesh, state_shardings):
+def make_eval_step(cfg: RunConfig, mesh: Mesh, state_shardings):
     """Returns the jitted fn(params, batch[, frozen]) -> {"loss": mean, "loss_sum", "tokens"}."""
-    model = Llama(run.model)
+    model = Llama(cfg.model)
 
     def eval_fn(params, batch, frozen=None):
         batch = _with_mask(batch)
@@ -250,7 +249,7 @@ def make_eval_step(run: RunConfig, mesh: Mesh, state_shardings):
             s, tokens = _loss_sum(model, params, batch, frozen)
         return {"loss": s / jnp.maximum(tokens, 1.0), "loss_sum": s, "tokens": tokens}
 
-    frozen = abstract_frozen(run, mesh)[1]  # LoRA: eval_fn(params, batch, frozen base)
+    frozen = abstract_frozen(cfg, mesh)[1]  # LoRA: eval_fn(params, batch, frozen base)
     return jax.jit(
         eval_fn,
         in_shardings=(
@@ -262,9 +261,9 @@ def make_eval_step(run: RunConfig, mesh: Mesh, state_shardings):
     )
 
 
-def abstract_batch(run: RunConfig, mesh: Mesh, *, loss_mask: bool = False) -> Batch:
+def abstract_batch(cfg: RunConfig, mesh: Mesh, *, loss_mask: bool = False) -> Batch:
     """ShapeDtypeStructs of one global batch [train.batch_size, train.seq_len], sharded."""
-    shape, sharding = (run.train.batch_size, run.train.seq_len), shd.batch_sharding(mesh)
+    shape, sharding = (cfg.train.batch_size, cfg.train.seq_len), shd.batch_sharding(mesh)
     batch = {
         k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding) for k in ("inputs", "targets")
     }
@@ -273,10 +272,10 @@ def abstract_batch(run: RunConfig, mesh: Mesh, *, loss_mask: bool = False) -> Ba
     return batch
 
 
-def compile_train_step(run: RunConfig, mesh: Mesh) -> jax.stages.Compiled:
+def compile_train_step(cfg: RunConfig, mesh: Mesh) -> jax.stages.Compiled:
     """Lowers and compiles the step against abstract shapes only: nothing is allocated, so
     memory_analysis() of a 65B config can be read on simulated CPU devices."""
-    state, shardings = abstract_train_state(run, mesh)
-    frozen = abstract_frozen(run, mesh)[0]  # LoRA's base is an argument too
-    args = (state, abstract_batch(run, mesh), *([frozen] if frozen else []))
-    return make_train_step(run, mesh, shardings).lower(*args).compile()
+    state, shardings = abstract_train_state(cfg, mesh)
+    frozen = abstract_frozen(cfg, mesh)[0]  # LoRA's base is an argument too
+    args = (state, abstract_batch(cfg, mesh), *([frozen] if frozen else []))
+    return make_train_step(cfg, mesh, shardings).lower(*args).compile()

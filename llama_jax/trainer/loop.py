@@ -29,7 +29,10 @@ from llama_jax.config import RunConfig
 from llama_jax.data import mixture, run_data
 from llama_jax.data.loader import Loader
 from llama_jax.data.tokenizer import Tokenizer
+from llama_jax.inference.evaluate import MixtureValidation, ValidationLoss
+from llama_jax.inference.generate import Sampling, sample_texts
 from llama_jax.model import stats
+from llama_jax.model.attention import resolve_impl
 from llama_jax.parallel import distributed
 from llama_jax.parallel import sharding as shd
 from llama_jax.train import step as ts
@@ -61,7 +64,6 @@ def _track(acc, step_metrics, step):
 
 
 def _attention_impl(cfg: RunConfig) -> str:
-    from llama_jax.model.attention import resolve_impl
 
     mc, t = cfg.model, cfg.train
     rows = t.batch_size // t.grad_accum_steps * mc.n_heads  # B * N of one microbatch
@@ -345,7 +347,6 @@ def _restore_or_init(cfg: RunConfig, mesh: Mesh, ckpt: Checkpointer, data: dict)
 
 def _mixture_validation(cfg: RunConfig, mesh: Mesh, evaluate, tokenizer: Tokenizer):
     """A validation loss per mixture source (those with a val split of at least a batch)."""
-    from llama_jax.inference.evaluate import MixtureValidation, ValidationLoss
 
     losses, sources = {}, mixture.parse(cfg.data.mixture)
     for name, (path, _) in sources.items():
@@ -375,7 +376,6 @@ def _validation(
     cfg: RunConfig, mesh: Mesh, shardings, dataset_dir: str, tokenizer: Tokenizer, frozen=None
 ):
     """The validation-loss evaluator, or None when validation is off or the split too small."""
-    from llama_jax.inference.evaluate import ValidationLoss
 
     if not (cfg.train.eval_every and cfg.train.eval_batches > 0):
         return None
@@ -525,7 +525,6 @@ def _train(cfg: RunConfig, workdir: str, config_diff: dict | None, command: str 
 
 def _samples(run: Run) -> None:
     """Samples continuing validation prompts (train.samples of them), printed by process 0."""
-    from llama_jax.inference.generate import Sampling, sample_texts
 
     cfg, sampling = run.cfg, Sampling(temperature=0.8, top_k=40)
     if run.n_params > 2e9:

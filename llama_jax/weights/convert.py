@@ -31,6 +31,7 @@ import numpy as np
 
 from llama_jax.adapters import lora
 from llama_jax.config import ModelConfig, dtype_name, dtype_of
+from llama_jax.weights.params_io import load_params, save_params
 
 FORMATS = ("hf", "meta", "ours")
 
@@ -587,8 +588,6 @@ def write_meta(path: str, tree: dict, c: ModelConfig, num_shards: int = 1):
 def read_ours(path: str, dtype=None, overrides: dict | None = None):
     import jax
 
-    from llama_jax.weights.params_io import load_params
-
     params, c = load_params(path, dtype=dtype)
     if overrides:
         c = dataclasses.replace(c, **overrides)
@@ -596,7 +595,6 @@ def read_ours(path: str, dtype=None, overrides: dict | None = None):
 
 
 def write_ours(path: str, tree: dict, c: ModelConfig):
-    from llama_jax.weights.params_io import save_params
 
     save_params(path, tree, c)
 

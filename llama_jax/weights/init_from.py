@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from llama_jax.config import ModelConfig, RunConfig, dtype_of
+from llama_jax.weights import convert, params_io
 
 SOURCES = ("hf", "meta", "ours")
 # The model fields weights fix, compared by what they mean: (field, value of a ModelConfig).
@@ -47,41 +48,39 @@ def parse(spec: str) -> tuple[str, str]:
 
 
 def source_config(fmt: str, path: str) -> ModelConfig:
-    from llama_jax.weights import convert, params_io
 
     if fmt == "ours":
         return params_io.load_config(path)
     return convert.OPENERS[fmt](path)[0]
 
 
-def apply_source(run: RunConfig) -> RunConfig:
-    """run with the model shape of train.init_from's weights (and their tokenizer). The config
+def apply_source(cfg: RunConfig) -> RunConfig:
+    """cfg with the model shape of train.init_from's weights (and their tokenizer). The config
     file's shape is what a run without weights would build; a shape field given by name
-    (run.given: the command line's overrides) must agree with the weights."""
-    if not run.train.init_from:
-        return run
-    fmt, path = parse(run.train.init_from)
+    (cfg.given: the command line's overrides) must agree with the weights."""
+    if not cfg.train.init_from:
+        return cfg
+    fmt, path = parse(cfg.train.init_from)
     src = source_config(fmt, path)
     for field, value in SHAPE.items():
-        if f"model.{field}" in run.given and value(run.model) != value(src):
+        if f"model.{field}" in cfg.given and value(cfg.model) != value(src):
             raise ValueError(
-                f"model.{field}={getattr(run.model, field)!r} in the config, but "
-                f"{run.train.init_from} has {getattr(src, field)!r}: the model's shape comes "
+                f"model.{field}={getattr(cfg.model, field)!r} in the config, but "
+                f"{cfg.train.init_from} has {getattr(src, field)!r}: the model's shape comes "
                 "from the weights; drop the field from the config or start from other weights"
             )
     changes = {f"model.{f}": getattr(src, f) for f in SHAPE}
     tokenizer = os.path.join(path, "tokenizer.model")
-    if not run.data.tokenizer and os.path.isfile(tokenizer):
+    if not cfg.data.tokenizer and os.path.isfile(tokenizer):
         changes["data.tokenizer"] = tokenizer
-    return run.replace(changes)
+    return cfg.replace(changes)
 
 
-def load_params(run: RunConfig, shardings):
+def load_params(cfg: RunConfig, shardings):
     """The params of train.init_from on `shardings` (the train state's), in model.param_dtype."""
-    from llama_jax.weights import convert, params_io
 
-    fmt, path = parse(run.train.init_from)
-    dtype = run.model.param_dtype
+    fmt, path = parse(cfg.train.init_from)
+    dtype = cfg.model.param_dtype
     if fmt == "ours":  # orbax restores each shard where it belongs already
         return params_io.load_params(path, dtype=dtype, sharding=shardings)[0]
     c, _, get = convert.OPENERS[fmt](path)
@@ -117,10 +116,10 @@ def _sliced(shape, idx) -> tuple[int, ...]:
     return tuple(len(range(n)[s]) for n, s in zip(shape, idx, strict=True))
 
 
-def describe(run: RunConfig) -> str:
+def describe(cfg: RunConfig) -> str:
     """One line for the start-up log."""
-    m = run.model
+    m = cfg.model
     return (
-        f"initialized from {run.train.init_from}: dim {m.dim}, {m.n_layers} layers, "
+        f"initialized from {cfg.train.init_from}: dim {m.dim}, {m.n_layers} layers, "
         f"{m.n_heads} heads ({m.kv_heads} kv), vocab {m.vocab_size}"
     )

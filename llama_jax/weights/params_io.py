@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.config import ModelConfig, dtype_name, dtype_of
+from llama_jax.model.llama import abstract_params
+from llama_jax.parallel.sharding import tree_shardings
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "model_config.json"
@@ -116,9 +118,6 @@ def load_params(path: str, dtype=None, sharding=None, mesh=None):
     params_dir = os.path.join(path, PARAMS_DIR)
     stored = _readable(lambda: ckptr.metadata(params_dir).item_metadata.tree, path)
     if mesh is not None:
-        from llama_jax.model.llama import abstract_params
-        from llama_jax.parallel.sharding import tree_shardings
-
         sharding = tree_shardings(abstract_params(model_cfg), mesh)[1]
     if sharding is None:
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

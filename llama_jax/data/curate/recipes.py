@@ -14,6 +14,7 @@ import glob
 import json
 import os
 
+from llama_jax.data.curate import models as cm
 from llama_jax.data.curate import steps as cs
 
 RECIPES = {
@@ -32,8 +33,6 @@ def _commoncrawl(removed: str, reference: str | None, random: str | None) -> lis
     """CCNet's steps plus the paper's reference classifier. The n-gram model is trained on the
     reference pages, the classifier on reference against random pages (both JSONL files)."""
     import numpy as np
-
-    from llama_jax.data.curate import models as cm
 
     if not (reference and random):
         raise ValueError("the commoncrawl recipe needs --reference and --random JSONL pages")
