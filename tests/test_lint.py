@@ -246,12 +246,15 @@ def test_only_config_imports_ml_collections():
 
 
 def test_readme_layout_lists_every_module():
-    """The README's layout block names every library module and package, and no others."""
+    """The README's layout block names every top-level library module and package, one line
+    each in the order of LAYERS, and no others."""
     readme = (ROOT / "README.md").read_text()
     block = readme.split("## Layout", 1)[1].split("```")[1]
-    named = set(re.findall(r"^\s+(\w+(?:\.py|/))", block, re.M))
+    named = re.findall(r"^  (\w+)(?:\.py|/)\s", block, re.M)  # two spaces: under llama_jax/
     lib = ROOT / "llama_jax"
-    have = {p.name for p in lib.glob("*.py") if p.name != "__init__.py"}
-    have |= {f"{p.name}/" for p in lib.iterdir() if (p / "__init__.py").exists()}
-    assert named >= have, sorted(have - named)
-    assert not {n for n in named if n.endswith(".py")} - have, "README names a module that is gone"
+    have = {p.stem for p in lib.glob("*.py") if p.name != "__init__.py"}
+    have |= {p.name for p in lib.iterdir() if (p / "__init__.py").exists()}
+    assert len(named) == len(set(named)), "a name is listed twice"
+    assert set(named) == have, (sorted(have - set(named)), sorted(set(named) - have))
+    rank = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+    assert [rank[n] for n in named] == sorted(rank[n] for n in named), "not in layer order"
