@@ -12,6 +12,7 @@ checkpoint. See llama_jax/experiments/ablate.py.
 
 import argparse
 import logging
+import os
 import sys
 
 from llama_jax import cli
@@ -24,6 +25,7 @@ def execute(c: cli.Command):
     )
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
     from llama_jax.experiments import ablate
+    from llama_jax.trainer.control import fault_hooks
 
     try:
         axes = [ablate.parse_vary(v) for v in a.vary]
@@ -35,6 +37,7 @@ def execute(c: cli.Command):
             workdir=a.workdir,
             grid=a.grid,
             evals=a.evals,
+            hooks=fault_hooks(os.environ),  # tests' fault injection; () unless they set it
         )
     except ablate.SweepInterrupted as e:  # like launch.train: saved; rerunning resumes
         print(f"interrupted: {e}", flush=True)

@@ -25,12 +25,14 @@ def execute(c: cli.Command):
     for noisy in ("absl", "jax"):  # orbax's per-save chatter, jax's backend probing
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from llama_jax.trainer import loop as trainer  # after flag parsing: importing jax is slow
+    from llama_jax.trainer.control import fault_hooks
 
     name = os.path.splitext(os.path.basename(c.config_path.split(":")[0]))[0]
     workdir = c.args.workdir or os.path.join("runs", name)
     # The same command again resumes the run (the summary block suggests it).
     again = shlex.join(["python", "-m", "launch.train", *c.argv])
-    last = trainer.train(c.cfg, workdir, config_diff=c.diff, command=again)
+    hooks = fault_hooks(os.environ)  # tests' fault injection; () unless they set it
+    last = trainer.train(c.cfg, workdir, config_diff=c.diff, command=again, hooks=hooks)
     if "stopped_by" in last:  # saved: the scheduler should run this again
         sys.exit(cli.RESUME_EXIT)
 

@@ -322,7 +322,7 @@ def test_metrics_rewrite_never_truncates_history(tmp_path):
         "resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))\n"
         "from llama_jax.trainer.metrics import MetricsWriter\n"
         "try:\n"
-        f"    MetricsWriter({str(tmp_path)!r}, resume_step=20, enabled=True)\n"
+        f"    MetricsWriter({str(tmp_path)!r}, resume_step=20, enabled=True).open()\n"
         "except OSError as e:\n"
         "    print('interrupted:', e)\n"
     )

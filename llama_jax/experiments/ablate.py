@@ -159,6 +159,7 @@ def sweep(
     grid: bool = False,
     evals: int = 8,
     report: bool = True,
+    hooks=(),
 ) -> list[dict]:
     """Trains every (variant, seed) not yet done, then writes results.csv/.md and ablation.png.
 
@@ -167,6 +168,7 @@ def sweep(
       axes: [(dotted field, [values])]; see make_variants.
       tokens: training tokens per run (steps = tokens // (batch_size * seq_len)).
       seeds: init seeds per variant (train.seed, train.seed + 1, ...).
+      hooks: after-step hooks of every run (trainer.loop.train).
     Returns:
       the result rows (see summarize).
     Raises:
@@ -194,7 +196,7 @@ def sweep(
         run_dir = os.path.join(workdir, variant.name, f"seed{seed}")
         cfg = run_config(base_cfg, variant, seed, tokens, evals)
         what = f"[{i + 1}/{total}] {variant.name} seed {seed}"
-        _train_one(cfg, run_dir, what)
+        _train_one(cfg, run_dir, what, hooks)
     rows = summarize(workdir, variants, seed_list)
     if report:
         write_tables(rows, workdir, tokens=tokens, seeds=seed_list, grid=grid)
@@ -202,7 +204,7 @@ def sweep(
     return rows
 
 
-def _train_one(cfg: RunConfig, run_dir: str, what: str) -> None:
+def _train_one(cfg: RunConfig, run_dir: str, what: str, hooks=()) -> None:
     """Trains one (variant, seed) run into run_dir unless it is done; DONE marks it finished."""
 
     os.makedirs(run_dir, exist_ok=True)
@@ -214,7 +216,7 @@ def _train_one(cfg: RunConfig, run_dir: str, what: str) -> None:
     log.info("%s: %d steps", what, cfg.train.steps)
     t0 = time.time()
     try:
-        last = trainer.train(cfg, run_dir)
+        last = trainer.train(cfg, run_dir, hooks=hooks)
     except trainer.NonFiniteLossError as e:  # a result of the ablation, not a sweep failure
         log.warning("%s diverged: %s", what, e)
         last = {"diverged": str(e)}

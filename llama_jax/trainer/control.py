@@ -1,5 +1,6 @@
-"""What steers a training loop from outside: stop signals, the profiler's step range, fault
-injection for tests, and the lock that keeps a second run out of a workdir."""
+"""What steers a training loop from outside: stop signals, the profiler's step range, the
+watchdogs, fault injection for tests, and the lock that keeps a second run out of a workdir.
+Constructing any of them does nothing; start()/install() (called by the loop) does."""
 
 from __future__ import annotations
 
@@ -72,15 +73,19 @@ class Profiler:
             self.active = False
 
 
-def inject_fault(step: int) -> None:
-    """Fault injection for tests: LLAMA_JAX_SIGNAL_AT_STEP="SIGNUM:STEP" sends this process a
+def fault_hooks(environ) -> tuple:
+    """Fault injection for tests, as after-step hooks (Services.hooks) that the launchers
+    install from the environment: LLAMA_JAX_SIGNAL_AT_STEP="SIGNUM:STEP" sends this process a
     real signal after that step, e.g. 9:12 (SIGKILL) or 15:5 (SIGTERM);
-    LLAMA_JAX_HANG_AT_STEP=STEP hangs after that step (a stuck read or collective)."""
-    spec = os.environ.get("LLAMA_JAX_SIGNAL_AT_STEP")
-    if spec and int(spec.split(":")[1]) == step:
-        os.kill(os.getpid(), int(spec.split(":")[0]))
-    if os.environ.get("LLAMA_JAX_HANG_AT_STEP") == str(step):
-        threading.Event().wait()
+    LLAMA_JAX_HANG_AT_STEP=STEP hangs after that step (a stuck read or collective). () when
+    neither is set: the loop then runs no hook at all."""
+    hooks = []
+    if spec := environ.get("LLAMA_JAX_SIGNAL_AT_STEP"):
+        signum, at = (int(x) for x in spec.split(":"))
+        hooks.append(lambda step: os.kill(os.getpid(), signum) if step == at else None)
+    if hang := environ.get("LLAMA_JAX_HANG_AT_STEP"):
+        hooks.append(lambda step: threading.Event().wait() if step == int(hang) else None)
+    return tuple(hooks)
 
 
 class WorkdirLock:
@@ -163,7 +168,9 @@ class PeerWatch:
         self.timeout_s, self.seen, self.who, self.found = timeout_s, {}, {}, None
         self._stop, self._hold = threading.Event(), threading.Event()
         self._thread = None
-        if timeout_s <= 0 or jax.process_count() == 1:
+
+    def start(self) -> None:
+        if self.timeout_s <= 0 or jax.process_count() == 1:
             return
         from jax._src import distributed  # the client orbax's barriers use too
 
@@ -259,7 +266,9 @@ class StepWatchdog:
         self.step = 0
         self._stop = threading.Event()
         self._thread = None
-        if timeout_s > 0:
+
+    def start(self) -> None:
+        if self.timeout_s > 0:
             self._thread = threading.Thread(target=self._watch, daemon=True, name="step-watchdog")
             self._thread.start()
 

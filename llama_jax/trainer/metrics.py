@@ -22,25 +22,30 @@ def _record_step(line: str) -> float:
         return math.inf
 
 
-def last_record(workdir: str) -> dict:
-    """The last complete line of metrics.jsonl (counters carry over on resume)."""
+def last_record(workdir: str, upto: float = math.inf) -> dict:
+    """The last complete line of metrics.jsonl (counters carry over on resume), or of those up
+    to step `upto` (what MetricsWriter.open keeps on a resume from that step)."""
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return {}
-    rows = [line for line in open(path) if math.isfinite(_record_step(line))]
+    rows = [line for line in open(path) if (s := _record_step(line)) < math.inf and s <= upto]
     return json.loads(rows[-1]) if rows else {}
 
 
 class MetricsWriter:
-    """metrics.jsonl (one object per logged step) plus TensorBoard events; process 0 only."""
+    """metrics.jsonl (one object per logged step) plus TensorBoard events; process 0 only.
+    open() trims the history to the resume step and opens TensorBoard; writes before it fail."""
 
     def __init__(self, workdir: str, resume_step: int, enabled: bool):
-        self.enabled = enabled
+        self.enabled, self.resume_step = enabled, resume_step
         self.path = os.path.join(workdir, METRICS_FILE)
         self.tb_dir = os.path.join(workdir, "tb")
         self.tb = None
-        if not enabled:
+
+    def open(self) -> None:
+        if not self.enabled:
             return
+        resume_step = self.resume_step
         # Steps after the checkpoint we resume from were lost: drop their records. The kept
         # ones go to a new file renamed over the old one, so a kill or a full disk during the
         # rewrite leaves the old file whole, never a truncated history.
