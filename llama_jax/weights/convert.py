@@ -30,7 +30,8 @@ from collections.abc import Callable
 import numpy as np
 
 from llama_jax.adapters import lora
-from llama_jax.config import ModelConfig, dtype_name, dtype_of
+from llama_jax.config import ModelConfig
+from llama_jax.config_fields import dtype_name, dtype_of
 from llama_jax.weights.params_io import load_params, save_params
 
 FORMATS = ("hf", "meta", "ours")

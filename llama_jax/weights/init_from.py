@@ -15,7 +15,8 @@ import os
 import jax
 import numpy as np
 
-from llama_jax.config import ModelConfig, RunConfig, dtype_of
+from llama_jax.config import ModelConfig, RunConfig
+from llama_jax.config_fields import dtype_of
 from llama_jax.weights import convert, params_io
 
 SOURCES = ("hf", "meta", "ours")
