@@ -19,12 +19,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from llama_jax.adapters import lora
-from llama_jax.checkpoint.manager import (
-    Checkpointer,
-    CheckpointSaveError,
-    check_resume,
-    check_resume_data,
-)
+from llama_jax.checkpoint.manager import Checkpointer, CheckpointSaveError
+from llama_jax.checkpoint.resume import check_resume, check_resume_data
 from llama_jax.config import RunConfig
 from llama_jax.data import mixture, run_data
 from llama_jax.data.loader import Loader
