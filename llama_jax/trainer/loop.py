@@ -25,7 +25,6 @@ from llama_jax.config import RunConfig
 from llama_jax.data import mixture, run_data
 from llama_jax.data.loader import Loader
 from llama_jax.data.tokenizer import Tokenizer
-from llama_jax.inference.evaluate import MixtureValidation, ValidationLoss
 from llama_jax.inference.generate import Sampling, sample_texts
 from llama_jax.model import stats
 from llama_jax.model.attention import resolve_impl
@@ -42,6 +41,7 @@ from llama_jax.trainer.control import (
     gather_flags,
     inject_fault,
 )
+from llama_jax.trainer.validation import MixtureValidation, ValidationLoss
 from llama_jax.weights import init_from
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class Run:
     state: Any  # train_step.TrainState
     step_fn: Any
     loader: Loader
-    validate: Any  # evaluate.ValidationLoss, or None when validation is off
+    validate: Any  # validation.ValidationLoss, or None when validation is off
     writer: metrics.MetricsWriter
     n_params: int
     start: int
