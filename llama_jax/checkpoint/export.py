@@ -16,7 +16,8 @@ from llama_jax.checkpoint.manager import Checkpointer
 from llama_jax.config import RunConfig
 from llama_jax.parallel.sharding import make_mesh
 from llama_jax.train import step as ts
-from llama_jax.weights import convert, init_from, params_io
+from llama_jax.weights import init_from, params_io
+from llama_jax.weights.peft import write_peft
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def export(
         )
     if peft:
         base = _peft_base(cfg) if peft_base is None else peft_base
-        convert.write_peft(peft, jax.device_get(state.params), cfg.model, base)
+        write_peft(peft, jax.device_get(state.params), cfg.model, base)
     if merge_lora:
         _export_merged(cfg, mesh, state.params, output, dtype or "float32", report)
     return output or peft
