@@ -2,7 +2,7 @@
     [--merge-lora] [--peft DIR [--peft-base NAME_OR_DIR]]
 
 Writes the params of a training checkpoint (no optimizer state) plus the model config, in the
-format launch.generate, launch.eval and launch.convert read (llama_jax.checkpoint.manager.export).
+format launch.generate, launch.eval and launch.convert read (llama_jax.checkpoint.export.export).
 A LoRA run: --merge-lora writes its base with the adapters merged in float32 (stored in float32
 unless --dtype says otherwise; the merge error is printed); --peft DIR writes a Hugging Face
 PEFT adapter (adapter_config.json + adapter_model.safetensors) whose base is --peft-base, or
@@ -15,7 +15,7 @@ from llama_jax import cli
 
 
 def execute(c: cli.Command):
-    from llama_jax.checkpoint.manager import export
+    from llama_jax.checkpoint.export import export
 
     a = c.args
     out = export(a.workdir, a.output, a.step, a.dtype, merge_lora=a.merge_lora, peft=a.peft,

@@ -5,7 +5,8 @@ users read, one comment per field). `load(path, overrides)` reads the file with
 ml_collections' config_flags, turns it into a `RunConfig` validated field by field, and applies
 `group.field=value` overrides parsed to each field's type; below the entry points every
 function takes a RunConfig (or one of its groups, or plain arguments), never a ConfigDict.
-This is the only library module that imports ml_collections.
+This is the only library module that imports ml_collections. What each field may hold (its
+type, named choices, numeric range) and the checks are llama_jax/config_fields.py.
 """
 
 from __future__ import annotations
@@ -17,126 +18,21 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import jax.numpy as jnp
-
-LORA_TARGETS = ("q", "k", "v", "o", "w1", "w2", "w3")  # lora.TARGETS: the weights LoRA adapts
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# Choice-valued fields of each group -> the valid names. The tables that implement them check at
-# import that they implement exactly these (model/attention.py, model/remat.py), so the schema
-# names its choices without importing the kernels.
-ATTENTION_IMPLS = ("blockwise", "cudnn", "reference", "auto")
-REMAT_POLICIES = ("none", "full", "save_linear", "save_qkv_attn", "offload_linear")
-# What a run does with a checkpoint that cannot be restored (checkpoint.Checkpointer
-# .restore_newest): move it aside and continue from the newest older one, or stop.
-ON_CORRUPT = ("fallback", "fail")
-# field -> (what it names, valid names)
-MODEL_CHOICES = {
-    "dtype": ("dtype", tuple(DTYPES)),
-    "param_dtype": ("dtype", tuple(DTYPES)),
-    "residual_dtype": ("dtype", tuple(DTYPES)),
-    "attention_impl": ("attention impl", ATTENTION_IMPLS),
-    "remat_policy": ("remat policy", REMAT_POLICIES),
-    # The ablation switches (model.py branches on them).
-    "norm": ("norm", ("rmsnorm", "layernorm")),
-    "norm_placement": ("norm placement", ("pre", "post")),
-    "mlp": ("mlp", ("swiglu", "gelu")),
-    "position": ("position", ("rope", "learned", "none")),
-}
-
-
-def dtype_of(dtype):
-    """A jnp dtype from a DTYPES name (or a dtype, returned as is); None stays None."""
-    if dtype is None or not isinstance(dtype, str):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: {sorted(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def dtype_name(dtype) -> str:
-    """The DTYPES name of a dtype (a jnp/np dtype, a type, or a name)."""
-    for name, dt in DTYPES.items():
-        if jnp.dtype(dt) == jnp.dtype(dtype):
-            return name
-    raise ValueError(f"dtype {dtype} has no name in config.DTYPES {sorted(DTYPES)}")
-
-
-class ConfigError(ValueError):
-    """A config field that holds a bad value, or does not exist; the message names it."""
-
-    def __str__(self) -> str:  # plain, also for UnknownFieldError (KeyError would quote it)
-        return str(self.args[0]) if self.args else ""
-
-
-class UnknownFieldError(ConfigError, KeyError):
-    """A config field or group that does not exist (a KeyError too, as for a dict)."""
-
-
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
-
-
-def _checked(group: str, f: dataclasses.Field, value):
-    """value, type-checked against the field's annotation (an int is accepted as a float)."""
-    want = _TYPES[f.type]
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-        raise ConfigError(f"{group}.{f.name}={value!r} is a {type(value).__name__}; want {f.type}")
-    return value
-
-
-def _check_choices(group: str, obj, choices: Mapping[str, tuple]) -> None:
-    for name, (what, valid) in choices.items():
-        if getattr(obj, name) not in valid:
-            raise ConfigError(
-                f"unknown {what}: {group}.{name}={getattr(obj, name)!r}; valid: {list(valid)}"
-            )
-
-
-# The allowed range of a numeric field, by name; every numeric field of every group has one
-# (tests/test_config.py checks), so a bad value is refused when the config is built, not found
-# out as a ZeroDivisionError, a negative learning rate or a run that trains nothing.
-RULES = {
-    "any": lambda v: True,
-    ">= 1": lambda v: v >= 1,
-    ">= 0": lambda v: v >= 0,
-    "> 0": lambda v: v > 0,
-    ">= -1": lambda v: v >= -1,
-    "-1 or >= 1": lambda v: v == -1 or v >= 1,
-    "-1 or > 0": lambda v: v == -1 or v > 0,
-    "in [0, 1]": lambda v: 0 <= v <= 1,
-    "in [0, 1)": lambda v: 0 <= v < 1,
-}
-
-
-class _Group:
-    """Shared construction and checks of the config groups: from a dict, strictly; every
-    numeric field within its RANGES rule."""
-
-    GROUP = ""
-    RANGES: dict[str, str] = {}
-
-    def __post_init__(self):
-        for name, rule in self.RANGES.items():
-            value = getattr(self, name)
-            if not RULES[rule](value):
-                raise ConfigError(f"{self.GROUP}.{name}={value!r}: must be {rule}")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]):
-        """Builds from a dict (or ConfigDict); an unknown field is an error naming it and the
-        valid ones; a missing field takes its default (configs saved by older versions)."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(fields))
-        if unknown:
-            raise UnknownFieldError(
-                f"unknown {cls.GROUP} config field(s): {unknown}; valid: {sorted(fields)}"
-            )
-        return cls(**{k: _checked(cls.GROUP, fields[k], v) for k, v in d.items()})
+from llama_jax.config_fields import (
+    DTYPES,
+    LORA_TARGETS,
+    MODEL_CHOICES,
+    ON_CORRUPT,
+    TYPES,
+    ConfigError,
+    Group,
+    UnknownFieldError,
+    check_choices,
+)
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig(_Group):
+class ModelConfig(Group):
     """Model hyper-parameters; field names follow the reference LLaMA ModelArgs."""
 
     GROUP = "model"
@@ -190,7 +86,7 @@ class ModelConfig(_Group):
                 f"model.n_heads={self.n_heads} is not a multiple of "
                 f"model.n_kv_heads={self.n_kv_heads} (-1 = n_heads)"
             )
-        _check_choices("model", self, MODEL_CHOICES)
+        check_choices("model", self, MODEL_CHOICES)
 
     @property
     def kv_heads(self) -> int:
@@ -230,7 +126,7 @@ class ModelConfig(_Group):
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig(_Group):
+class TrainConfig(Group):
     """The optimization run: steps, batch, optimizer, schedule, logging cadence."""
 
     GROUP = "train"
@@ -311,7 +207,7 @@ class TrainConfig(_Group):
 
 
 @dataclasses.dataclass(frozen=True)
-class MeshConfig(_Group):
+class MeshConfig(Group):
     """Device mesh sizes; one of them may be -1 (all devices left over)."""
 
     GROUP = "mesh"
@@ -327,7 +223,7 @@ class MeshConfig(_Group):
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig(_Group):
+class DataConfig(Group):
     GROUP = "data"
     RANGES = {"prefetch": ">= 0"}
     path: str = ""
@@ -344,7 +240,7 @@ class DataConfig(_Group):
 
 
 @dataclasses.dataclass(frozen=True)
-class CheckpointConfig(_Group):
+class CheckpointConfig(Group):
     GROUP = "checkpoint"
     RANGES = {"every_steps": ">= 0", "keep": ">= 1", "keep_period": ">= 0"}
     every_steps: int = 1000
@@ -357,13 +253,11 @@ class CheckpointConfig(_Group):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_choices(
-            "checkpoint", self, {"on_corrupt": ("corrupt-checkpoint action", ON_CORRUPT)}
-        )
+        check_choices("checkpoint", self, {"on_corrupt": ("corrupt-checkpoint action", ON_CORRUPT)})
 
 
 @dataclasses.dataclass(frozen=True)
-class DistributedConfig(_Group):
+class DistributedConfig(Group):
     GROUP = "distributed"
     RANGES = {"num_processes": ">= 0", "process_id": ">= -1", "peer_timeout_s": ">= 0"}
     coordinator: str = ""
@@ -374,7 +268,7 @@ class DistributedConfig(_Group):
 
 # Group name -> class; the groups later features add (fine-tuning, data mixtures, fault
 # tolerance) go here and into RunConfig.
-GROUPS: dict[str, type[_Group]] = {
+GROUPS: dict[str, type[Group]] = {
     "model": ModelConfig,
     "train": TrainConfig,
     "mesh": MeshConfig,
@@ -478,7 +372,7 @@ def parse_value(key: str, text: str):
             if text.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(f"want true/false, got {text!r}")
             return text.lower() in ("true", "1")
-        return _TYPES[kind](text)
+        return TYPES[kind](text)
     except ValueError as e:
         raise ConfigError(f"config field {key}: {e}") from None
 

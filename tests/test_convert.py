@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from llama_jax.config import ModelConfig
 from llama_jax.model.llama import Llama
-from llama_jax.weights import convert
+from llama_jax.weights import convert, hf
 from llama_jax.weights.params_io import load_params, save_params
 
 F32 = {"dtype": "float32", "attention_impl": "reference"}
@@ -88,8 +88,8 @@ def test_hf_permutation_matters(tmp_path, monkeypatch):
     """The negative control: skipping the q/k permutation must break the logits comparison."""
     model = hf_model(2)
     model.save_pretrained(tmp_path / "hf")
-    monkeypatch.setattr(convert, "hf_to_meta_rows", lambda w, n: w)
-    tree, cfg = convert.read_hf(str(tmp_path / "hf"), overrides=F32)
+    monkeypatch.setattr(hf, "hf_to_meta_rows", lambda w, n: w)
+    tree, cfg = hf.read_hf(str(tmp_path / "hf"), overrides=F32)
     toks = tokens()
     err = rel_err(our_logits(tree, cfg, toks), hf_logits(model, toks))
     print(f"hf->ours without the permutation: max rel err {err:.2e}")
@@ -132,7 +132,7 @@ def test_ours_to_hf_logits(tmp_path, attn):
 
 
 def meta_state_dict(model) -> dict:
-    """Meta's unsharded state dict from an HF model, written independently of llama_jax.weights.convert:
+    """Meta's unsharded state dict from an HF model, written independently of llama_jax.weights.meta:
     the inverse of permute() in transformers' convert_llama_weights_to_hf.py."""
     c = model.config
     H = c.hidden_size // c.num_attention_heads
@@ -281,7 +281,7 @@ def test_bf16_stays_bf16(tmp_path):
     ],
 )
 def test_ffn_rule(dim, hidden, ref):
-    rule = convert.ffn_rule(dim, hidden)
+    rule = hf.ffn_rule(dim, hidden)
     if ref:
         assert rule == ref
     cfg = ModelConfig(dim=dim, n_heads=1, multiple_of=rule[0], ffn_dim_multiplier=rule[1])
@@ -296,10 +296,10 @@ def test_hf_config_errors():
         "intermediate_size": 176,
         "vocab_size": 96,
     }
-    assert convert.config_from_hf({**base, "tie_word_embeddings": True}).tie_word_embeddings
+    assert hf.config_from_hf({**base, "tie_word_embeddings": True}).tie_word_embeddings
     with pytest.raises(NotImplementedError, match="llama3"):
-        convert.config_from_hf({**base, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
-    assert convert.config_from_hf(base).n_kv_heads == 4
+        hf.config_from_hf({**base, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    assert hf.config_from_hf(base).n_kv_heads == 4
 
 
 def test_params_io_roundtrip(tmp_path):

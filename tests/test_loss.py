@@ -103,7 +103,7 @@ def test_step_gradients_match_transformers_float64(tmp_path, impl):
     autograd gradient of the same loss on the same weights, leaf by leaf.
 
     HF's gradients come back through our own HF reader: they are saved as if they were
-    weights, and convert.read_hf applies the layout changes (transposes, the q/k row order),
+    weights, and hf.read_hf applies the layout changes (transposes, the q/k row order),
     which are linear, so the gradient maps like the weight. Bound: a float32 gradient leaf
     passes through ~50 roundings and contractions of length <= B*T = 48 or V = 96; their
     errors have random signs, so the relative L2 error is ~ u * sqrt(50 * 96) ~ 4e-6;
@@ -111,7 +111,7 @@ def test_step_gradients_match_transformers_float64(tmp_path, impl):
     from llama_jax.config import RunConfig, TrainConfig
     from llama_jax.parallel import sharding as shd
     from llama_jax.train import step as ts
-    from llama_jax.weights import convert
+    from llama_jax.weights import hf
     from tests.test_convert import hf_model, tokens
 
     model = hf_model(2).double()
@@ -130,8 +130,8 @@ def test_step_gradients_match_transformers_float64(tmp_path, impl):
     overrides = {"dtype": "float32", "attention_impl": impl, "attn_block_q": 4}
     overrides["attn_block_k"] = 4  # several tiles, the causal skip included
     # read in float32: rounding the float64 reference adds at most u per element
-    params, cfg = convert.read_hf(str(tmp_path / "weights"), np.float32, overrides)
-    want, _ = convert.read_hf(str(tmp_path / "grads"), np.float32, overrides)
+    params, cfg = hf.read_hf(str(tmp_path / "weights"), np.float32, overrides)
+    want, _ = hf.read_hf(str(tmp_path / "grads"), np.float32, overrides)
     run = RunConfig(model=cfg, train=TrainConfig(batch_size=8, seq_len=6))
     mesh = shd.make_mesh(8, 1, 1)  # the batch split over the 8 simulated devices
     _, shardings = ts.abstract_train_state(run, mesh)

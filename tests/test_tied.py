@@ -28,7 +28,7 @@ from llama_jax.model.llama import Llama
 from llama_jax.parallel import sharding as shd
 from llama_jax.train import step as ts
 from llama_jax.trainer import loop as trainer
-from llama_jax.weights import convert, init_from
+from llama_jax.weights import convert, hf, init_from, meta
 from llama_jax.weights.params_io import load_params, save_params
 
 # Bound on max |our logits - transformers'| / max |transformers' logits|, both in float32.
@@ -103,10 +103,10 @@ def test_ours_to_hf_and_meta_tied(tmp_path):
     assert err < LOGIT_REL * scale  # derivation at LOGIT_REL
 
     convert.convert("ours", "meta", str(tmp_path / "ours"), str(tmp_path / "meta"), num_shards=2)
-    tree, c = convert.read_meta(str(tmp_path / "meta"))
+    tree, c = meta.read_meta(str(tmp_path / "meta"))
     assert not c.tie_word_embeddings
     np.testing.assert_array_equal(tree["output"], np.asarray(params["tok_embeddings"]).T)
-    tree, c = convert.read_meta(str(tmp_path / "meta"), overrides={"tie_word_embeddings": True})
+    tree, c = meta.read_meta(str(tmp_path / "meta"), overrides={"tie_word_embeddings": True})
     assert c.tie_word_embeddings and jax.tree.structure(tree) == jax.tree.structure(params)
     for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, np.asarray(b))
@@ -158,7 +158,7 @@ def test_tied_table_gradient_sums_lookup_and_head(tmp_path, sizes):
     contribution alone is far outside the bound, so a tie that drops one shows."""
     model = hf_model(2, tie=True)
     model.save_pretrained(tmp_path / "hf")
-    tree, cfg = convert.read_hf(str(tmp_path / "hf"), overrides=F32)
+    tree, cfg = hf.read_hf(str(tmp_path / "hf"), overrides=F32)
     toks = tokens(length=25)
     inputs, targets = toks[:, :-1], toks[:, 1:]  # 2 x 24 = 48 tokens
     run = RunConfig(model=cfg, train=TrainConfig(batch_size=2, seq_len=24))

@@ -209,7 +209,8 @@ def test_restore_onto_other_meshes_gives_the_same_next_loss(tmp_path, tiny_datas
 
 
 def test_export_then_load_gives_the_training_logits(tmp_path, tiny_dataset):
-    from llama_jax.checkpoint.manager import Checkpointer, export
+    from llama_jax.checkpoint.export import export
+    from llama_jax.checkpoint.manager import Checkpointer
     from llama_jax.model.llama import Llama
     from llama_jax.parallel import sharding as shd
     from llama_jax.train import step as ts
@@ -374,7 +375,7 @@ def test_resume_compares_every_field(tmp_path, tiny_dataset, caplog):
         ValueError, match=r"changed config \(.*train.weight_decay: 0.1 -> 0.0.*strict"
     ):
         trainer.train(drift.replace({"checkpoint.strict_resume": True}), str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="llama_jax.checkpoint.manager"):
+    with caplog.at_level(logging.WARNING, logger="llama_jax.checkpoint.resume"):
         assert trainer.train(drift, str(tmp_path))["step"] == 3
     warned = [r.getMessage() for r in caplog.records if "changed config" in r.getMessage()]
     assert len(warned) == 1 and "model.rope_theta: 10000.0 -> 500.0" in warned[0], warned

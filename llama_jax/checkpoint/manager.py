@@ -1,11 +1,12 @@
-"""Orbax checkpoints of the whole train state: async saves, retention, resume, re-sharding,
-and the checks that a resumed run continues the run it resumes.
+"""Orbax checkpoints of the whole train state: async saves, retention, restore onto any mesh
+(re-sharding), corrupt steps set aside, and orbax's failure tracebacks quieted.
 
 A checkpoint step directory holds `state` (params, optimizer state, step) and `meta` (the
 config, which holds the seeds, and loop counters as JSON). Training draws no random numbers
 after init: the data order is a function of (data seed, step). Orbax writes each step into a
 temporary directory and renames it only once complete, so an interrupted write is never picked
-up by latest_step().
+up by latest_step(). Whether a resumed run continues the run it resumes is checkpoint/resume.py's
+concern; writing a checkpoint's params for other tools, checkpoint/export.py's.
 """
 
 from __future__ import annotations
@@ -13,17 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
 
 import jax
 import orbax.checkpoint as ocp
-
-from llama_jax.adapters import lora
-from llama_jax.config import RunConfig
-from llama_jax.model.stats import param_shapes
-from llama_jax.parallel.sharding import make_mesh
-from llama_jax.train import step as ts
-from llama_jax.weights import convert, init_from, params_io
 
 log = logging.getLogger(__name__)
 
@@ -253,166 +246,3 @@ def _failed_processes(failed: bool) -> list[int]:
 
     flags = multihost_utils.process_allgather(np.int32(failed))
     return [int(i) for i in np.flatnonzero(np.asarray(flags).reshape(-1))]
-
-
-# Fields that fix which tokens each step sees: changing them on resume would silently skip or
-# repeat data. Schedule fields may change (extending a run), with a warning.
-RESUME_FIXED = ("train.batch_size", "train.seq_len", "data.path", "data.mixture")
-# The run's environment, free to change on resume without a word: the mesh (restore re-shards
-# onto any mesh), multi-process settings, loader prefetch and the resume switches themselves.
-RESUME_FREE = ("mesh.", "distributed.", "data.prefetch", "data.allow_dataset_change",
-               "checkpoint.allow_restart", "checkpoint.strict_resume", "checkpoint.on_corrupt",
-               "train.step_timeout_s")  # fmt: skip
-
-
-def check_resume_data(saved: dict | None, current: dict, cfg: RunConfig) -> None:
-    """Raises when the data differs from the checkpoint's: saved and current are
-    data.format.fingerprint()s (tokenizer and prepared-metadata hashes)."""
-    if not saved:  # a checkpoint from before fingerprints: nothing to compare
-        log.warning("checkpoint has no dataset fingerprint: cannot check the data it trained on")
-        return
-    changed = [f"{k} {saved.get(k, '?')[:12]}... -> {v[:12]}..." for k, v in current.items()
-               if saved.get(k) != v]  # fmt: skip
-    if not changed:
-        return
-    if cfg.data.allow_dataset_change:
-        log.warning("resuming on a different dataset (%s), as data.allow_dataset_change says",
-                    "; ".join(changed))  # fmt: skip
-        return
-    raise ValueError(
-        f"resuming on a different dataset than the checkpoint ({'; '.join(changed)}): the "
-        f"tokenizer or the prepared data at data.path={cfg.data.path!r} changed; use the "
-        "original data, a new --workdir, or --config.data.allow_dataset_change=true to "
-        "continue on this data on purpose"
-    )
-
-
-def check_resume(saved: dict | None, cfg: RunConfig) -> None:
-    """Compares cfg with the config stored in the checkpoint (saved), field by field, before
-    anything is restored. Refused, naming the fields and both values: a different data order
-    (silently skipped or repeated data), and a model of another parameter shape (it cannot be
-    restored; orbax would call it corruption). Any other change is listed in one warning, or
-    refused under checkpoint.strict_resume."""
-    if not saved:
-        return
-    before = RunConfig.from_dict(saved)
-    old, new = before.flat(), cfg.flat()
-    bad = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in RESUME_FIXED if old[k] != new[k]]
-    if before.train.data_order_seed != cfg.train.data_order_seed:
-        bad.append(f"data seed: {before.train.data_order_seed} -> {cfg.train.data_order_seed}")
-    if bad:
-        raise ValueError(
-            "resuming with a different data order than the checkpoint ("
-            + "; ".join(bad)
-            + "): use the original values or a new --workdir"
-        )
-    changed = {
-        k: (old[k], new[k]) for k in old if old[k] != new[k] and not k.startswith(RESUME_FREE)
-    }
-    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-    if _param_shapes(before.model) != _param_shapes(cfg.model):
-        shape = "; ".join(
-            f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if k.startswith("model.")
-        )
-        raise ValueError(
-            f"resuming with a model of another shape than the checkpoint ({shape}): its "
-            "parameters do not fit; use the original values or a new --workdir"
-        )
-    if changed and cfg.checkpoint.strict_resume:
-        raise ValueError(
-            f"resuming with a changed config ({listed}) under checkpoint.strict_resume: use the "
-            "original values, or drop strict_resume to accept the changes"
-        )
-    if changed:
-        log.warning("resuming with a changed config (the checkpoint's -> now): %s", listed)
-
-
-def _param_shapes(model) -> list:
-    """The parameter tree's structure, shapes and dtypes (nothing allocated)."""
-
-    shapes = param_shapes(model)
-    return [jax.tree.structure(shapes), [(x.shape, x.dtype) for x in jax.tree.leaves(shapes)]]
-
-
-def export(
-    workdir: str,
-    output: str | None,
-    step: int | None = None,
-    dtype: str | None = None,
-    *,
-    merge_lora: bool = False,
-    peft: str | None = None,
-    peft_base: str | None = None,
-    report: Callable[[str], None] = log.info,
-) -> str:
-    """Writes the params of a training checkpoint (no optimizer state) plus the model config,
-    in the params_io format launch.generate, launch.eval and launch.convert read. Restores onto
-    this machine's devices whatever mesh wrote it (FSDP over all of them).
-
-    A LoRA checkpoint holds adapters: merge_lora folds them into the base (train.init_from,
-    reloaded) in float32 and writes plain params to output, in float32 unless dtype names
-    another (the merge error goes to report); peft writes a Hugging Face PEFT adapter whose
-    base_model_name_or_path is peft_base, else train.init_from's directory when it is hf:."""
-
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"no checkpoints in {workdir} (expected {ckpt_dir})")
-    ckpt = Checkpointer(ckpt_dir, keep=1, async_save=False, read_only=True)
-    step = ckpt.latest_step() if step is None else step
-    if step is None or step not in ckpt.all_steps():
-        raise FileNotFoundError(f"no checkpoint step {step} in {ckpt_dir}; have {ckpt.all_steps()}")
-    cfg = RunConfig.from_dict(ckpt.restore_meta(step)["config"])
-    mesh = make_mesh(data=1, fsdp=-1, tensor=1)
-    state, _ = ckpt.restore(ts.abstract_train_state(cfg, mesh)[0], step)
-    ckpt.close()
-    if not cfg.model.lora_rank:
-        if output is None or peft:
-            raise ValueError(f"{workdir} trained all parameters (no LoRA): give --output alone")
-        params_io.save_params(output, jax.device_get(state.params), cfg.model, dtype=dtype)
-        return output
-    if not (merge_lora or peft) or bool(output) != merge_lora:
-        raise ValueError(
-            f"{workdir} holds LoRA adapters: --output DIR --merge-lora writes the base with them "
-            "merged, --peft DIR a Hugging Face PEFT adapter"
-        )
-    if peft:
-        base = _peft_base(cfg) if peft_base is None else peft_base
-        convert.write_peft(peft, jax.device_get(state.params), cfg.model, base)
-    if merge_lora:
-        _export_merged(cfg, mesh, state.params, output, dtype or "float32", report)
-    return output or peft
-
-
-def _export_merged(cfg: RunConfig, mesh, adapters, output: str, dtype: str, report) -> None:
-    """The base with the adapters merged in float32, stored in dtype; reports the merge error."""
-
-    base = _lora_base(cfg, mesh)
-    merged = jax.device_get(lora.merge(base, adapters, cfg.model))
-    path = params_io.save_params(output, merged, lora.plain(cfg.model), dtype=dtype)
-    err = lora.merge_error(base, adapters, params_io.load_params(path)[0], cfg.model)
-    lossy = err > 1e-3  # float32 rounding is ~1e-7 of the update; bfloat16's is ~1e-1
-    report(
-        f"merged the adapters into the base in float32, stored in {dtype}: largest error "
-        f"{err:.2e} of the adapters' largest update entry"
-        + ("; an export in float32 (no --dtype) keeps the whole update" if lossy else "")
-    )
-
-
-def _peft_base(cfg: RunConfig) -> str:
-    """What AutoPeftModelForCausalLM loads the base from: a Hugging Face directory."""
-    fmt, _, path = cfg.train.init_from.partition(":")
-    if fmt == "hf":
-        return os.path.abspath(path)
-    print(
-        f"warning: the base (train.init_from={cfg.train.init_from!r}) is not a Hugging Face "
-        "directory: adapter_config.json names no base; convert it (launch.convert --to hf) "
-        "and pass --peft-base DIR", file=sys.stderr,
-    )  # fmt: skip
-    return ""
-
-
-def _lora_base(cfg: RunConfig, mesh):
-
-    if cfg.train.init_from:
-        return init_from.load_params(cfg, ts.abstract_frozen(cfg, mesh)[1])
-    return ts.random_frozen(cfg, mesh)

@@ -81,7 +81,7 @@ def feistel_permute(index: np.ndarray, n: int, key: int, rounds: int = 4) -> np.
         y[outside] = encrypt(y[outside])
 
 
-def _rows_of_sharding(sharding, shape: tuple[int, int]) -> tuple[int, int]:
+def rows_of_sharding(sharding, shape: tuple[int, int]) -> tuple[int, int]:
     """The contiguous range of global-batch rows held by this process's devices."""
     spans = set()
     for idx in sharding.addressable_devices_indices_map(shape).values():
@@ -102,7 +102,7 @@ def _rows_of_sharding(sharding, shape: tuple[int, int]) -> tuple[int, int]:
     return lo, hi
 
 
-def _rows_of_process(
+def rows_of_process(
     batch_size: int, process_index: int | None, process_count: int | None
 ) -> tuple[int, int]:
     """This process's even slice of global-batch rows (default: jax's process index/count)."""
@@ -201,9 +201,9 @@ class Loader:
             )
         self.sharding = sharding
         if sharding is not None:
-            self.rows = _rows_of_sharding(sharding, (batch_size, seq_len))
+            self.rows = rows_of_sharding(sharding, (batch_size, seq_len))
         else:
-            self.rows = _rows_of_process(batch_size, process_index, process_count)
+            self.rows = rows_of_process(batch_size, process_index, process_count)
         self._store = open_split(dataset_dir, split)
         nbytes = self.num_tokens * self._store.dtype.numpy_dtype.itemsize
         if in_memory is None:

@@ -31,7 +31,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from llama_jax.data.loader import Loader, _rows_of_process, _rows_of_sharding
+from llama_jax.data.loader import Loader, rows_of_process, rows_of_sharding
 
 PERIOD_LIMIT = 1 << 20  # rows in the small-batch schedule's period (about 2 s to compute)
 
@@ -194,5 +194,5 @@ class MixtureLoader(Loader):
 
 def _process_rows(sharding, batch_size: int, seq_len: int) -> tuple[int, int]:
     if sharding is not None:
-        return _rows_of_sharding(sharding, (batch_size, seq_len))
-    return _rows_of_process(batch_size, None, None)
+        return rows_of_sharding(sharding, (batch_size, seq_len))
+    return rows_of_process(batch_size, None, None)

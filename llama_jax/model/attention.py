@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from llama_jax.config import ATTENTION_IMPLS
+from llama_jax.config_fields import ATTENTION_IMPLS
 from llama_jax.model import attention_table
 
 logger = logging.getLogger(__name__)
@@ -345,7 +345,9 @@ IMPLEMENTATIONS = {
 }
 VALID_IMPLS = sorted(IMPLEMENTATIONS) + ["auto"]
 if tuple(VALID_IMPLS) != ATTENTION_IMPLS:  # the schema names the choices; this table serves them
-    raise ImportError(f"config.ATTENTION_IMPLS {ATTENTION_IMPLS} != the implemented {VALID_IMPLS}")
+    raise ImportError(
+        f"config_fields.ATTENTION_IMPLS {ATTENTION_IMPLS} != the implemented {VALID_IMPLS}"
+    )
 
 
 def _cudnn_unusable(backend: str, dtype, head_dim: int, has_segments: bool) -> str:

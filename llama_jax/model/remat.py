@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from llama_jax import config
+from llama_jax import config_fields
 
 _cp = jax.checkpoint_policies
 LINEAR_OUTPUTS = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_gate", "mlp_up", "mlp_down")
@@ -50,8 +50,10 @@ REMAT_POLICIES: dict[str, Remat] = {
         lambda D, F, KH: D,
     ),
 }
-if tuple(REMAT_POLICIES) != config.REMAT_POLICIES:  # the schema names them; this table serves them
-    raise ImportError(f"config.REMAT_POLICIES {config.REMAT_POLICIES} != {tuple(REMAT_POLICIES)}")
+if tuple(REMAT_POLICIES) != config_fields.REMAT_POLICIES:  # the schema names them; this serves them
+    raise ImportError(
+        f"config_fields.REMAT_POLICIES {config_fields.REMAT_POLICIES} != {tuple(REMAT_POLICIES)}"
+    )
 
 
 def check(name: str) -> str:

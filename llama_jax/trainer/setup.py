@@ -23,18 +23,19 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from llama_jax.adapters import lora
-from llama_jax.checkpoint.manager import Checkpointer, check_resume, check_resume_data
+from llama_jax.checkpoint.manager import Checkpointer
+from llama_jax.checkpoint.resume import check_resume, check_resume_data
 from llama_jax.config import RunConfig
 from llama_jax.data import mixture, run_data
 from llama_jax.data.loader import Loader
 from llama_jax.data.tokenizer import Tokenizer
-from llama_jax.inference.evaluate import MixtureValidation, ValidationLoss
 from llama_jax.model import stats
 from llama_jax.model.attention import resolve_impl
 from llama_jax.parallel import sharding as shd
 from llama_jax.train import step as ts
 from llama_jax.trainer import metrics
 from llama_jax.trainer.control import PeerWatch, Profiler, StepWatchdog, StopFlag
+from llama_jax.trainer.validation import MixtureValidation, ValidationLoss
 from llama_jax.weights import init_from
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,11 @@ import os
 import jax
 import numpy as np
 
-from llama_jax.config import ModelConfig, RunConfig, dtype_of
-from llama_jax.weights import convert, params_io
+from llama_jax.config import ModelConfig, RunConfig
+from llama_jax.config_fields import dtype_of
+from llama_jax.weights import params_io
+from llama_jax.weights.convert import OPENERS
+from llama_jax.weights.table import expected_shape, get_path, set_path, weights
 
 SOURCES = ("hf", "meta", "ours")
 # The model fields weights fix, compared by what they mean: (field, value of a ModelConfig).
@@ -51,7 +54,7 @@ def source_config(fmt: str, path: str) -> ModelConfig:
 
     if fmt == "ours":
         return params_io.load_config(path)
-    return convert.OPENERS[fmt](path)[0]
+    return OPENERS[fmt](path)[0]
 
 
 def apply_source(cfg: RunConfig) -> RunConfig:
@@ -83,14 +86,14 @@ def load_params(cfg: RunConfig, shardings):
     dtype = cfg.model.param_dtype
     if fmt == "ours":  # orbax restores each shard where it belongs already
         return params_io.load_params(path, dtype=dtype, sharding=shardings)[0]
-    c, _, get = convert.OPENERS[fmt](path)
+    c, _, get = OPENERS[fmt](path)
     tree: dict = {}
-    for w in convert.weights(c):
+    for w in weights(c):
         layers = c.n_layers if w.per_layer else None
-        shape = ((layers,) if layers else ()) + convert._expected_shape(w, c)
+        shape = ((layers,) if layers else ()) + expected_shape(w, c)
         read = lambda i, w=w: w.to_ours(get(w, i), c)  # noqa: E731
-        place = _place(read, shape, convert._get(shardings, w.ours), layers, dtype_of(dtype))
-        convert._set(tree, w.ours, place)
+        place = _place(read, shape, get_path(shardings, w.ours), layers, dtype_of(dtype))
+        set_path(tree, w.ours, place)
     return tree
 
 

@@ -18,7 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llama_jax.config import ModelConfig, dtype_name, dtype_of
+from llama_jax.config import ModelConfig
+from llama_jax.config_fields import dtype_name, dtype_of
 from llama_jax.model.llama import abstract_params
 from llama_jax.parallel.sharding import tree_shardings
 
