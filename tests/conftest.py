@@ -67,6 +67,47 @@ def tiny_dataset(tmp_path_factory):
     return str(root / "data"), tok
 
 
+@pytest.fixture(scope="session")
+def tiny_config():
+    """A factory: tiny_config(model=None, **train) -> RunConfig of a 2-layer float32 model (dim
+    64, 4 heads, 2 kv heads, vocab 128, reference attention, save_linear remat) and a 16 x 32
+    batch at lr 1e-3, no warmup, seed 1; `model` and `train` override single fields
+    (tests/test_train_step.py, tests/test_sharding.py: the latter passes seed=3)."""
+    from llama_jax.config import ModelConfig, RunConfig, TrainConfig
+
+    def make(model=None, **train):
+        mc = dict(
+            dim=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            vocab_size=128,
+            multiple_of=32,
+            max_seq_len=32,
+            dtype="float32",
+            attention_impl="reference",
+            remat_policy="save_linear",
+        )
+        tc = dict(batch_size=16, seq_len=32, lr=1e-3, warmup_steps=0, steps=100, seed=1)
+        return RunConfig(
+            model=ModelConfig(**{**mc, **(model or {})}), train=TrainConfig(**{**tc, **train})
+        )
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def mesh_of():
+    """A factory: mesh_of(data, fsdp, tensor) -> a (data, fsdp, tensor) mesh over the first
+    data x fsdp x tensor of the 8 simulated devices."""
+    from llama_jax.parallel import sharding as shd
+
+    def make(data, fsdp, tensor):
+        return shd.make_mesh(data, fsdp, tensor, devices=jax.devices()[: data * fsdp * tensor])
+
+    return make
+
+
 @pytest.fixture(autouse=True)
 def _no_stale_log_handlers():
     """A launcher run in-process (launch.train's basicConfig) leaves a root handler on that

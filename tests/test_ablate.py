@@ -97,6 +97,7 @@ def _steps(run_dir):
         return [json.loads(line)["step"] for line in f]
 
 
+@pytest.mark.slow
 def test_sweep_writes_results_and_resumes_without_rerunning(tmp_path, tiny_dataset):
     data = f"data.path={tiny_dataset[0]}"
     cfg = tiny_cfg(data)

@@ -88,25 +88,25 @@ def check_against_numpy(attn, q, k, v, do, seg, *, causal=True):
 
 
 # (dtype, N, K, T, block_q, block_k, segments): MHA and GQA, tiles that do and do not
-# divide T (and tiles larger than T), with and without packed segments.
+# divide T (and tiles larger than T), with and without packed segments. T >= 128: slow compiles.
 CASES = [
     ("float32", 2, 2, 1, 16, 16, False),
     ("float32", 4, 2, 7, 4, 3, True),
     ("float32", 4, 1, 7, 8, 8, False),
-    ("float32", 4, 1, 128, 32, 32, False),
-    ("float32", 2, 2, 128, 48, 40, True),
-    ("float32", 4, 2, 1000, 128, 128, True),
-    ("float32", 2, 2, 1000, 256, 200, False),
+    pytest.param("float32", 4, 1, 128, 32, 32, False, marks=pytest.mark.slow),
+    pytest.param("float32", 2, 2, 128, 48, 40, True, marks=pytest.mark.slow),
+    pytest.param("float32", 4, 2, 1000, 128, 128, True, marks=pytest.mark.slow),
+    pytest.param("float32", 2, 2, 1000, 256, 200, False, marks=pytest.mark.slow),
     ("bfloat16", 2, 2, 7, 4, 4, False),
-    ("bfloat16", 4, 2, 128, 32, 32, True),
-    ("bfloat16", 4, 2, 1000, 256, 256, False),
+    pytest.param("bfloat16", 4, 2, 128, 32, 32, True, marks=pytest.mark.slow),
+    pytest.param("bfloat16", 4, 2, 1000, 256, 256, False, marks=pytest.mark.slow),
 ]
 
 
-@pytest.fixture(params=["loops", "unrolled"])
+@pytest.fixture(params=["loops", pytest.param("unrolled", marks=pytest.mark.slow)])
 def tile_loops(request, monkeypatch):
     """Both ways blockwise runs its tiles: XLA loops, or unrolled Python loops (what small
-    problems get by default)."""
+    problems get by default; slow: each tile is its own ops to compile)."""
     unrolled = request.param == "unrolled"
     monkeypatch.setattr(attention, "UNROLL_BUDGET_BYTES", 2**40 if unrolled else 0)
     return request.param
@@ -144,6 +144,7 @@ def test_reference_impl_matches_float64():
     check_against_numpy(attn, q, k, v, do, seg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
 def test_sharded_under_remat(axis_type):
     """Batch and heads sharded over 8 devices, under jit and jax.checkpoint: no collectives."""
@@ -161,6 +162,7 @@ def test_sharded_under_remat(axis_type):
         assert x.sharding.spec == heads.spec
 
 
+@pytest.mark.slow
 def test_tiny_model_blockwise_matches_reference():
     """The scanned, rematerialized tiny Llama: logits and parameter grads agree to 1e-5."""
     from llama_jax.config import load
@@ -193,6 +195,7 @@ def temp_bytes(attn, T, B=1, N=8, H=64):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_blockwise_memory_is_linear_in_T():
     blockwise = lambda q, k, v: blockwise_attention(q, k, v, block_q=512, block_k=512)
     mem = {T: temp_bytes(blockwise, T) for T in (2048, 4096, 8192)}

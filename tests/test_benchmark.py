@@ -17,6 +17,7 @@ from llama_jax.parallel import xla_flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_all_sections_print_a_table_with_their_limit(tiny_dataset, capsys):
     from launch import benchmark
 
@@ -79,6 +80,7 @@ def test_all_sections_print_a_table_with_their_limit(tiny_dataset, capsys):
     assert [r["layers"] for r in results["compile"]] == [1, 2]
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
     """launch/gpu_check.sh --dry-run: tests (skipped off GPU), attention per implementation,
     the step per remat policy + an extra batch for the fastest, and the summary table last."""
@@ -111,6 +113,7 @@ def test_is_oom_recognizes_xla_messages():
     assert not is_oom(ValueError("shapes do not match"))
 
 
+@pytest.mark.slow
 def test_profile_steps_write_a_trace(tmp_path, tiny_dataset):
     from llama_jax.trainer import loop as trainer
     from tests.test_train import SMALL  # the training tests' small float32 model
@@ -150,6 +153,7 @@ def test_xla_flags_unknown_to_this_jaxlib_are_dropped(monkeypatch):
     assert added and not any("no_such_flag" in a for a in added)
 
 
+@pytest.mark.slow
 def test_xla_flags_are_accepted_by_this_jaxlib():
     """An unknown flag aborts XLA at start-up; every default of either table must start a
     backend (a flag's name in jaxlib's binary is not enough: xla_cpu_small_while_loop_byte_
@@ -180,6 +184,7 @@ PROFILE_SHAPE = [  # a step of ~250 ms on 2 cores: the tracer's per-op cost stay
 ]
 
 
+@pytest.mark.slow
 def test_step_profile_breaks_the_step_down_by_category(tmp_path):
     """launch.benchmark step --profile DIR: a table per policy of the CATEGORIES, whose
     sum is the traced step; the trace and HLO are kept.
@@ -284,6 +289,7 @@ def test_hlo_instructions_fall_into_their_categories():
     assert got["all-reduce.1"] == "collectives"
 
 
+@pytest.mark.slow
 def test_peers_train_the_same_model_side_by_side():
     """launch.benchmark peers: our step and transformers' PyTorch LLaMA step (and its Flax
     one where transformers still ships it) timed interleaved on one shape. Equal parameter
@@ -309,6 +315,7 @@ def test_peers_train_the_same_model_side_by_side():
         assert row["ours_vs"] == pytest.approx(rows["ours"]["tokens/s"] / row["tokens/s"])
 
 
+@pytest.mark.slow
 def test_attention_benchmark_writes_the_auto_table(tmp_path):
     """--attn-table PATH merges one entry per (T, H) with each implementation's time; a
     second run at another T adds to it, one at the same point replaces it."""

@@ -32,6 +32,8 @@ from llama_jax.model.remat import REMAT_POLICIES
 from llama_jax.parallel.sharding import make_mesh
 from llama_jax.train import step as ts
 
+pytestmark = pytest.mark.slow  # each test compiles bf16 and float32 gradients: 6-40 s
+
 U = 2.0**-8  # bf16 unit roundoff
 REL_L2 = 8 * U  # see the module docstring
 COSINE = 0.999

@@ -151,6 +151,7 @@ def test_missing_config_file_is_the_same_error_everywhere(capsys):
     assert len(errs) == 1, errs
 
 
+@pytest.mark.slow
 def test_the_real_command_line():
     """The same from a shell: a subprocess, space-separated override values, exit status 2."""
     r = subprocess.run(
@@ -199,6 +200,7 @@ def test_an_error_inside_a_config_file_is_one_line(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "no such size" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field", ["norm", "norm_placement", "mlp", "position"])
 def test_every_switch_value_changes_the_model(field):
     """The ablation switches are checked against config.MODEL_CHOICES; every listed value must

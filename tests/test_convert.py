@@ -96,6 +96,7 @@ def test_hf_permutation_matters(tmp_path, monkeypatch):
     assert err > 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn", ["mha", "gqa"])
 def test_ours_to_hf_logits(tmp_path, attn):
     cfg = ModelConfig(

@@ -184,6 +184,7 @@ def _spam(n, seed):
             for i in rng.integers(0, 8, n)]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_commoncrawl_filters_are_trained_by_the_pipeline(tmp_path):
     """CommonCrawl: the n-gram model (trained on reference pages) gives fluent reference-like
     text a low perplexity and word salad a high one; the classifier (reference vs random pages)

@@ -384,6 +384,7 @@ print("rows", ld.rows)
 """
 
 
+@pytest.mark.slow
 def test_two_real_processes_assemble_the_global_batch(ramp):
     """jax.distributed with 2 CPU processes x 4 devices: each reads only its rows, and the
     global array's shards equal the single-process batch."""

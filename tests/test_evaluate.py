@@ -14,6 +14,8 @@ from llama_jax.config import ModelConfig
 from llama_jax.inference import evaluate as ev
 from llama_jax.model.llama import Llama
 
+pytestmark = pytest.mark.slow  # the `trained` fixture (a few hundred Adam steps) or a launch run
+
 SOUNDS = {"cat": "meow", "dog": "woof", "cow": "moo", "owl": "hoot", "pig": "oink", "bee": "buzz"}
 CFG = ModelConfig(
     dim=64,

@@ -50,6 +50,7 @@ def hf_loss(model, batch) -> float:
     return float(-logp.gather(-1, targets[..., None]).mean())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["hf", "meta", "ours"])
 def test_first_batch_loss_is_transformers_loss(tmp_path, tiny_dataset, source):
     """launch.train from a transformers model (directly, or converted to Meta's layout or to

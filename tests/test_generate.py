@@ -56,6 +56,7 @@ def want(params):
     return [greedy_by_full_forward(params, p, NEW) for p in PROMPTS]
 
 
+@pytest.mark.slow
 def test_kv_cache_greedy_matches_full_forward(params, want):
     assert len({tuple(w) for w in want}) == 3  # the rows differ, so a row mix-up would show
     streamed = []
@@ -103,6 +104,7 @@ def test_sample_logits_filters():
     assert freq(gen.Sampling(1.0, top_p=1e-6))[0] == 1.0
 
 
+@pytest.mark.slow
 def test_sharded_cache_same_tokens(params, want):
     """On a mesh the cache is sharded like the k/v activations and the tokens do not change."""
     from llama_jax.parallel.sharding import make_mesh
@@ -114,6 +116,7 @@ def test_sharded_cache_same_tokens(params, want):
     assert got == [w[:4] for w in want]  # greedy's first 4 tokens
 
 
+@pytest.mark.slow
 def test_converted_float32_model_decodes_as_transformers(tmp_path, capsys, tiny_dataset):
     """Greedy decoding of a float32 Hugging Face model converted to ours computes in float32
     (the checkpoint's dtype, said on stderr), so 48 greedy tokens equal transformers' for

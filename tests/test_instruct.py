@@ -229,6 +229,7 @@ def _tiny_model(impl):
     return model, params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["reference", "blockwise"])
 def test_packed_example_sees_only_itself(impl):
     """Example B's logits are the same packed after A (segment 2, positions from 0) as alone.
@@ -286,6 +287,7 @@ def test_prepared_rows_and_loader(instruction_data):
         Loader(data, "train", batch_size=2, seq_len=32, prefetch=0)
 
 
+@pytest.mark.slow
 def test_prompt_targets_do_not_count(instruction_data):
     """Changing the target of a prompt token leaves the loss unchanged, bit for bit; changing
     the target of a response token changes it."""
@@ -330,6 +332,7 @@ def test_document_masking_for_token_streams(tiny_dataset):
     assert np.asarray(b["loss_mask"])[~eos].min() == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora_rank", [0, 16], ids=["full", "lora"])
 def test_fine_tuning_teaches_responses_that_generate_reproduces(tmp_path, tiny_dataset, capsys,
                                                                 lora_rank):  # fmt: skip
@@ -394,6 +397,7 @@ def _transformers_answers(tmp_path, tokenizer, pairs) -> list[str]:
     return answers
 
 
+@pytest.mark.slow
 def test_training_refuses_data_with_no_response_left(tmp_path, tiny_dataset, capsys):
     """Rows longer than the sequence lose their response to truncation: prepare counts the
     examples with no response token left, and training refuses to start (one line, exit 2)

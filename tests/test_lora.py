@@ -46,6 +46,7 @@ def _bytes(tree) -> int:
     )
 
 
+@pytest.mark.slow
 def test_base_is_frozen_and_optimizer_state_is_adapter_sized():
     """Three LoRA steps: the base params are bit-identical, the adapters moved, every optimizer
     moment has an adapter's shape, and the compiled step's arguments are the base, the
@@ -121,6 +122,7 @@ def _adapter_logits(root, cfg, toks):
     return np.asarray(Llama(run.model).apply(variables, toks)), np.asarray(plain)
 
 
+@pytest.mark.slow
 def test_merged_export_gives_the_adapter_models_logits(lora_run, capsys):
     """launch.export --merge-lora: plain params whose logits are the adapter model's. Bound:
     x(W + sAB) vs xW + s(xA)B in float32 reassociate sums of <= 352 terms: ~1e-6 relative;
@@ -143,6 +145,7 @@ def test_merged_export_gives_the_adapter_models_logits(lora_run, capsys):
     assert "holds LoRA adapters" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_peft_export_loads_with_peft_and_gives_the_same_logits(lora_run):
     """launch.export --peft DIR: peft.PeftModel.from_pretrained on the transformers base gives
     the adapter model's logits. Bound: float32 on both sides, as the conversion tests: 1e-4
@@ -175,6 +178,7 @@ def test_peft_export_loads_with_peft_and_gives_the_same_logits(lora_run):
     assert named["base_model_name_or_path"] == "meta-llama/Llama-2-7b-hf"
 
 
+@pytest.mark.slow
 def test_merge_onto_a_bfloat16_base_keeps_the_whole_update(tmp_path, tiny_dataset, capsys):
     """A LoRA run over a bfloat16 base (configs/lora_7b.py's param_dtype): --merge-lora
     merges in float32 and stores float32, so the merged model's logits are the adapter
@@ -215,6 +219,7 @@ def test_merge_onto_a_bfloat16_base_keeps_the_whole_update(tmp_path, tiny_datase
     assert load_params(str(tmp_path / "bf16"))[1].param_dtype == "bfloat16"
 
 
+@pytest.mark.slow
 def test_will_it_fit_counts_a_frozen_base_and_adapter_state():
     """launch.inspect --memory for LoRA: the compiled step's arguments are the frozen base, the
     adapters and their two AdamW moments (plus a few scalar counters); gradients are

@@ -96,6 +96,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["blockwise", "reference"])
 def test_step_gradients_match_transformers_float64(tmp_path, impl):
     """The gradient of the training loss (dense layers, blockwise or reference attention,

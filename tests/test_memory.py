@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA_7B = 6_738_415_616  # released parameter count (LLAMA_FACTS.md)
 
 
+@pytest.mark.slow
 def test_7b_fsdp8_state_is_16_bytes_per_param_over_8():
     """launch.inspect --memory --json on 8 simulated devices: each of params, optimizer state
     and gradients is its own number, and together they are 16 B x 6.74e9 / 8 (within 10%)."""
@@ -58,6 +59,7 @@ def test_7b_fsdp8_state_is_16_bytes_per_param_over_8():
     assert row["peak"] > total
 
 
+@pytest.mark.slow
 def test_activations_fall_from_none_to_save_linear_to_full():
     """On a small config (8 simulated devices), compiled and analytic activations both fall
     as the remat policy saves less: none > save_linear > full."""

@@ -92,6 +92,7 @@ def test_resume_at_step_k_gives_the_straight_runs_batches(two_sources):
     resumed.close()
 
 
+@pytest.mark.slow
 def test_training_logs_tokens_and_validation_per_source(tmp_path, tiny_dataset, caplog):
     """A run on a two-source mixture (the test dataset twice, 3:1) logs each source's tokens
     seen and validation loss in metrics.jsonl, and the planned epochs at start-up; resuming
@@ -126,6 +127,7 @@ def test_training_logs_tokens_and_validation_per_source(tmp_path, tiny_dataset, 
 TABLE1_WEIGHTS = np.array(list(TABLE1.values())) / 100  # the paper's percentages, sum 1
 
 
+@pytest.mark.slow
 def test_table1_every_batch_size_non_negative_and_within_a_row(table1_sources):
     """Table 1's weights at batch 1..64 over 200 steps: each step's rows per source come out
     >= 0 and sum to the batch; every prefix is within one row of each share. Strictly: a count

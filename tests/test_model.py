@@ -89,6 +89,7 @@ def np_llama(p, tokens, cfg):
     return np.stack(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 def test_logits_match_float64_numpy(n_kv_heads):
     cfg = tiny(n_kv_heads=n_kv_heads)
@@ -110,6 +111,7 @@ def test_logits_match_float64_numpy(n_kv_heads):
     assert rel < 1e-5, rel
 
 
+@pytest.mark.slow
 def test_causality():
     cfg = tiny(n_kv_heads=2)
     params = init(cfg)
@@ -208,6 +210,7 @@ def test_scan_program_size_does_not_grow_with_depth():
     assert deep < 1.02 * small, (small, deep)
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_fp32_params():
     cfg = tiny(dtype="bfloat16")
     params = init(cfg)

@@ -52,6 +52,7 @@ def _images(nb) -> int:
     return sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_executes(name, kernel_env, monkeypatch):
     for k, v in kernel_env.items():

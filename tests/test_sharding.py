@@ -7,34 +7,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from llama_jax.config import ModelConfig, RunConfig, TrainConfig
 from llama_jax.model.llama import BTD, Llama
 from llama_jax.parallel import sharding as shd
 from llama_jax.train import step as ts
-
-
-def tiny_config(model=None, **train):
-    mc = dict(
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        vocab_size=128,
-        multiple_of=32,
-        max_seq_len=32,
-        dtype="float32",
-        attention_impl="reference",
-        remat_policy="save_linear",
-    )
-    tc = dict(batch_size=16, seq_len=32, lr=1e-3, warmup_steps=0, steps=100, seed=3)
-    return RunConfig(
-        model=ModelConfig(**{**mc, **(model or {})}), train=TrainConfig(**{**tc, **train})
-    )
-
-
-def mesh_of(data, fsdp, tensor):
-    return shd.make_mesh(data, fsdp, tensor, devices=jax.devices()[: data * fsdp * tensor])
-
 
 # ---- mesh -------------------------------------------------------------------------------
 
@@ -71,7 +46,7 @@ def test_make_mesh_errors(sizes, match):
 # ---- rules ------------------------------------------------------------------------------
 
 
-def test_rules_weights_fsdp_and_tensor():
+def test_rules_weights_fsdp_and_tensor(mesh_of):
     spec = lambda *names: shd.logical_to_mesh_spec(names)
     assert spec("layers", "embed", "heads", "head_dim") == P(None, "fsdp", "tensor", None)
     assert spec("layers", "mlp", "embed") == P(None, "tensor", "fsdp")
@@ -81,7 +56,7 @@ def test_rules_weights_fsdp_and_tensor():
     assert shd.batch_sharding(mesh_of(2, 2, 2)).spec == P(("data", "fsdp"))
 
 
-def test_indivisible_dims_are_replicated():
+def test_indivisible_dims_are_replicated(mesh_of):
     mesh = mesh_of(1, 2, 4)
     specs = {"wk": P("layers", "embed", "kv_heads", "head_dim"), "b": P("batch")}
     shapes = {"wk": jax.ShapeDtypeStruct((2, 64, 2, 16), jnp.float32), "b": jnp.zeros(6)}
@@ -92,8 +67,8 @@ def test_indivisible_dims_are_replicated():
     assert out["b"].spec == P("data")  # (data=2) x (fsdp=2) does not: fsdp is dropped
 
 
-def test_every_param_has_logical_names():
-    mc = tiny_config().model
+def test_every_param_has_logical_names(tiny_config):
+    mc = tiny_config(seed=3).model
     boxed = jax.eval_shape(Llama(mc).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     leaves = jax.tree.leaves(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
@@ -109,9 +84,10 @@ def _batch_bytes_per_device(cfg, mesh, n_arrays):
     return n_arrays * np.prod(shd.batch_sharding(mesh).shard_shape(shape)) * 4
 
 
-def test_fsdp_shards_train_state():
+@pytest.mark.slow
+def test_fsdp_shards_train_state(tiny_config, mesh_of):
     """compile_train_step (abstract shapes, as the memory inspector uses it) with fsdp=8."""
-    cfg = tiny_config()
+    cfg = tiny_config(seed=3)
     mesh = mesh_of(1, 8, 1)
     abstract, _ = ts.abstract_train_state(cfg, mesh)
     total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
@@ -133,11 +109,11 @@ def _batch(cfg, seed=0):
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(tiny_config, mesh_of):
     """One step computed with no mesh at all: jax.grad of a loss written here, then AdamW's
     first step written out in float64 numpy (decay mask from the logical axes). Also the
     initial train state as create_train_state builds it sharded, brought to the host."""
-    cfg = tiny_config()
+    cfg = tiny_config(seed=3)
     t = cfg.train
     model = Llama(cfg.model)
     batch = _batch(cfg)
@@ -185,6 +161,7 @@ def rel_err(a, b):
     return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
+@pytest.mark.slow
 def test_create_train_state_is_layout_independent(reference):
     """Sharded init (partitionable RNG) gives the unsharded init's values; moments start at 0."""
     state = reference["state"]
@@ -206,7 +183,7 @@ NOISE_FACTOR = 10
 
 
 @pytest.fixture(scope="module")
-def noise(reference):
+def noise(reference, mesh_of):
     """This machine's float32 reordering noise of the step: the unsharded step on the same
     batch with its rows permuted (the same sums, added in another order), 4 permutations;
     per quantity, the largest relative error against the reference."""
@@ -227,8 +204,9 @@ def noise(reference):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sizes", [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
-def test_step_matches_unsharded_reference(reference, noise, sizes):
+def test_step_matches_unsharded_reference(reference, noise, sizes, mesh_of):
     """Same initial state and batch -> same loss and updated params on every mesh; and the
     compiled state arguments are sharded fsdp ways (tensor parallelism shards some more)."""
     cfg, batch = reference["cfg"], reference["batch"]

@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 from test_train import ROOT, SMALL, losses, run_train
 
+pytestmark = pytest.mark.slow  # a SLURM cluster and multi-process training runs
+
 CLUSTER = os.path.join(ROOT, "launch", "slurm", "local_cluster.sh")
 IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 JOB_NAME = "llama_jax_test"

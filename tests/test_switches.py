@@ -291,6 +291,7 @@ def test_no_positions_last_token_ignores_order_of_earlier_tokens(position):
         assert not np.allclose(a, b, atol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "switches", [VARIANTS[-1], {"position": "none"}], ids=["all-switched", "position=none"]
 )

@@ -80,6 +80,7 @@ def test_hf_to_ours_tied_logits(tmp_path, lm_head):
     assert err < LOGIT_REL * scale  # derivation at LOGIT_REL
 
 
+@pytest.mark.slow
 def test_ours_to_hf_and_meta_tied(tmp_path):
     """Ours -> HF: config.json says tied, no lm_head is stored, transformers ties the two and
     gives our logits. Ours -> Meta: output.weight = tok_embeddings (Meta's loader wants one);
@@ -112,6 +113,7 @@ def test_ours_to_hf_and_meta_tied(tmp_path):
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["hf", "meta", "ours+lora"])
 def test_first_batch_loss_from_tied_weights(tmp_path, tiny_dataset, source):
     """test_finetune's first-batch test on a tied model: launch.train from it (directly, via
@@ -150,6 +152,7 @@ def _torch_loss_backward(model, inputs, targets):
     loss.backward()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sizes", [(1, 1, 1), (1, 2, 4)])
 def test_tied_table_gradient_sums_lookup_and_head(tmp_path, sizes):
     """The training gradient of the tied table (train_step's, through the fused head loss, on a

@@ -82,6 +82,7 @@ def run_train(workdir, dataset, *extra, env=None, devices=4, check=True, preexec
     return r
 
 
+@pytest.mark.slow
 def test_loss_falls_and_outputs_written(tmp_path, tiny_dataset):
     from llama_jax.trainer import loop as trainer
 
@@ -100,6 +101,7 @@ def test_loss_falls_and_outputs_written(tmp_path, tiny_dataset):
     assert os.listdir(tmp_path / "tb")
 
 
+@pytest.mark.slow
 def test_blockwise_and_reference_give_the_same_loss_curve(tmp_path, tiny_dataset):
     from llama_jax.trainer import loop as trainer
 
@@ -113,6 +115,7 @@ def test_blockwise_and_reference_give_the_same_loss_curve(tmp_path, tiny_dataset
     np.testing.assert_allclose(curves["blockwise"], curves["reference"], rtol=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "async_save,kill_at,resume_from",
     [(False, 12, 8), (True, 9, None)],
@@ -146,6 +149,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, tiny_dataset, async_save, kill_
     np.testing.assert_array_equal([a[s] for s in a], [b[s] for s in a])
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_next_run_continues(tmp_path, tiny_dataset):
     r = run_train(tmp_path, tiny_dataset, env={"LLAMA_JAX_SIGNAL_AT_STEP": "15:5"}, check=False)
     assert r.returncode == 75, r.stderr[-3000:]  # saved, resume me (0 is "finished")
@@ -164,6 +168,7 @@ def test_sigterm_saves_and_next_run_continues(tmp_path, tiny_dataset):
     assert sorted(losses(tmp_path)) == list(range(1, 17))
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_clear_error(tmp_path, tiny_dataset):
     r = run_train(tmp_path, tiny_dataset, "train.lr=1e6", "train.warmup_steps=0", check=False)
     assert r.returncode != 0
@@ -175,6 +180,7 @@ def test_nonfinite_loss_stops_with_clear_error(tmp_path, tiny_dataset):
     assert all(np.isfinite(logged[s]) for s in saved)  # no checkpoint holds the bad state
 
 
+@pytest.mark.slow
 def test_restore_onto_other_meshes_gives_the_same_next_loss(tmp_path, tiny_dataset):
     from llama_jax.checkpoint.manager import Checkpointer
     from llama_jax.data.loader import Loader
@@ -208,6 +214,7 @@ def test_restore_onto_other_meshes_gives_the_same_next_loss(tmp_path, tiny_datas
     ckpt.close()
 
 
+@pytest.mark.slow
 def test_export_then_load_gives_the_training_logits(tmp_path, tiny_dataset):
     from llama_jax.checkpoint.export import export
     from llama_jax.checkpoint.manager import Checkpointer
@@ -231,6 +238,7 @@ def test_export_then_load_gives_the_training_logits(tmp_path, tiny_dataset):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_checkpoint_restores(tmp_path, tiny_dataset):
     one = run_train(tmp_path / "one", tiny_dataset, "mesh.fsdp=4", devices=4)
     assert one.returncode == 0
@@ -289,6 +297,7 @@ def test_resume_refuses_another_dataset_at_the_same_path(tmp_path, tiny_dataset)
     assert last["step"] == 6
 
 
+@pytest.mark.slow
 def test_lost_checkpoints_do_not_silently_restart(tmp_path, tiny_dataset):
     """A workdir whose checkpoints/ is gone (wrong mount, a clean-up script) used to restart at
     step 0 and cut metrics.jsonl back to step 0. Now: a one-line error, unless
@@ -332,6 +341,7 @@ def test_metrics_rewrite_never_truncates_history(tmp_path):
     assert path.read_text() == "".join(rows)
 
 
+@pytest.mark.slow
 def test_one_run_per_workdir(tmp_path, tiny_dataset):
     """A second run on a workdir in use is a one-line error naming the holder (two runs used
     to train and write side by side); the lock of a killed run is taken over; a finished run
@@ -356,6 +366,7 @@ def test_one_run_per_workdir(tmp_path, tiny_dataset):
     assert not lock.exists()
 
 
+@pytest.mark.slow
 def test_resume_compares_every_field(tmp_path, tiny_dataset, caplog):
     """On resume every field is compared with the checkpoint's config, before anything is
     restored: a model of another shape is refused naming the field (orbax used to call it a
@@ -381,6 +392,7 @@ def test_resume_compares_every_field(tmp_path, tiny_dataset, caplog):
     assert len(warned) == 1 and "model.rope_theta: 10000.0 -> 500.0" in warned[0], warned
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, tiny_dataset, capsys):
     """The newest checkpoint cut short (its largest array file emptied): the run moves it to
     checkpoints/corrupt-<step> and continues from the newest one that restores, with the
@@ -411,6 +423,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, tiny_dataset, capsys):
     np.testing.assert_array_equal([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)])
 
 
+@pytest.mark.slow
 def test_sigusr1_saves_and_exits_to_be_requeued(tmp_path, tiny_dataset):
     """SLURM's --signal=USR1@<s> warning is handled like SIGTERM: save, then exit 75 ("stopped,
     checkpoint saved, run me again"), which train.sbatch turns into a requeue. A finished run
@@ -442,6 +455,7 @@ def _running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_workers_die_with_their_launcher(tmp_path, tiny_dataset):
     """SIGKILL of launch.local_cluster used to leave both workers training (or blocked in a
     collective) for minutes; now the kernel kills them with it (PR_SET_PDEATHSIG): gone within
@@ -493,6 +507,7 @@ def _run_cluster(workdir, dataset, *extra, env=None, check=True):
     return r
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2], ids=["1-process", "2-process"])
 def test_chaos_kills_corruption_and_interrupted_rewrite(tmp_path, tiny_dataset, processes):
     """SIGKILLs at steps between saves and right after them (while an async save is being
@@ -526,6 +541,7 @@ def test_chaos_kills_corruption_and_interrupted_rewrite(tmp_path, tiny_dataset, 
     assert any(d.startswith("corrupt-") for d in os.listdir(wd / "checkpoints"))
 
 
+@pytest.mark.slow
 def test_step_watchdog_ends_a_stuck_run(tmp_path, tiny_dataset):
     """train.step_timeout_s: a step that never finishes (a stuck read or collective; here an
     injected hang) ends the run within the limit, with every thread's stack and one error
@@ -554,6 +570,7 @@ def _small_files_only():
     resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 
 
+@pytest.mark.slow
 def test_a_failing_async_save_is_one_error_at_that_save(tmp_path, tiny_dataset):
     """A checkpoint write that fails in orbax's background thread (here: a file size limit)
     used to surface only at the next save, as ~500 lines of tracebacks (30-76 'Event loop is
@@ -574,6 +591,7 @@ def test_a_failing_async_save_is_one_error_at_that_save(tmp_path, tiny_dataset):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
 def test_a_lost_peer_is_named(tmp_path, tiny_dataset, sig):
     """Two processes started by hand (no launcher to stop the other): process 1 is SIGKILLed

@@ -8,35 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.config import ModelConfig, RunConfig, TrainConfig
+from llama_jax.config import TrainConfig
 from llama_jax.model.llama import Llama
 from llama_jax.model.remat import REMAT_POLICIES
-from llama_jax.parallel import sharding as shd
 from llama_jax.train import step as ts
 from llama_jax.train.optim import decay_mask, make_optimizer, make_schedule
-
-
-def tiny_config(model=None, **train):
-    mc = dict(
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        vocab_size=128,
-        multiple_of=32,
-        max_seq_len=32,
-        dtype="float32",
-        attention_impl="reference",
-        remat_policy="save_linear",
-    )
-    tc = dict(batch_size=16, seq_len=32, lr=1e-3, warmup_steps=0, steps=100, seed=1)
-    return RunConfig(
-        model=ModelConfig(**{**mc, **(model or {})}), train=TrainConfig(**{**tc, **train})
-    )
-
-
-def mesh_of(data, fsdp, tensor):
-    return shd.make_mesh(data, fsdp, tensor, devices=jax.devices()[: data * fsdp * tensor])
 
 
 def make_batch(cfg, seed=0, mask_rate=0.3):
@@ -89,7 +65,7 @@ def test_schedule_hand_values():
         assert float(sched(step)) == pytest.approx(value, rel=1e-6, abs=1e-12), step
 
 
-def test_decay_mask_is_exactly_the_multi_axis_params():
+def test_decay_mask_is_exactly_the_multi_axis_params(tiny_config):
     """Name-based mask == 'more than one logical axis besides layers' (norms are 1-D)."""
     c = tiny_config(model={"norm": "layernorm"})  # adds biases, which must be excluded too
     boxed = jax.eval_shape(
@@ -109,7 +85,8 @@ def test_decay_mask_is_exactly_the_multi_axis_params():
 # ---- gradient accumulation --------------------------------------------------------------
 
 
-def test_grad_accumulation_matches_one_big_batch():
+@pytest.mark.slow
+def test_grad_accumulation_matches_one_big_batch(tiny_config, mesh_of):
     mesh = mesh_of(2, 2, 2)
     batch = make_batch(tiny_config())
     state, shardings = random_state(tiny_config(), mesh)
@@ -128,7 +105,7 @@ def test_grad_accumulation_matches_one_big_batch():
         assert rel_err(a, b) < 1e-5, jax.tree_util.keystr(path)
 
 
-def test_grad_accumulation_rejects_uneven_split():
+def test_grad_accumulation_rejects_uneven_split(tiny_config, mesh_of):
     # Now refused when the config is built, before anything is traced.
     with pytest.raises(ValueError, match="not divisible by train.grad_accum_steps=3"):
         tiny_config(grad_accum_steps=3)
@@ -142,7 +119,8 @@ def test_grad_accumulation_rejects_uneven_split():
 # ---- remat policies ---------------------------------------------------------------------
 
 
-def test_remat_policies_same_grads_and_memory_order():
+@pytest.mark.slow
+def test_remat_policies_same_grads_and_memory_order(tiny_config, mesh_of):
     """Every policy computes the same gradient; temp memory full < save_linear < none."""
     cfg = tiny_config(model={"n_layers": 8, "max_seq_len": 128}, batch_size=4, seq_len=128)
     mesh = mesh_of(1, 1, 1)
@@ -162,7 +140,7 @@ def test_remat_policies_same_grads_and_memory_order():
     assert temp["full"] < temp["save_linear"] < temp["none"], temp
 
 
-def test_unknown_remat_policy_is_a_clear_error():
+def test_unknown_remat_policy_is_a_clear_error(tiny_config):
     with pytest.raises(ValueError, match="unknown remat policy.*valid.*save_linear"):
         tiny_config(model={"remat_policy": "save_everything_twice"})
 
@@ -170,7 +148,8 @@ def test_unknown_remat_policy_is_a_clear_error():
 # ---- the step end to end: training, eval, skipping non-finite steps ---------------------
 
 
-def test_step_trains_evaluates_and_skips_nonfinite():
+@pytest.mark.slow
+def test_step_trains_evaluates_and_skips_nonfinite(tiny_config, mesh_of):
     cfg = tiny_config(skip_nonfinite=True, lr=3e-3)
     mesh = mesh_of(1, 4, 2)
     state, shardings = ts.create_train_state(cfg, mesh)
