@@ -29,7 +29,7 @@ MODEL_CHOICES = {
     "residual_dtype": ("dtype", tuple(DTYPES)),
     "attention_impl": ("attention impl", ATTENTION_IMPLS),
     "remat_policy": ("remat policy", REMAT_POLICIES),
-    # The ablation switches (model.py branches on them).
+    # The ablation switches (model/llama.py branches on them).
     "norm": ("norm", ("rmsnorm", "layernorm")),
     "norm_placement": ("norm placement", ("pre", "post")),
     "mlp": ("mlp", ("swiglu", "gelu")),

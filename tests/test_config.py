@@ -204,7 +204,7 @@ def test_an_error_inside_a_config_file_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("field", ["norm", "norm_placement", "mlp", "position"])
 def test_every_switch_value_changes_the_model(field):
     """The ablation switches are checked against config.MODEL_CHOICES; every listed value must
-    reach a branch of its own in model.py (no value silently taking another's path)."""
+    reach a branch of its own in model/llama.py (no value silently taking another's path)."""
     import jax
     import jax.numpy as jnp
 

@@ -10,7 +10,7 @@ Implementations, chosen by name (model.attention_impl):
   auto       the fastest of those that can run this call, as measured on this kind of device
              (attention_table.py); without a measurement cudnn where it runs, else blockwise.
 
-Dimension letters as in model.py; tiled arrays add nq/nk (tile counts) and q/k (tile rows).
+Dimension letters as in model/llama.py; tiled arrays add nq/nk (tile counts) and q/k (tile rows).
 """
 
 from __future__ import annotations

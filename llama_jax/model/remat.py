@@ -1,7 +1,7 @@
 """The remat policy table: what each scanned block keeps for the backward pass, by name.
 
 One table serves both users: the model applies `policy` (a jax.checkpoint policy naming the
-checkpoint_name tags in model.py's math), and memory.py's analytic estimate reads `saved`.
+checkpoint_name tags in model/llama.py's math), and train/memory.py's analytic estimate reads `saved`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Mesh construction and the one table that maps logical axis names to mesh axes.
 
-model.py names only logical axes (embed, heads, mlp, batch, ...). Everything that decides
+model/llama.py names only logical axes (embed, heads, mlp, batch, ...). Everything that decides
 where those axes live on hardware is here, so a layout change is a one-line rule edit.
 """
 

@@ -10,7 +10,7 @@ import optax
 
 from llama_jax.config import TrainConfig
 
-# Parameters with these leaf names are norm scales and biases: no weight decay. model.py
+# Parameters with these leaf names are norm scales and biases: no weight decay. model/llama.py
 # names every RMSNorm/LayerNorm gain "scale" and every bias "bias"; the test checks that
 # this picks exactly the parameters whose logical axes are one-dimensional per layer.
 NO_DECAY_NAMES = ("scale", "bias")

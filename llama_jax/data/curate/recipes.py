@@ -2,7 +2,7 @@
 cleaning (section 2.1) on HF datatrove, whose executors run it on one machine (here) or a
 cluster (its SLURM executor).
 
-A recipe is a short list of steps (curate_steps.py), in one table. Input: JSONL files with a
+A recipe is a short list of steps (data/curate/steps.py), in one table. Input: JSONL files with a
 "text" field (and metadata fields, e.g. GitHub's "license"). Output: DIR/*.jsonl.gz cleaned
 documents, the documents each step removed under DIR/removed/<step>/, and DIR/data_card.json
 + data_card.md: per step, documents and bytes in, kept and removed, and removed examples.
