@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from llama_jax.adapters import lora
+from llama_jax.adapters import lora, trainable
 from llama_jax.checkpoint.manager import (
     Checkpointer,
     CheckpointSaveError,
@@ -120,7 +120,7 @@ class Run:
     tokens_seen: int
     last_saved: int | None
     skipped_before: int
-    frozen: Any = None  # LoRA's frozen base params (the state holds the adapters)
+    frozen: dict  # the step's frozen input: {} for full training, LoRA's base (adapters/trainable)
     stop: StopFlag = dataclasses.field(default_factory=StopFlag)
     profiler: Profiler | None = None
     throughput: metrics.Throughput | None = None
@@ -157,15 +157,10 @@ class Run:
         )
         self.stop.install()
 
-    @property
-    def frozen_args(self) -> tuple:
-        return () if self.frozen is None else (self.frozen,)
-
     def full_params(self):
-        """The model's params: the trained ones, or LoRA's base with the adapters merged."""
-        if self.frozen is None:
-            return self.state.params
-        return lora.merge(self.frozen, self.state.params, self.cfg.model)
+        """The plain model's params: the trained ones, or LoRA's base with the adapters merged."""
+        seam = trainable.of(self.cfg.model)
+        return seam.merged(seam.join(self.state.params, self.frozen))
 
     # ---- the loop's pieces ---------------------------------------------------------------
 
@@ -178,10 +173,9 @@ class Run:
         if self.cfg.train.init_from:
             _, shardings = ts.abstract_train_state(self.cfg, self.mesh)
             evaluate = ts.make_eval_step(self.cfg, self.mesh, shardings)
+            batch = self.loader.batch(self.start)
             record["first_batch_loss"] = float(
-                evaluate(self.state.params, self.loader.batch(self.start), *self.frozen_args)[
-                    "loss"
-                ]
+                evaluate(self.state.params, batch, self.frozen)["loss"]
             )
             log.info("first batch loss before any update: %.6f", record["first_batch_loss"])
         if len(record) > 2:
@@ -190,9 +184,7 @@ class Run:
     def step(self, step: int) -> None:
         """One optimizer step (step counts from 0); step_metrics kept for the next log."""
         self.profiler.before(step)
-        self.state, self.step_metrics = self.step_fn(
-            self.state, next(self.loader), *self.frozen_args
-        )
+        self.state, self.step_metrics = self.step_fn(self.state, next(self.loader), self.frozen)
         self.acc = _track(self.acc, self.step_metrics, step + 1)
         self.profiler.after(step, self.state)
         self.tokens_seen += self.cfg.train.tokens_per_step
@@ -358,29 +350,31 @@ def _mixture_validation(cfg: RunConfig, mesh: Mesh, evaluate, tokenizer: Tokeniz
     return MixtureValidation(losses, {n: w for n, (_, w) in sources.items()}) if losses else None
 
 
-def _frozen_base(cfg: RunConfig, mesh: Mesh):
-    """LoRA's frozen base: train.init_from's weights (or the seed's random init), else None."""
-    if not cfg.model.lora_rank:
-        return None
+def _frozen(cfg: RunConfig, mesh: Mesh) -> dict:
+    """The step's frozen input (step.abstract_frozen): {} when the whole model trains; LoRA's
+    base params, train.init_from's weights (or the seed's random init)."""
+    _, shardings = ts.abstract_frozen(cfg, mesh)
+    if not shardings:
+        return {}
     if cfg.train.init_from:
-        base = init_from.load_params(cfg, ts.abstract_frozen(cfg, mesh)[1])
+        frozen = {"params": init_from.load_params(cfg, shardings["params"])}
         log.info(init_from.describe(cfg))
     else:
-        base = ts.random_frozen(cfg, mesh)
+        frozen = ts.random_frozen(cfg, mesh)
     log.info("LoRA rank %d on %s: %s trained parameters", cfg.model.lora_rank,
              cfg.model.lora_targets, f"{lora.count(cfg.model):,}")  # fmt: skip
-    return base
+    return frozen
 
 
 def _validation(
-    cfg: RunConfig, mesh: Mesh, shardings, dataset_dir: str, tokenizer: Tokenizer, frozen=None
+    cfg: RunConfig, mesh: Mesh, shardings, dataset_dir: str, tokenizer: Tokenizer, frozen: dict
 ):
     """The validation-loss evaluator, or None when validation is off or the split too small."""
 
     if not (cfg.train.eval_every and cfg.train.eval_batches > 0):
         return None
     step = ts.make_eval_step(cfg, mesh, shardings)
-    evaluate = step if frozen is None else (lambda p, b: step(p, b, frozen))
+    evaluate = lambda params, batch: step(params, batch, frozen)  # noqa: E731
     if cfg.data.mixture:
         return _mixture_validation(cfg, mesh, evaluate, tokenizer)
     try:
@@ -435,7 +429,7 @@ def setup(cfg: RunConfig, workdir: str, config_diff: dict | None = None) -> Run:
         async_save=c.async_save,
     )
     data = run_data.fingerprint(cfg, dataset_dir, tokenizer)
-    frozen = _frozen_base(cfg, mesh)
+    frozen = _frozen(cfg, mesh)
     try:
         state, shardings, tokens_seen = _restore_or_init(cfg, mesh, ckpt, data)
     except BaseException:
