@@ -145,7 +145,7 @@ def test_bf16_loss_curve_follows_float32():
         step = ts.make_train_step(cfg, mesh, shardings)
         losses = []
         for b in batches:
-            state, m = step(state, {"inputs": b[:, :-1], "targets": b[:, 1:]})
+            state, m = step(state, {"inputs": b[:, :-1], "targets": b[:, 1:]}, {})
             losses.append(float(m["loss"]))
         curves[dtype] = np.array(losses)
     f32, b16 = curves["float32"], curves["bfloat16"]

@@ -102,7 +102,7 @@ def test_llama_step_on_gpu_cudnn_matches_blockwise_loss():
         step = ts.make_train_step(cfg, mesh, shardings)
         toks = np.random.default_rng(0).integers(0, 2048, (4, 1025), dtype=np.int32)
         batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
-        _, metrics = step(state, jax.device_put(batch, shd.batch_sharding(mesh)))
+        _, metrics = step(state, jax.device_put(batch, shd.batch_sharding(mesh)), {})
         losses[impl] = float(metrics["loss"])
     assert np.isfinite(losses["cudnn"])
     assert abs(losses["cudnn"] - losses["blockwise"]) < 2e-2 * abs(losses["blockwise"]), losses

@@ -303,13 +303,13 @@ def test_prompt_targets_do_not_count(instruction_data):
     state, shardings = create_train_state(cfg, mesh)
     evaluate = make_eval_step(cfg, mesh, shardings)
     batch = Loader(data, "train", batch_size=8, seq_len=255, prefetch=0).batch(0)
-    base = float(evaluate(state.params, batch)["loss"])
+    base = float(evaluate(state.params, batch, {})["loss"])
     mask = np.asarray(batch["loss_mask"])
     prompt, response = np.argwhere(mask == 0)[3], np.argwhere(mask > 0)[0]
     for where, changes in ((prompt, False), (response, True)):
         t = np.asarray(batch["targets"]).copy()
         t[tuple(where)] = (t[tuple(where)] + 7) % 512
-        loss = float(evaluate(state.params, {**batch, "targets": t})["loss"])
+        loss = float(evaluate(state.params, {**batch, "targets": t}, {})["loss"])
         assert (loss != base) == changes, (where, loss, base)
 
 

@@ -28,14 +28,57 @@ def test_trained_parameter_count_is_the_formula(targets):
     per = {"q": D + N * H, "k": D + K * H, "v": D + K * H, "o": N * H + D, "w1": D + F,
            "w2": F + D, "w3": D + F}  # fmt: skip
     want = L * r * sum(per[t] for t in targets.split(","))
+    from llama_jax.adapters import lora
+
     variables = jax.eval_shape(
-        lambda: Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+        lambda: lora.wrap(Llama(cfg), cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
     )
     got = sum(math.prod(x.shape) for x in jax.tree.leaves(variables["lora"]))
     assert got == want
-    from llama_jax.adapters import lora
-
     assert lora.count(cfg) == want
+
+
+def test_lora_wraps_any_model_from_outside():
+    """LoRA knows no Llama: around a toy module whose linear layers go through project(), it
+    declares A and B in that module's "lora" collection (logical axes from the spec's letters)
+    and adds (alpha/r) x A B to the target's output, against float64 numpy; the projection
+    that is not a target is left alone (without the adapters the toy's output is x W2 + x W1)."""
+    import flax.linen as nn
+
+    from llama_jax.adapters import lora
+    from llama_jax.model.llama import Projections
+
+    class Toy(Projections):
+        @nn.compact
+        def __call__(self, x):  # [B, T, F] -> [B, T, D]
+            w2 = self.param("w2", nn.initializers.normal(1.0), (8, 4))  # [F, D]
+            w1 = self.param("w1", nn.initializers.normal(1.0), (8, 4))  # [F, D]
+            return self.project("w2", "BTF,FD->BTD", x, w2) + self.project(
+                "w1", "BTF,FD->BTD", x, w1
+            )
+
+    wrapped = lora.LoRA(Toy(), rank=2, alpha=6.0, targets=("w2",))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 8)), jnp.float32)
+    boxed = wrapped.init(jax.random.key(0), x)
+    assert set(boxed) == {"params", "lora"} and set(boxed["lora"]) == {"w2_a", "w2_b"}
+    assert boxed["lora"]["w2_a"].names == ("mlp", None)
+    assert boxed["lora"]["w2_b"].names == (None, "embed")
+    variables = nn.meta.unbox(boxed)
+    variables["lora"]["w2_b"] = jnp.asarray(
+        np.random.default_rng(1).normal(size=(2, 4)), jnp.float32
+    )
+    p, ad = (
+        jax.tree.map(lambda t: np.asarray(t, np.float64), variables[c]) for c in ("params", "lora")
+    )
+    xd = np.asarray(x, np.float64)
+    want = xd @ p["w2"] + xd @ p["w1"] + 3.0 * (xd @ ad["w2_a"]) @ ad["w2_b"]
+    np.testing.assert_allclose(wrapped.apply(variables, x), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        Toy().apply({"params": variables["params"]}, x),
+        xd @ p["w2"] + xd @ p["w1"],
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def _bytes(tree) -> int:
@@ -116,10 +159,11 @@ def _adapter_logits(root, cfg, toks):
     ckpt = Checkpointer(str(root / "run" / "checkpoints"), read_only=True)
     state, _ = ckpt.restore(ts.abstract_train_state(run, mesh)[0])
     ckpt.close()
-    base = init_from.load_params(run, ts.abstract_frozen(run, mesh)[1])
+    base = init_from.load_params(run, ts.abstract_frozen(run, mesh)[1]["params"])
     variables = {"params": base, "lora": state.params}
     plain = Llama(lora.plain(run.model)).apply({"params": base}, toks)
-    return np.asarray(Llama(run.model).apply(variables, toks)), np.asarray(plain)
+    adapted = lora.wrap(Llama(run.model), run.model).apply(variables, toks)
+    return np.asarray(adapted), np.asarray(plain)
 
 
 @pytest.mark.slow

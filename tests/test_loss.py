@@ -138,7 +138,7 @@ def test_step_gradients_match_transformers_float64(tmp_path, impl):
     _, shardings = ts.abstract_train_state(run, mesh)
     loss_and_grads = jax.jit(ts.make_loss_and_grads(run, mesh, shardings.params))
     batch = {"inputs": inputs, "targets": targets, "loss_mask": mask}
-    _, grads, _ = loss_and_grads(jax.tree.map(jnp.asarray, params), batch)
+    _, grads, _ = loss_and_grads(jax.tree.map(jnp.asarray, params), batch, {})
     errors = {}
     for path, got in jax.tree_util.tree_leaves_with_path(grads):
         ref = want

@@ -195,7 +195,7 @@ def noise(reference, mesh_of):
     for seed in range(4):
         perm = np.random.default_rng(seed).permutation(batch["targets"].shape[0])
         state = jax.device_put(reference["state"], shardings)
-        state, metrics = step(state, {k: v[perm] for k, v in batch.items()})
+        state, metrics = step(state, {k: v[perm] for k, v in batch.items()}, {})
         errs = {"grad_norm": rel_err(metrics["grad_norm"], reference["gnorm"])}
         for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(state.params),
                                      jax.tree.leaves(reference["new"])):  # fmt: skip
@@ -215,14 +215,14 @@ def test_step_matches_unsharded_reference(reference, noise, sizes, mesh_of):
     state = jax.device_put(reference["state"], shardings)
     step = ts.make_train_step(cfg, mesh, shardings)
 
-    compiled = step.lower(state, batch).compile()  # the call below reuses this executable
+    compiled = step.lower(state, batch, {}).compile()  # the call below reuses this executable
     total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
     arg_bytes = compiled.memory_analysis().argument_size_in_bytes
     per_device = arg_bytes - _batch_bytes_per_device(cfg, mesh, 3)
     fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
     assert total / (fsdp * tensor) <= per_device <= 1.10 * total / fsdp, (per_device, total)
 
-    state, metrics = step(state, batch)
+    state, metrics = step(state, batch, {})
     assert int(state.step) == 1
     # The loss is a float32 sum of n = B x T masked token losses: any order of it is within
     # n u32 / (1 - n u32) relative of the exact sum (Higham's bound), ~3e-5 for n = 512; the

@@ -170,7 +170,7 @@ def test_tied_table_gradient_sums_lookup_and_head(tmp_path, sizes):
     loss_and_grads = jax.jit(ts.make_loss_and_grads(run, mesh, shardings))
     with shd.model_context(mesh):  # as make_train_step's step does
         _, grads, n = loss_and_grads(
-            jax.device_put(tree, shardings), {"inputs": inputs, "targets": targets}
+            jax.device_put(tree, shardings), {"inputs": inputs, "targets": targets}, {}
         )
     ours = np.asarray(grads["tok_embeddings"], np.float64) * float(n)  # of the summed loss
 

@@ -194,11 +194,11 @@ def test_restore_onto_other_meshes_gives_the_same_next_loss(tmp_path, tiny_datas
     loader = Loader(tiny_dataset[0], "train", batch_size=8, seq_len=32, seed=0)
     b0, b1 = next(loader), next(loader)
     loader.close()
-    state, _ = step(state, b0)
+    state, _ = step(state, b0, {})
     ckpt = Checkpointer(str(tmp_path))
     ckpt.save(1, state, {"step": 1})
     ckpt.wait()
-    _, want = step(state, b1)
+    _, want = step(state, b1, {})
     for data, fsdp, tensor, devices in [
         (1, 2, 4, jax.devices()),
         (1, 1, 1, jax.devices()[:1]),
@@ -209,7 +209,7 @@ def test_restore_onto_other_meshes_gives_the_same_next_loss(tmp_path, tiny_datas
         abstract, sh = ts.abstract_train_state(c, m)
         restored, meta = ckpt.restore(abstract)
         assert meta["step"] == 1
-        _, got = ts.make_train_step(c, m, sh)(restored, b1)
+        _, got = ts.make_train_step(c, m, sh)(restored, b1, {})
         np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-5)
     ckpt.close()
 

@@ -93,7 +93,7 @@ def test_grad_accumulation_matches_one_big_batch(tiny_config, mesh_of):
     copy = jax.tree.map(jnp.copy, state)  # each step donates its input state
     results = []
     for cfg, s in ((tiny_config(), state), (tiny_config(grad_accum_steps=4), copy)):
-        s, metrics = ts.make_train_step(cfg, mesh, shardings)(s, batch)
+        s, metrics = ts.make_train_step(cfg, mesh, shardings)(s, batch, {})
         results.append((jax.tree.map(np.asarray, s.params), jax.tree.map(float, metrics)))
     (big_params, big), (acc_params, acc) = results
     assert rel_err(acc["loss"], big["loss"]) < 1e-5
@@ -113,7 +113,7 @@ def test_grad_accumulation_rejects_uneven_split(tiny_config, mesh_of):
     mesh = mesh_of(8, 1, 1)
     state, shardings = ts.abstract_train_state(cfg, mesh)
     with pytest.raises(ValueError, match="4 rows does not split over the 8 data x fsdp"):
-        ts.make_train_step(cfg, mesh, shardings).lower(state, ts.abstract_batch(cfg, mesh))
+        ts.make_train_step(cfg, mesh, shardings).lower(state, ts.abstract_batch(cfg, mesh), {})
 
 
 # ---- remat policies ---------------------------------------------------------------------
@@ -131,9 +131,9 @@ def test_remat_policies_same_grads_and_memory_order(tiny_config, mesh_of):
         cfg = cfg.replace({"model.remat_policy": policy})
         _, shardings = ts.abstract_train_state(cfg, mesh)
         fn = jax.jit(ts.make_loss_and_grads(cfg, mesh, shardings.params))
-        compiled = fn.lower(params, batch).compile()
+        compiled = fn.lower(params, batch, {}).compile()
         temp[policy] = compiled.memory_analysis().temp_size_in_bytes
-        grads[policy] = compiled(params, batch)[1]
+        grads[policy] = compiled(params, batch, {})[1]
     for policy, g in grads.items():
         for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(grads["none"])):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=policy)
@@ -157,19 +157,19 @@ def test_step_trains_evaluates_and_skips_nonfinite(tiny_config, mesh_of):
     evaluate = ts.make_eval_step(cfg, mesh, shardings)
     batch = make_batch(cfg)
 
-    before = float(evaluate(state.params, batch)["loss"])
+    before = float(evaluate(state.params, batch, {})["loss"])
     losses = []
     for _ in range(5):  # memorize one batch
-        state, m = step(state, batch)
+        state, m = step(state, batch, {})
         losses.append(float(m["loss"]))
         assert float(m["skipped"]) == 0
     assert losses[0] == pytest.approx(before, rel=1e-6)  # eval and train losses agree
     assert losses[-1] < losses[0] - 0.1, losses
-    assert float(evaluate(state.params, batch)["loss"]) < losses[-1]
+    assert float(evaluate(state.params, batch, {})["loss"]) < losses[-1]
 
     kept = jax.tree.map(np.asarray, (state.params, state.opt_state))
     bad = dict(batch, loss_mask=np.full_like(batch["loss_mask"], np.nan))
-    state, m = step(state, bad)
+    state, m = step(state, bad, {})
     assert float(m["skipped"]) == 1 and int(state.step) == 6
     for a, b in zip(jax.tree.leaves((state.params, state.opt_state)), jax.tree.leaves(kept)):
         np.testing.assert_array_equal(np.asarray(a), b)

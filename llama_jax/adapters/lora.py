@@ -1,11 +1,18 @@
 """LoRA (Hu et al. 2021): a frozen base W plus a trained low-rank update, y = x W + (alpha/r) x A B.
 
-model.lora_rank > 0 turns it on for model.lora_targets (any of q,k,v,o,w1,w2,w3). The adapters
-live in their own variable collection, "lora", beside "params", with logical axis names (the
-input's on A, the output's on B), so sharding.py's one rule table shards them like their base
-weight under FSDP and tensor parallelism. A starts random, B at zero: step 0 is the base model.
-Training differentiates and updates the "lora" collection alone (train_step.py); checkpoints
-hold it (and the config, whose train.init_from names the base).
+LoRA wraps a model from outside, as gemma's gm.nn.LoRA does: LoRA(model, ...).init/apply run
+the model under nn.intercept_methods, and the interceptor adds (alpha/r) x A B to every call
+of the model's projection method (llama.Projections.project) whose weight is a target. The
+model holds no LoRA code. model.lora_rank > 0 turns it on for model.lora_targets (any of
+q,k,v,o,w1,w2,w3); `wrap` builds the wrapper from a ModelConfig.
+
+The adapters live in their own variable collection, "lora", beside "params", declared in the
+intercepted module (so their paths are the base weight's: layers/attention/q_a), with
+logical axis names (the input's on A, the output's on B), so sharding.py's one rule table
+shards them like their base weight under FSDP and tensor parallelism. A starts random, B at
+zero: step 0 is the base model. Training differentiates and updates the "lora" collection
+alone over the frozen base (adapters/trainable.py says so); checkpoints hold it (and the
+config, whose train.init_from names the base).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ TARGETS = {
     "w3": ("feed_forward", "w3", "D", "F"),
 }
 AXES = {"D": "embed", "N": "heads", "K": "kv_heads", "H": "head_dim", "F": "mlp"}
+WEIGHTS = {w: t for t, (_, w, _, _) in TARGETS.items()}  # the weight project() names -> target
 
 
 def targets(cfg) -> tuple[str, ...]:
@@ -42,14 +50,16 @@ def sizes(cfg) -> dict[str, int]:
     return {"D": cfg.dim, "N": cfg.n_heads, "K": cfg.kv_heads, "H": cfg.head_dim, "F": cfg.mlp_dim}
 
 
-def delta(module: nn.Module, target: str, x, cfg):
-    """(alpha/r) x A B for `target` inside `module` (Attention or MLP), in the compute dtype;
-    0 when the target is not adapted."""
-    if target not in targets(cfg):
-        return 0
-    _, _, i, o = TARGETS[target]
-    n, r = sizes(cfg), cfg.lora_rank
-    a_shape, b_shape = (*[n[c] for c in i], r), (r, *[n[c] for c in o])
+def delta(module: nn.Module, target: str, spec: str, x, w, rank: int, alpha: float):
+    """(alpha/r) x A B for the projection dense(spec, x, w) of `target` inside `module`
+    (Attention or MLP), in w's dtype (the compute dtype); A and B are declared in `module`.
+
+    The letters of A and B come from spec: W's letters that x shares are its inputs (D, or
+    NH for the attention output), the others its outputs; their sizes are W's."""
+    xs, ws = spec.split("->")[0].split(",")
+    i, o = "".join(c for c in ws if c in xs), "".join(c for c in ws if c not in xs)
+    n = dict(zip(ws, w.shape))
+    a_shape, b_shape = (*[n[c] for c in i], rank), (rank, *[n[c] for c in o])
     fan_in = math.prod(a_shape[:-1])
     init_a = nn.initializers.normal(fan_in**-0.5)
 
@@ -61,9 +71,43 @@ def delta(module: nn.Module, target: str, x, cfg):
 
     a = make(f"{target}_a", init_a, a_shape, (*[AXES[c] for c in i], None))
     b = make(f"{target}_b", nn.initializers.zeros, b_shape, (None, *[AXES[c] for c in o]))
-    dt = cfg.compute_dtype
+    dt = w.dtype  # the model cast W to its compute dtype; the update computes in it too
     xa = jnp.einsum(f"BT{i},{i}R->BTR", x, a.astype(dt))
-    return jnp.einsum(f"BTR,R{o}->BT{o}", xa, b.astype(dt)) * (cfg.lora_alpha / r)
+    return jnp.einsum(f"BTR,R{o}->BT{o}", xa, b.astype(dt)) * (alpha / rank)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+    """`model` (a flax Module whose linear layers call a project(name, spec, x, w) method)
+    with LoRA on the weights of `targets`: init and apply are the model's, under the
+    interceptor, so the variables gain the "lora" collection and the outputs its update."""
+
+    model: nn.Module
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+
+    def init(self, rngs, *args, **kwargs):
+        with nn.intercept_methods(self._intercept):
+            return self.model.init(rngs, *args, **kwargs)
+
+    def apply(self, variables, *args, **kwargs):
+        with nn.intercept_methods(self._intercept):
+            return self.model.apply(variables, *args, **kwargs)
+
+    def _intercept(self, next_fun, args, kwargs, context):
+        """Every method call of every module passes here; only project() of a target changes.
+        project runs inside its module's compact __call__, so delta may declare A and B there."""
+        y = next_fun(*args, **kwargs)
+        if context.method_name != "project" or WEIGHTS.get(args[0]) not in self.targets:
+            return y
+        name, spec, x, w = args
+        return y + delta(context.module, WEIGHTS[name], spec, x, w, self.rank, self.alpha)
+
+
+def wrap(model: nn.Module, cfg) -> LoRA:
+    """LoRA(model) with a ModelConfig's lora_rank, lora_alpha and lora_targets."""
+    return LoRA(model, cfg.lora_rank, cfg.lora_alpha, targets(cfg))
 
 
 def count(cfg) -> int:
@@ -80,6 +124,11 @@ def count(cfg) -> int:
 def plain(cfg):
     """The ModelConfig of merged params: the same model without adapters."""
     return dataclasses.replace(cfg, lora_rank=0)
+
+
+def merged(variables, cfg):
+    """The plain params of a LoRA model's variables: its "lora" merged into its "params"."""
+    return merge(variables["params"], variables["lora"], cfg)
 
 
 def merge(params, adapters, cfg):

@@ -74,10 +74,11 @@ def ours(cfg: RunConfig):
     batch = jax.device_put(
         {"inputs": toks[:, :-1], "targets": toks[:, 1:]}, shd.batch_sharding(mesh)
     )
+    frozen = ts.random_frozen(cfg, mesh)  # the step's frozen input: {}, or a LoRA base
     holder = [state]
 
     def step():
-        holder[0], metrics = compiled(holder[0], batch)
+        holder[0], metrics = compiled(holder[0], batch, frozen)
         jax.block_until_ready(metrics)
 
     detail = f"remat {cfg.model.remat_policy}, attention {cfg.model.attention_impl}"

@@ -138,11 +138,12 @@ def _timed_row(cfg: RunConfig, b: _Bench, compiled, row: dict) -> None:
     B, T, n_dev = cfg.train.batch_size, cfg.train.seq_len, b.mesh.devices.size
     state, _ = ts.create_train_state(cfg, b.mesh)
     batch = _random_batch(cfg, b.mesh)
+    frozen = ts.random_frozen(cfg, b.mesh)  # the step's frozen input: {}, or a LoRA base
     holder = [state]
     del state
 
     def one_step():
-        holder[0], metrics = compiled(holder[0], batch)
+        holder[0], metrics = compiled(holder[0], batch, frozen)
         return metrics
 
     t = time_fn(one_step, warmup=1, repeats=b.repeats)

@@ -100,7 +100,7 @@ def _peft_base(cfg: RunConfig) -> str:
 
 
 def _lora_base(cfg: RunConfig, mesh):
-
+    """The base params the adapters were trained over: the step's frozen "params"."""
     if cfg.train.init_from:
-        return init_from.load_params(cfg, ts.abstract_frozen(cfg, mesh)[1])
-    return ts.random_frozen(cfg, mesh)
+        return init_from.load_params(cfg, ts.abstract_frozen(cfg, mesh)[1]["params"])
+    return ts.random_frozen(cfg, mesh)["params"]

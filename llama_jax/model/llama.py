@@ -5,6 +5,8 @@ Dimension letters, used in einsum strings and shape comments throughout:
   G heads per kv group, H head dim, F ffn hidden, V vocab, L layers.
 
 Parameters and activations carry logical axis names only; sharding.py maps them to a mesh.
+Every linear layer of a block goes through one method, Projections.project, so a wrapper
+outside the model can change them all by intercepting it (nn.intercept_methods).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from llama_jax.adapters import lora
 from llama_jax.config import ModelConfig
 from llama_jax.model.attention import dot_product_attention
 from llama_jax.model.ops import dense
@@ -112,7 +113,20 @@ def masked_attention(q, k, v, mask):
     return o.reshape(B, T, N, H)
 
 
-class Attention(nn.Module):
+class Projections(nn.Module):
+    """The base of the modules whose linear layers (x times a weight) go through project().
+
+    project is the one seam for what wraps a model from outside: a method call that
+    nn.intercept_methods sees with the weight's name, so an interceptor can add to (or
+    replace) any projection, and declare variables in this module, without a line here.
+    """
+
+    def project(self, name: str, spec: str, x, w):
+        """dense(spec, x, w) for the weight `name` (e.g. "wq"), w already in the compute dtype."""
+        return dense(spec, x, w)
+
+
+class Attention(Projections):
     cfg: ModelConfig
     decode: bool = False  # read and extend the "cache" collection (generation)
 
@@ -125,9 +139,9 @@ class Attention(nn.Module):
         wk = _param(self, "wk", (D, K, H), ("embed", "kv_heads", "head_dim"), c)
         wv = _param(self, "wv", (D, K, H), ("embed", "kv_heads", "head_dim"), c)
         wo = _param(self, "wo", (N, H, D), ("heads", "head_dim", "embed"), c, out_init)
-        q = dense("BTD,DNH->BTNH", x, wq.astype(dt)) + lora.delta(self, "q", x, c)
-        k = dense("BTD,DKH->BTKH", x, wk.astype(dt)) + lora.delta(self, "k", x, c)
-        v = dense("BTD,DKH->BTKH", x, wv.astype(dt)) + lora.delta(self, "v", x, c)
+        q = self.project("wq", "BTD,DNH->BTNH", x, wq.astype(dt))
+        k = self.project("wk", "BTD,DKH->BTKH", x, wk.astype(dt))
+        v = self.project("wv", "BTD,DKH->BTKH", x, wv.astype(dt))
         q, k, v = (
             checkpoint_name(q, "q_proj"),
             checkpoint_name(k, "k_proj"),
@@ -152,7 +166,7 @@ class Attention(nn.Module):
                 block_k=c.attn_block_k,
             )  # [B, T, N, H]
         o = checkpoint_name(nn.with_logical_constraint(o, BTNH), "attn_out")
-        out = dense("BTNH,NHD->BTD", o, wo.astype(dt)) + lora.delta(self, "o", o, c)
+        out = self.project("wo", "BTNH,NHD->BTD", o, wo.astype(dt))
         return checkpoint_name(out, "o_proj")
 
     def _cached(self, q, k, v, segment_ids):
@@ -186,7 +200,7 @@ class Attention(nn.Module):
         return masked_attention(q, ck.value, cv.value, mask)
 
 
-class MLP(nn.Module):
+class MLP(Projections):
     """SwiGLU: w2(silu(w1 x) * w3 x); or a GELU MLP of equal parameter count (ablation)."""
 
     cfg: ModelConfig
@@ -198,17 +212,17 @@ class MLP(nn.Module):
         out_init = nn.initializers.normal(c.init_std / (2 * c.n_layers) ** 0.5)
         w1 = _param(self, "w1", (D, F), ("embed", "mlp"), c)
         w2 = _param(self, "w2", (F, D), ("mlp", "embed"), c, out_init)
-        gate = dense("BTD,DF->BTF", x, w1.astype(dt)) + lora.delta(self, "w1", x, c)
+        gate = self.project("w1", "BTD,DF->BTF", x, w1.astype(dt))
         gate = checkpoint_name(gate, "mlp_gate")
         if c.mlp == "swiglu":
             w3 = _param(self, "w3", (D, F), ("embed", "mlp"), c)
-            up = dense("BTD,DF->BTF", x, w3.astype(dt)) + lora.delta(self, "w3", x, c)
+            up = self.project("w3", "BTD,DF->BTF", x, w3.astype(dt))
             up = checkpoint_name(up, "mlp_up")
             h = nn.silu(gate) * up
         else:
             h = nn.gelu(gate)
         h = nn.with_logical_constraint(h, BTF)
-        down = dense("BTF,FD->BTD", h, w2.astype(dt)) + lora.delta(self, "w2", h, c)
+        down = self.project("w2", "BTF,FD->BTD", h, w2.astype(dt))
         return checkpoint_name(down, "mlp_down")
 
 
@@ -267,7 +281,7 @@ class Llama(nn.Module):
             block = nn.remat(Block, policy=policy, prevent_cse=False)
         layers = nn.scan(
             block,
-            variable_axes={"params": 0, "cache": 0, "lora": 0},
+            variable_axes={True: 0},  # every collection: params, cache, any a wrapper adds
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast),
             length=c.n_layers,

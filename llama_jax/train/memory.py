@@ -26,7 +26,6 @@ import time
 import jax
 import numpy as np
 
-from llama_jax.adapters import lora
 from llama_jax.config import ModelConfig, RunConfig
 from llama_jax.model import remat, stats
 from llama_jax.model.remat import REMAT_POLICIES
@@ -34,13 +33,18 @@ from llama_jax.parallel import sharding as shd
 from llama_jax.train import step as ts
 
 
+def _shard_sizes(tree) -> tuple[int, int]:
+    """(elements, bytes) one device holds of a tree of ShapeDtypeStructs with NamedShardings."""
+    elements = nbytes = 0
+    for x in jax.tree.leaves(tree):
+        n = math.prod(x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape)
+        elements, nbytes = elements + n, nbytes + n * np.dtype(x.dtype).itemsize
+    return elements, nbytes
+
+
 def _shard_bytes(tree) -> int:
     """Bytes one device holds of a tree of ShapeDtypeStructs that carry NamedShardings."""
-    total = 0
-    for x in jax.tree.leaves(tree):
-        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
-        total += math.prod(shape) * np.dtype(x.dtype).itemsize
-    return total
+    return _shard_sizes(tree)[1]
 
 
 def rows_per_device(cfg: RunConfig, mesh) -> int:
@@ -77,18 +81,18 @@ def analyze(cfg: RunConfig, mesh, policies=None, log=None) -> dict:
     policies = [remat.check(p) for p in policies or REMAT_POLICIES]
     mc = cfg.model
     n = stats.count_params(mc)
-    state, _ = ts.abstract_train_state(cfg, mesh)
-    frozen = ts.abstract_frozen(cfg, mesh)[0]  # LoRA's base; the state holds the adapters
+    state, _ = ts.abstract_train_state(cfg, mesh)  # the trainable params and their moments
+    frozen = ts.abstract_frozen(cfg, mesh)[0]  # the step's other input: {}, or LoRA's base
     batch = ts.abstract_batch(cfg, mesh)
-    trained_b = _shard_bytes(state.params)
-    base_b = _shard_bytes(frozen) if frozen else trained_b
-    params_b = trained_b + (base_b if frozen else 0)
+    trained_n, trained_b = _shard_sizes(state.params)
+    frozen_b = _shard_bytes(frozen)
+    params_b = trained_b + frozen_b
     opt_b = _shard_bytes(state.opt_state)
     batch_b = _shard_bytes(batch)
     step_b = _shard_bytes(state.step)
-    param_shards = round(n * np.dtype(mc.weight_dtype).itemsize / base_b) if base_b else 1
-    # 4 x 4-byte copies of every trained weight (master, mu, nu, gradient), the frozen base once
-    analytic_state = 16 * n / param_shards if not frozen else base_b + 4 * trained_b
+    # 16 bytes (4-byte master, mu, nu, gradient) per trained weight, the frozen tree as it is
+    analytic_state = 16 * trained_n + frozen_b
+    count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
     rows, T = rows_per_device(cfg, mesh), cfg.train.seq_len
     out = {
         "config": {
@@ -103,8 +107,8 @@ def analyze(cfg: RunConfig, mesh, policies=None, log=None) -> dict:
             "param_dtype": mc.param_dtype,
             "backend": jax.default_backend(),
             "analytic_16_bytes_per_param": analytic_state,
-            "lora_rank": mc.lora_rank,
-            "lora_trained": lora.count(mc),
+            "trained": count(state.params),
+            "frozen": count(frozen),
         },
         "policies": [],
     }
@@ -191,16 +195,15 @@ def format_report(result: dict, device_bytes: float | None = None) -> str:
             f"  {c['parameters']:,} parameters ("
             + (
                 f"{c['param_dtype']} master, AdamW"
-                if not c["lora_rank"]
-                else f"{c['param_dtype']} frozen base; LoRA rank {c['lora_rank']}: "
-                f"{c['lora_trained']:,} trained, AdamW"
+                if not c["frozen"]
+                else f"{c['param_dtype']} frozen base; {c['trained']:,} trained, AdamW"
             )  # fmt: skip
             + "), compute "
             f"{c['dtype']}; activations for global batch {c['batch_size']} x seq {c['seq_len']} "
             f"(grad_accum {c['grad_accum_steps']}: {c['rows_per_device']} sequence(s) per device "
             "per microbatch); they scale with rows per device"
         ),
-        f"  analytic state: 16 bytes/trained param + the frozen base, per device = "
+        f"  analytic state: 16 bytes/trained param + the frozen params, per device = "
         f"{c['analytic_16_bytes_per_param'] / GiB:.2f} GiB",
     ]
     lines += ["", *_policy_table(result["policies"], device_bytes)]

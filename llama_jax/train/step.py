@@ -4,6 +4,9 @@ One jitted function runs unchanged on one CPU, simulated devices, a GPU or a mul
 pod: the mesh and the logical axis rules (sharding.py) decide the layout, XLA inserts the
 collectives. The remat policy is the model's (remat.REMAT_POLICIES, by name). Every
 function takes the typed RunConfig (config.py) and reads the groups it needs.
+
+What trains is adapters/trainable.py's: the state holds the trainable tree, and every step
+function takes the frozen one as its last input, `{}` for full training (LoRA: the base).
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from llama_jax.adapters import trainable
+from llama_jax.adapters.trainable import Trainable
 from llama_jax.config import RunConfig
-from llama_jax.model.llama import Llama, abstract_params, head_weight
+from llama_jax.model.llama import head_weight
 from llama_jax.model.loss import head_loss
 from llama_jax.parallel import sharding as shd
 from llama_jax.train.optim import make_optimizer, make_schedule
@@ -36,38 +41,35 @@ class TrainState:
     opt_state: Any  # optax state of make_optimizer
 
 
-def _init_boxed(model: Llama, tx: optax.GradientTransformation, rng, seq_len: int) -> TrainState:
-    """Params and optimizer state still wrapped in nn.Partitioned (carrying logical names).
-    With LoRA the trained params are the "lora" collection; the base is frozen (_frozen)."""
-    variables = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))
-    params = variables["lora" if model.cfg.lora_rank else "params"]
+def _init_boxed(seam: Trainable, tx: optax.GradientTransformation, rng, seq_len: int) -> TrainState:
+    """The TrainState of the trainable tree, still wrapped in nn.Partitioned (carrying logical
+    names); the frozen tree is not part of it (random_frozen, or released weights)."""
+    params, _ = seam.split(seam.model.init(rng, jnp.zeros((1, seq_len), jnp.int32)))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
 def abstract_frozen(cfg: RunConfig, mesh: Mesh):
-    """LoRA's frozen base: (params of ShapeDtypeStructs with shardings, shardings), or
-    (None, None) when the whole model trains."""
-    if not cfg.model.lora_rank:
-        return None, None
-
-    shapes, shardings = shd.tree_shardings(abstract_params(cfg.model), mesh)
-    abstract = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
-    )
-    return abstract, shardings
+    """The step's frozen input: (tree of ShapeDtypeStructs with shardings, shardings); ({}, {})
+    when the whole model trains, {"params": base} under LoRA."""
+    return trainable.of(cfg.model).abstract_frozen(mesh)
 
 
 def random_frozen(cfg: RunConfig, mesh: Mesh):
-    """A LoRA base without train.init_from: the random init of train.seed (tests, demos)."""
+    """The frozen tree of the random init of train.seed ({} for full training): a LoRA base
+    without train.init_from (tests, demos)."""
     _, shardings = abstract_frozen(cfg, mesh)
-    model, seed, T = Llama(cfg.model), cfg.train.seed, cfg.train.seq_len
-    init = lambda: nn.meta.unbox(model.init(jax.random.key(seed), jnp.zeros((1, T), jnp.int32)))  # noqa: E731
-    return jax.jit(lambda: init()["params"], out_shardings=shardings)()
+    seam, seed, T = trainable.of(cfg.model), cfg.train.seed, cfg.train.seq_len
+
+    def init():
+        variables = seam.model.init(jax.random.key(seed), jnp.zeros((1, T), jnp.int32))
+        return seam.split(nn.meta.unbox(variables))[1]
+
+    return jax.jit(init, out_shardings=shardings)()
 
 
 def _init_fn(cfg: RunConfig):
-    model, tx = Llama(cfg.model), make_optimizer(cfg.train)
-    return functools.partial(_init_boxed, model, tx, seq_len=cfg.train.seq_len)
+    seam, tx = trainable.of(cfg.model), make_optimizer(cfg.train)
+    return functools.partial(_init_boxed, seam, tx, seq_len=cfg.train.seq_len)
 
 
 def abstract_train_state(cfg: RunConfig, mesh: Mesh):
@@ -122,14 +124,14 @@ def _with_mask(batch: Batch) -> Batch:
     return batch
 
 
-def _loss_sum(model: Llama, params, mb: Batch, frozen=None):
-    """(summed loss, tokens counted) of a batch; params are the trained ones: the model's, or
-    LoRA's adapters over the frozen base. The LM head and the loss run fused (loss.py)."""
-    variables = {"params": params} if frozen is None else {"params": frozen, "lora": params}
-    x = model.apply(
+def _loss_sum(seam: Trainable, cfg: RunConfig, params, mb: Batch, frozen: dict):
+    """(summed loss, tokens counted) of a batch, of the trainable params over the frozen tree.
+    The LM head and the loss run fused (loss.py)."""
+    variables = seam.join(params, frozen)
+    x = seam.model.apply(
         variables, mb["inputs"], mb.get("positions"), mb.get("segment_ids"), hidden=True
     )  # [B, T, D]
-    w = head_weight(variables["params"], model.cfg)  # [D, V]
+    w = head_weight(variables["params"], cfg.model)  # [D, V]
     return head_loss(x, w, mb["targets"], mb["loss_mask"])
 
 
@@ -157,20 +159,19 @@ def _split_microbatches(batch: Batch, n: int, mesh: Mesh) -> Batch:
 
 
 def make_loss_and_grads(cfg: RunConfig, mesh: Mesh, param_shardings):
-    """fn(params, batch) -> (mean loss, grads, tokens), accumulating over microbatches.
+    """fn(params, batch, frozen) -> (mean loss, grads, tokens), accumulating over microbatches.
 
     The loss of every microbatch is divided by the token count of the whole batch, so the
     accumulated gradient is exactly that of one big batch whatever the split.
     """
-    model = Llama(cfg.model)
-    n_micro = cfg.train.grad_accum_steps
+    seam, n_micro = trainable.of(cfg.model), cfg.train.grad_accum_steps
 
     def loss_fn(params, mb, total, frozen):
-        return _loss_sum(model, params, mb, frozen)[0] / total
+        return _loss_sum(seam, cfg, params, mb, frozen)[0] / total
 
-    grad_fn = jax.value_and_grad(loss_fn)  # params only: a LoRA base gets no gradient
+    grad_fn = jax.value_and_grad(loss_fn)  # the trainable params only: frozen gets no gradient
 
-    def loss_and_grads(params, batch, frozen=None):
+    def loss_and_grads(params, batch, frozen: dict):
         batch = _with_mask(batch)
         tokens = jnp.sum(batch["loss_mask"])
         total = jnp.maximum(tokens, 1.0)
@@ -195,7 +196,8 @@ def make_loss_and_grads(cfg: RunConfig, mesh: Mesh, param_shardings):
 
 
 def make_train_step(cfg: RunConfig, mesh: Mesh, state_shardings):
-    """Returns the jitted step_fn(state, batch) -> (new_state, metrics); the state is donated.
+    """Returns the jitted step_fn(state, batch, frozen) -> (new_state, metrics); the state is
+    donated. frozen: the tree abstract_frozen describes ({} for full training).
 
     metrics: scalars loss (mean over counted tokens), grad_norm (before clipping), lr (the
     schedule at this step), tokens (counted tokens), skipped (1 if a non-finite step was
@@ -205,7 +207,7 @@ def make_train_step(cfg: RunConfig, mesh: Mesh, state_shardings):
     loss_and_grads = make_loss_and_grads(cfg, mesh, state_shardings.params)
     skip_nonfinite = cfg.train.skip_nonfinite
 
-    def step_fn(state: TrainState, batch: Batch, frozen=None):
+    def step_fn(state: TrainState, batch: Batch, frozen: dict):
         with shd.model_context(mesh):
             loss, grads, tokens = loss_and_grads(state.params, batch, frozen)
         with shd.model_context(mesh), jax.named_scope("optimizer"):
@@ -230,33 +232,29 @@ def make_train_step(cfg: RunConfig, mesh: Mesh, state_shardings):
         }
         return new_state, metrics
 
-    frozen = abstract_frozen(cfg, mesh)[1]  # LoRA: step_fn(state, batch, frozen base)
+    frozen = abstract_frozen(cfg, mesh)[1]
     return jax.jit(
         step_fn,
-        in_shardings=(state_shardings, shd.batch_sharding(mesh), *([frozen] if frozen else [])),
+        in_shardings=(state_shardings, shd.batch_sharding(mesh), frozen),
         out_shardings=(state_shardings, shd.replicated(mesh)),
         donate_argnums=(0,),
     )
 
 
 def make_eval_step(cfg: RunConfig, mesh: Mesh, state_shardings):
-    """Returns the jitted fn(params, batch[, frozen]) -> {"loss": mean, "loss_sum", "tokens"}."""
-    model = Llama(cfg.model)
+    """Returns the jitted fn(params, batch, frozen) -> {"loss": mean, "loss_sum", "tokens"}."""
+    seam = trainable.of(cfg.model)
 
-    def eval_fn(params, batch, frozen=None):
+    def eval_fn(params, batch, frozen: dict):
         batch = _with_mask(batch)
         with shd.model_context(mesh):
-            s, tokens = _loss_sum(model, params, batch, frozen)
+            s, tokens = _loss_sum(seam, cfg, params, batch, frozen)
         return {"loss": s / jnp.maximum(tokens, 1.0), "loss_sum": s, "tokens": tokens}
 
-    frozen = abstract_frozen(cfg, mesh)[1]  # LoRA: eval_fn(params, batch, frozen base)
+    frozen = abstract_frozen(cfg, mesh)[1]
     return jax.jit(
         eval_fn,
-        in_shardings=(
-            state_shardings.params,
-            shd.batch_sharding(mesh),
-            *([frozen] if frozen else []),
-        ),
+        in_shardings=(state_shardings.params, shd.batch_sharding(mesh), frozen),
         out_shardings=shd.replicated(mesh),
     )
 
@@ -276,6 +274,5 @@ def compile_train_step(cfg: RunConfig, mesh: Mesh) -> jax.stages.Compiled:
     """Lowers and compiles the step against abstract shapes only: nothing is allocated, so
     memory_analysis() of a 65B config can be read on simulated CPU devices."""
     state, shardings = abstract_train_state(cfg, mesh)
-    frozen = abstract_frozen(cfg, mesh)[0]  # LoRA's base is an argument too
-    args = (state, abstract_batch(cfg, mesh), *([frozen] if frozen else []))
+    args = (state, abstract_batch(cfg, mesh), abstract_frozen(cfg, mesh)[0])
     return make_train_step(cfg, mesh, shardings).lower(*args).compile()

@@ -102,9 +102,7 @@ class Loop:
             _, shardings = ts.abstract_train_state(self.cfg, i.mesh)
             evaluate = ts.make_eval_step(self.cfg, i.mesh, shardings)
             batch = i.loader.batch(self.progress.start)
-            record["first_batch_loss"] = float(
-                evaluate(state.params, batch, *i.frozen_args)["loss"]
-            )
+            record["first_batch_loss"] = float(evaluate(state.params, batch, i.frozen)["loss"])
             log.info("first batch loss before any update: %.6f", record["first_batch_loss"])
         if len(record) > 2:
             self.services.writer.write(record)
@@ -113,7 +111,7 @@ class Loop:
         """One optimizer step (step counts from 0); step_metrics kept for the next log."""
         i, p, s = self.inputs, self.progress, self.services
         s.profiler.before(step)
-        p.state, p.step_metrics = i.step_fn(p.state, next(i.loader), *i.frozen_args)
+        p.state, p.step_metrics = i.step_fn(p.state, next(i.loader), i.frozen)
         p.acc = _track(p.acc, p.step_metrics, step + 1)
         s.profiler.after(step, p.state)
         p.tokens_seen += self.cfg.train.tokens_per_step

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from llama_jax.adapters import lora
+from llama_jax.adapters import lora, trainable
 from llama_jax.checkpoint.manager import Checkpointer
 from llama_jax.checkpoint.resume import check_resume, check_resume_data
 from llama_jax.config import RunConfig
@@ -54,16 +54,13 @@ class Inputs:
     step_fn: Any  # train.step.make_train_step's jitted step
     loader: Loader
     validate: Any  # ValidationLoss / MixtureValidation, or None when validation is off
-    frozen: Any  # LoRA's frozen base params (the state holds the adapters), else None
+    frozen: dict  # the step's frozen input: {} for full training, LoRA's base (adapters/trainable)
     n_params: int
 
-    @property
-    def frozen_args(self) -> tuple:
-        return () if self.frozen is None else (self.frozen,)
-
     def full_params(self, params):
-        """The model's params: the trained ones, or LoRA's base with the adapters merged."""
-        return params if self.frozen is None else lora.merge(self.frozen, params, self.cfg.model)
+        """The plain model's params: the trained ones, or LoRA's base with the adapters merged."""
+        seam = trainable.of(self.cfg.model)
+        return seam.merged(seam.join(params, self.frozen))
 
 
 @dataclasses.dataclass
@@ -174,18 +171,20 @@ def _restore_or_init(cfg: RunConfig, mesh: Mesh, ckpt: Checkpointer, data: dict)
     return state, shardings, tokens_seen
 
 
-def _frozen_base(cfg: RunConfig, mesh: Mesh):
-    """LoRA's frozen base: train.init_from's weights (or the seed's random init), else None."""
-    if not cfg.model.lora_rank:
-        return None
+def _frozen(cfg: RunConfig, mesh: Mesh) -> dict:
+    """The step's frozen input (step.abstract_frozen): {} when the whole model trains; LoRA's
+    base params, train.init_from's weights (or the seed's random init)."""
+    _, shardings = ts.abstract_frozen(cfg, mesh)
+    if not shardings:
+        return {}
     if cfg.train.init_from:
-        base = init_from.load_params(cfg, ts.abstract_frozen(cfg, mesh)[1])
+        frozen = {"params": init_from.load_params(cfg, shardings["params"])}
         log.info(init_from.describe(cfg))
     else:
-        base = ts.random_frozen(cfg, mesh)
+        frozen = ts.random_frozen(cfg, mesh)
     log.info("LoRA rank %d on %s: %s trained parameters", cfg.model.lora_rank,
              cfg.model.lora_targets, f"{lora.count(cfg.model):,}")  # fmt: skip
-    return base
+    return frozen
 
 
 def _mixture_validation(cfg: RunConfig, mesh: Mesh, evaluate, tokenizer: Tokenizer):
@@ -201,12 +200,12 @@ def _mixture_validation(cfg: RunConfig, mesh: Mesh, evaluate, tokenizer: Tokeniz
 
 
 def _validation(cfg: RunConfig, mesh: Mesh, shardings, dataset_dir: str, tokenizer: Tokenizer,
-                frozen=None):  # fmt: skip
+                frozen: dict):  # fmt: skip
     """The validation-loss evaluator, or None when validation is off or the split too small."""
     if not (cfg.train.eval_every and cfg.train.eval_batches > 0):
         return None
     step = ts.make_eval_step(cfg, mesh, shardings)
-    evaluate = step if frozen is None else (lambda p, b: step(p, b, frozen))
+    evaluate = lambda params, batch: step(params, batch, frozen)  # noqa: E731
     if cfg.data.mixture:
         return _mixture_validation(cfg, mesh, evaluate, tokenizer)
     try:
@@ -256,7 +255,7 @@ def setup(cfg: RunConfig, workdir: str, config_diff: dict | None = None, hooks=(
     _check_history(workdir, cfg.checkpoint.allow_restart)
     ckpt = _checkpointer(cfg, workdir)
     data = run_data.fingerprint(cfg, dataset_dir, tokenizer)
-    frozen = _frozen_base(cfg, mesh)
+    frozen = _frozen(cfg, mesh)
     try:
         state, shardings, tokens_seen = _restore_or_init(cfg, mesh, ckpt, data)
     except BaseException:
