@@ -89,7 +89,7 @@ def test_gpu_check_dry_run(tmp_path):
         ["bash", "launch/gpu_check.sh", "--dry-run"],
         cwd=ROOT,
         timeout=400,
-        env={**env, "OUT": str(tmp_path)},
+        env={**env, "OUT": str(tmp_path), "PYTHON": sys.executable},  # this venv's python
         capture_output=True,
         text=True,
     )
