@@ -82,6 +82,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = 1  # data-parallel replicas; -1 = all devices left over
     c.mesh.fsdp = -1  # fully-sharded data parallel (params and optimizer state sharded)
     c.mesh.tensor = 1  # Megatron-style tensor parallel over heads, mlp and vocab
+    c.mesh.context = 1  # context parallel: the sequence split over devices for the whole model
+    # how attention sees keys on other context shards: all_gather (K/V gathered per layer) |
+    # ring (K/V blocks passed around the ring; no device holds the whole sequence's K/V)
+    c.mesh.context_strategy = "all_gather"
+    # Korthikanti et al. sequence parallelism: norms and the residual stream split along the
+    # sequence over tensor (needs tensor > 1); all-gather/reduce-scatter replace all-reduce
+    c.mesh.sequence_parallel = False
 
     c.data = ml_collections.ConfigDict()
     c.data.path = ""  # prepared dataset dir (launch.prepare_data); "" = built-in default corpus

@@ -21,6 +21,7 @@ from typing import Any
 from llama_jax.config_fields import (
     DTYPES,
     LORA_TARGETS,
+    MESH_CHOICES,
     MODEL_CHOICES,
     ON_CORRUPT,
     TYPES,
@@ -208,18 +209,35 @@ class TrainConfig(Group):
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig(Group):
-    """Device mesh sizes; one of them may be -1 (all devices left over)."""
+    """Device mesh sizes (one of them may be -1: all devices left over) and how the sequence
+    is split: over `context` for the whole model, and with sequence_parallel also over
+    `tensor` between the tensor-parallel blocks (parallel/sharding.py, parallel/context.py)."""
 
     GROUP = "mesh"
-    RANGES = {"data": "-1 or >= 1", "fsdp": "-1 or >= 1", "tensor": "-1 or >= 1"}
+    RANGES = {
+        "data": "-1 or >= 1", "fsdp": "-1 or >= 1", "tensor": "-1 or >= 1",
+        "context": "-1 or >= 1",
+    }  # fmt: skip
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    context: int = 1
+    context_strategy: str = "all_gather"
+    sequence_parallel: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choices("mesh", self, MESH_CHOICES)
+        if self.sequence_parallel and self.tensor == 1:
+            raise ConfigError(
+                "mesh.sequence_parallel=True splits activations over the tensor axis: "
+                "it needs mesh.tensor > 1 (or -1)"
+            )
 
     @property
-    def sizes(self) -> tuple[int, int, int]:
-        """(data, fsdp, tensor), the argument order of sharding.make_mesh."""
-        return self.data, self.fsdp, self.tensor
+    def sizes(self) -> tuple[int, int, int, int]:
+        """(data, fsdp, tensor, context), the argument order of sharding.make_mesh."""
+        return self.data, self.fsdp, self.tensor, self.context
 
 
 @dataclasses.dataclass(frozen=True)

@@ -78,6 +78,9 @@ def _checked(group: str, f: dataclasses.Field, value):
     return value
 
 
+MESH_CHOICES = {"context_strategy": ("context strategy", ("all_gather", "ring"))}
+
+
 def check_choices(group: str, obj, choices: Mapping[str, tuple]) -> None:
     for name, (what, valid) in choices.items():
         if getattr(obj, name) not in valid:

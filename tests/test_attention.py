@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llama_jax.model import attention, attention_table
+from llama_jax.model import attention, attention_table, blockwise
 from llama_jax.model.attention import blockwise_attention, dot_product_attention, resolve_impl
 
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
@@ -108,7 +108,7 @@ def tile_loops(request, monkeypatch):
     """Both ways blockwise runs its tiles: XLA loops, or unrolled Python loops (what small
     problems get by default; slow: each tile is its own ops to compile)."""
     unrolled = request.param == "unrolled"
-    monkeypatch.setattr(attention, "UNROLL_BUDGET_BYTES", 2**40 if unrolled else 0)
+    monkeypatch.setattr(blockwise, "UNROLL_BUDGET_BYTES", 2**40 if unrolled else 0)
     return request.param
 
 

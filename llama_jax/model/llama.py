@@ -23,8 +23,10 @@ from llama_jax.model.attention import dot_product_attention
 from llama_jax.model.ops import dense
 from llama_jax.model.remat import remat_policy
 
-# Logical layouts of activations, constrained at block boundaries.
-BTD = ("batch", "length", "embed")
+# Logical layouts of activations, constrained at block boundaries. BTD is the residual
+# stream between the blocks (and a block's output), which sequence parallelism splits along
+# the sequence; inside attention and the MLP the sequence is "length".
+BTD = ("batch", "residual_length", "embed")
 BTNH = ("batch", "length", "heads", "head_dim")
 BTKH = ("batch", "length", "kv_heads", "head_dim")
 BTF = ("batch", "length", "mlp")
@@ -155,19 +157,28 @@ class Attention(Projections):
         if self.decode:
             o = self._cached(q, k, v, segment_ids)
         else:
-            o = dot_product_attention(
-                q,
-                k,
-                v,
-                impl=c.attention_impl,
-                causal=True,
-                segment_ids=segment_ids,
-                block_q=c.attn_block_q,
-                block_k=c.attn_block_k,
-            )  # [B, T, N, H]
+            o = self.attend(q, k, v, segment_ids)  # [B, T, N, H]
         o = checkpoint_name(nn.with_logical_constraint(o, BTNH), "attn_out")
         out = self.project("wo", "BTNH,NHD->BTD", o, wo.astype(dt))
-        return checkpoint_name(out, "o_proj")
+        return checkpoint_name(nn.with_logical_constraint(out, BTD), "o_proj")
+
+    def attend(self, q, k, v, segment_ids):
+        """Causal attention of the sequence's queries [B, T, N, H] over its keys and values.
+
+        The seam for a layout that splits the sequence over devices: parallel/context.py
+        replaces this method from outside (nn.intercept_methods), so call it positionally.
+        """
+        c = self.cfg
+        return dot_product_attention(
+            q,
+            k,
+            v,
+            impl=c.attention_impl,
+            causal=True,
+            segment_ids=segment_ids,
+            block_q=c.attn_block_q,
+            block_k=c.attn_block_k,
+        )
 
     def _cached(self, q, k, v, segment_ids):
         """Writes this call's T keys/values at cache slots [index, index + T) and attends.
@@ -223,7 +234,7 @@ class MLP(Projections):
             h = nn.gelu(gate)
         h = nn.with_logical_constraint(h, BTF)
         down = self.project("w2", "BTF,FD->BTD", h, w2.astype(dt))
-        return checkpoint_name(down, "mlp_down")
+        return checkpoint_name(nn.with_logical_constraint(down, BTD), "mlp_down")
 
 
 class Block(nn.Module):

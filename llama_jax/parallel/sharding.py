@@ -16,7 +16,9 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "context")  # make_mesh's (and mesh config's) order
+# The device grid's order: tensor innermost, on the closest devices (NVLink), context next.
+GRID_AXES = ("data", "fsdp", "context", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 # Logical name -> mesh axis (or tuple of axes, or None = replicated). Rules are tried in
@@ -25,29 +27,50 @@ BATCH_AXES = ("data", "fsdp")
 # while a weight [embed, mlp] gets FSDP over embed and tensor parallelism over mlp.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),  # data parallel + the FSDP ranks each see their own rows
+    # The sequence: inside attention and the MLP ("length") and in the residual stream
+    # between them ("residual_length"): split over context for the whole model (context
+    # parallelism); sequence parallelism adds tensor to the residual's (axis_rules).
+    ("residual_length", "context"),
+    ("length", "context"),
     ("embed", "fsdp"),  # FSDP: weights and optimizer state sharded over the model dim
     ("heads", "tensor"),  # Megatron tensor parallel: attention heads...
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),  # ...the SwiGLU hidden dim...
     ("vocab", "tensor"),  # ...and the vocabulary (embedding rows, logits)
     ("head_dim", None),
-    ("length", None),
     ("layers", None),  # the nn.scan axis of stacked block weights
 )
 
 
+def axis_rules(sequence_parallel: bool = False) -> tuple[tuple[str, Any], ...]:
+    """The rule table, with sequence parallelism (Korthikanti et al. 2022) when asked: the
+    residual stream, the norms and the loss input split along the sequence over tensor too,
+    so XLA all-gathers entering each column-parallel block (q/k/v, w1/w3) and
+    reduce-scatters leaving each row-parallel one (wo, w2) instead of all-reducing."""
+    if not sequence_parallel:
+        return LOGICAL_AXIS_RULES
+    sp = ("residual_length", ("context", "tensor"))
+    return tuple(
+        sp if name == "residual_length" else (name, axes) for name, axes in LOGICAL_AXIS_RULES
+    )
+
+
 def make_mesh(
-    data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+    data: int = 1,
+    fsdp: int = -1,
+    tensor: int = 1,
+    context: int = 1,
+    devices: Sequence[jax.Device] | None = None,
 ) -> Mesh:
-    """Builds the ("data", "fsdp", "tensor") mesh over all devices of all processes.
+    """Builds the mesh of GRID_AXES over all devices of all processes.
 
     Args:
-      data, fsdp, tensor: axis sizes; one may be -1 (the devices left over).
+      data, fsdp, tensor, context: axis sizes; one may be -1 (the devices left over).
       devices: defaults to jax.devices() (every process's devices).
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
-    sizes = [data, fsdp, tensor]
+    sizes = [data, fsdp, tensor, context]
     described = ", ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
     free = [i for i, s in enumerate(sizes) if s == -1]
     if len(free) > 1 or any(s == 0 or s < -1 for s in sizes):
@@ -62,8 +85,12 @@ def make_mesh(
             f"{described}: the sizes multiply to {math.prod(sizes)}, but there are {n} devices; "
             "make the product equal the device count or set one size to -1"
         )
+    size = dict(zip(MESH_AXES, sizes))
     return jax.make_mesh(
-        tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+        tuple(size[a] for a in GRID_AXES),
+        GRID_AXES,
+        axis_types=(AxisType.Auto,) * len(GRID_AXES),
+        devices=devices,
     )
 
 

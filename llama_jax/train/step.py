@@ -27,6 +27,7 @@ from llama_jax.adapters.trainable import Trainable
 from llama_jax.config import RunConfig
 from llama_jax.model.llama import head_weight
 from llama_jax.model.loss import head_loss
+from llama_jax.parallel import context
 from llama_jax.parallel import sharding as shd
 from llama_jax.train.optim import make_optimizer, make_schedule
 
@@ -124,13 +125,16 @@ def _with_mask(batch: Batch) -> Batch:
     return batch
 
 
-def _loss_sum(seam: Trainable, cfg: RunConfig, params, mb: Batch, frozen: dict):
+def _loss_sum(seam: Trainable, cfg: RunConfig, mesh: Mesh, params, mb: Batch, frozen: dict):
     """(summed loss, tokens counted) of a batch, of the trainable params over the frozen tree.
-    The LM head and the loss run fused (loss.py)."""
+    The LM head and the loss run fused (loss.py). On a mesh with context shards the rows
+    are reordered zig-zag and attention runs context-parallel (parallel/context.py)."""
     variables = seam.join(params, frozen)
-    x = seam.model.apply(
-        variables, mb["inputs"], mb.get("positions"), mb.get("segment_ids"), hidden=True
-    )  # [B, T, D]
+    mb = context.to_zigzag(mb, mesh.shape.get(context.AXIS, 1))
+    with context.attention(mesh, cfg.mesh):
+        x = seam.model.apply(
+            variables, mb["inputs"], mb.get("positions"), mb.get("segment_ids"), hidden=True
+        )  # [B, T, D]
     w = head_weight(variables["params"], cfg.model)  # [D, V]
     return head_loss(x, w, mb["targets"], mb["loss_mask"])
 
@@ -167,7 +171,7 @@ def make_loss_and_grads(cfg: RunConfig, mesh: Mesh, param_shardings):
     seam, n_micro = trainable.of(cfg.model), cfg.train.grad_accum_steps
 
     def loss_fn(params, mb, total, frozen):
-        return _loss_sum(seam, cfg, params, mb, frozen)[0] / total
+        return _loss_sum(seam, cfg, mesh, params, mb, frozen)[0] / total
 
     grad_fn = jax.value_and_grad(loss_fn)  # the trainable params only: frozen gets no gradient
 
@@ -206,11 +210,12 @@ def make_train_step(cfg: RunConfig, mesh: Mesh, state_shardings):
     tx, schedule = make_optimizer(cfg.train), make_schedule(cfg.train)
     loss_and_grads = make_loss_and_grads(cfg, mesh, state_shardings.params)
     skip_nonfinite = cfg.train.skip_nonfinite
+    rules = shd.axis_rules(cfg.mesh.sequence_parallel)
 
     def step_fn(state: TrainState, batch: Batch, frozen: dict):
-        with shd.model_context(mesh):
+        with shd.model_context(mesh, rules):
             loss, grads, tokens = loss_and_grads(state.params, batch, frozen)
-        with shd.model_context(mesh), jax.named_scope("optimizer"):
+        with shd.model_context(mesh, rules), jax.named_scope("optimizer"):
             grad_norm = optax.tree.norm(grads)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
@@ -243,12 +248,12 @@ def make_train_step(cfg: RunConfig, mesh: Mesh, state_shardings):
 
 def make_eval_step(cfg: RunConfig, mesh: Mesh, state_shardings):
     """Returns the jitted fn(params, batch, frozen) -> {"loss": mean, "loss_sum", "tokens"}."""
-    seam = trainable.of(cfg.model)
+    seam, rules = trainable.of(cfg.model), shd.axis_rules(cfg.mesh.sequence_parallel)
 
     def eval_fn(params, batch, frozen: dict):
         batch = _with_mask(batch)
-        with shd.model_context(mesh):
-            s, tokens = _loss_sum(seam, cfg, params, batch, frozen)
+        with shd.model_context(mesh, rules):
+            s, tokens = _loss_sum(seam, cfg, mesh, params, batch, frozen)
         return {"loss": s / jnp.maximum(tokens, 1.0), "loss_sum": s, "tokens": tokens}
 
     frozen = abstract_frozen(cfg, mesh)[1]
