@@ -1,13 +1,18 @@
 """Sequence parallelism and context parallelism (parallel/context.py): every mesh's loss, every
 gradient and 5 AdamW steps against the unsharded model; the communication from the HLO."""
 
+import functools
 import math
 import re
+import signal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_attention import TOL, make_inputs, np_attention
+from test_attention import rel_err as attention_rel_err
+from test_train import losses, run_train, small_cfg
 
 from llama_jax.config import MeshConfig, RunConfig
 from llama_jax.parallel import context
@@ -266,3 +271,75 @@ def test_ring_sends_kv_blocks_and_gathers_nothing(tiny_config, tmp_path):
     B, T, K, H = 8, 32, cfg.model.kv_heads, cfg.model.head_dim
     assert len(sends) == 2 * 7 and all(_elements(s) == B * (T // 8) * K * H for s in sends), sends
     assert _collectives(hlo, "all-gather") == []
+
+
+# ---- the attention alone, against float64 ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "strategy, segments",
+    [
+        ("ring", True),
+        pytest.param("ring", False, marks=pytest.mark.slow),
+        pytest.param("all_gather", True, marks=pytest.mark.slow),
+        pytest.param("all_gather", False, marks=pytest.mark.slow),
+    ],
+)
+def test_context_attention_matches_float64(strategy, segments):
+    """Zig-zag shards over context 4, GQA (4 heads over 2): outputs and dq, dk, dv against
+    test_attention's float64 numpy attention on the natural order, within its float32
+    tolerance (test_attention.TOL)."""
+    B, T, N, K, H, P_ = 2, 32, 4, 2, 16, 4
+    q, k, v, do, seg = make_inputs(B, T, T, N, K, H, "float32", segments)
+    want = np_attention(q, k, v, do, segment_ids=seg)
+    order = context.zigzag_order(T, P_)
+    mesh = mesh_for((2, 1, 1, P_))
+    z = lambda x: None if x is None else x[:, order]
+    attn = functools.partial(context.context_attention, mesh=mesh, strategy=strategy, block=4)
+
+    def fwd_bwd(q, k, v, do):
+        o, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, z(seg)), q, k, v)
+        return o, *vjp(do)
+
+    got = jax.jit(fwd_bwd)(z(q), z(k), z(v), z(do))
+    inverse = np.argsort(order)
+    for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
+        assert attention_rel_err(np.asarray(g)[:, inverse], w) <= TOL["float32"], name
+
+
+# ---- end to end: launch.train ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_context_tensor_sp_matches_data_parallel_and_resumes(tmp_path, tiny_dataset):
+    """launch.train on 8 devices, (fsdp 2, tensor 2, context 2, SP) against (data 8): the same
+    per-step losses; SIGKILLed at step 7, the resumed run's losses are the uninterrupted
+    run's exactly; and its checkpoint resumes onto context 4 (a re-shard) without a warning."""
+    cp = ("mesh.fsdp=-1", "mesh.tensor=2", "mesh.context=2", "mesh.sequence_parallel=true")
+    steps = ("train.steps=10", "train.eval_every=0", "checkpoint.every_steps=5")
+    run_train(tmp_path / "dp", tiny_dataset, "mesh.data=8", "mesh.fsdp=1", *steps, devices=8)
+    run_train(tmp_path / "cp", tiny_dataset, *cp, *steps, devices=8)
+    dp, cp_losses = losses(tmp_path / "dp"), losses(tmp_path / "cp")
+    assert sorted(dp) == sorted(cp_losses) == list(range(1, 11))
+    # Step s's loss is one float32 evaluation after s - 1 updates, each from gradients within
+    # grad_bound of the other mesh's (test_mesh_matches_unsharded's derivation); over a few
+    # steps at a small lr the differences add, not multiply: s x grad_bound.
+    cfg = small_cfg(tiny_dataset)
+    for s in dp:
+        bound = s * grad_bound(cfg.model, cfg.train.seq_len)
+        assert rel_err(cp_losses[s], dp[s]) <= bound, (s, cp_losses[s], dp[s], bound)
+
+    killed = tmp_path / "killed"
+    env = {"LLAMA_JAX_SIGNAL_AT_STEP": "9:7"}
+    r = run_train(killed, tiny_dataset, *cp, *steps, devices=8, env=env, check=False)
+    assert r.returncode == -signal.SIGKILL
+    run_train(killed, tiny_dataset, *cp, *steps, devices=8)
+    got = losses(killed)
+    assert [got[s] for s in range(1, 11)] == [cp_losses[s] for s in range(1, 11)]
+
+    more = ("train.steps=12", "train.eval_every=0", "checkpoint.every_steps=5")
+    r = run_train(killed, tiny_dataset, *cp[:3], "mesh.context=4", *more, devices=8)
+    assert "resumed from" in r.stderr and "step 10" in r.stderr
+    warned = [line for line in r.stderr.splitlines() if "warn" in line.lower()]
+    assert warned == [], warned
+    assert sorted(losses(killed)) == list(range(1, 13))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from llama_jax.model.llama import BTD, Llama
+from llama_jax.model.llama import BTD, BTNH, Llama
 from llama_jax.parallel import sharding as shd
 from llama_jax.train import step as ts
 
@@ -17,15 +17,17 @@ from llama_jax.train import step as ts
 @pytest.mark.parametrize(
     "sizes, want",
     [
-        ((1, -1, 1), (1, 8, 1)),
-        ((2, -1, 2), (2, 2, 2)),
-        ((-1, 1, 4), (2, 1, 4)),
-        ((8, 1, 1), (8, 1, 1)),
+        ((1, -1, 1), (1, 8, 1, 1)),
+        ((2, -1, 2), (2, 2, 2, 1)),
+        ((-1, 1, 4), (2, 1, 4, 1)),
+        ((8, 1, 1), (8, 1, 1, 1)),
+        ((1, 2, 2, -1), (1, 2, 2, 2)),
+        ((1, 1, 2, 4), (1, 1, 2, 4)),
     ],
 )
 def test_make_mesh_sizes(sizes, want):
     mesh = shd.make_mesh(*sizes)
-    assert mesh.axis_names == ("data", "fsdp", "tensor")
+    assert mesh.axis_names == ("data", "fsdp", "context", "tensor")  # tensor innermost
     assert tuple(mesh.shape[a] for a in shd.MESH_AXES) == want
     assert mesh.devices.size == 8
 
@@ -51,8 +53,13 @@ def test_rules_weights_fsdp_and_tensor(mesh_of):
     assert spec("layers", "embed", "heads", "head_dim") == P(None, "fsdp", "tensor", None)
     assert spec("layers", "mlp", "embed") == P(None, "tensor", "fsdp")
     assert spec("vocab", "embed") == P("tensor", "fsdp")
-    # Activations: batch takes fsdp first, so embed stays whole on each device.
-    assert spec(*BTD) == P(("data", "fsdp"), None, None)
+    # Activations: batch takes fsdp first, so embed stays whole on each device; the sequence
+    # is split over context, and with sequence parallelism the residual's over tensor too.
+    assert spec(*BTD) == P(("data", "fsdp"), "context", None)
+    assert spec(*BTNH) == P(("data", "fsdp"), "context", "tensor", None)
+    sp = lambda *names: shd.logical_to_mesh_spec(names, shd.axis_rules(sequence_parallel=True))
+    assert sp(*BTD) == P(("data", "fsdp"), ("context", "tensor"), None)
+    assert sp(*BTNH) == spec(*BTNH)  # inside attention heads take tensor, as without SP
     assert shd.batch_sharding(mesh_of(2, 2, 2)).spec == P(("data", "fsdp"))
 
 

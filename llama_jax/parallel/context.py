@@ -179,14 +179,11 @@ STRATEGIES = {  # fn(q, k, v, segment_ids or None, shards, block) inside shard_m
 # ------------------------------------------------------------------------------ the seam
 
 
-def _attend(mesh: Mesh, strategy: str, module, q, k, v, segment_ids):
-    """Attention.attend of `module` with the sequence split over the context axis."""
+def context_attention(q, k, v, segment_ids, *, mesh: Mesh, strategy: str, block: int):
+    """Causal attention of zig-zag-ordered [B, T, N, H] queries over keys/values split along T
+    over mesh's context axis (segment_ids [B, T] or None), by `strategy`; `block` is the tile
+    size (a divisor of a chunk, T / (2 context))."""
     shards = mesh.shape[AXIS]
-    T_local = q.shape[1] // shards
-    c = module.cfg
-    # Tiles no larger than a zig-zag chunk, so a tile never straddles two chunks and the
-    # masked (later-chunk) tiles are skipped whole.
-    block = math.gcd(T_local // 2, min(c.attn_block_q, c.attn_block_k))
     fn = STRATEGIES[strategy]
     seq = P(None, AXIS)
     if segment_ids is None:
@@ -199,6 +196,15 @@ def _attend(mesh: Mesh, strategy: str, module, q, k, v, segment_ids):
         body, mesh=mesh, in_specs=(seq,) * len(args), out_specs=seq, axis_names={AXIS}
     )
     return mapped(*args)
+
+
+def _attend(mesh: Mesh, strategy: str, module, q, k, v, segment_ids):
+    """Attention.attend of `module` (its cfg: the tile sizes), context-parallel."""
+    c, chunk = module.cfg, q.shape[1] // (2 * mesh.shape[AXIS])
+    # Tiles no larger than a zig-zag chunk, so a tile never straddles two chunks and the
+    # masked (later-chunk) tiles are skipped whole.
+    block = math.gcd(chunk, min(c.attn_block_q, c.attn_block_k))
+    return context_attention(q, k, v, segment_ids, mesh=mesh, strategy=strategy, block=block)
 
 
 @contextlib.contextmanager
