@@ -1,6 +1,7 @@
 """Sequence parallelism and context parallelism (parallel/context.py): every mesh's loss, every
 gradient and 5 AdamW steps against the unsharded model; the communication from the HLO."""
 
+import dataclasses
 import functools
 import math
 import re
@@ -9,6 +10,7 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from test_attention import TOL, make_inputs, np_attention
 from test_attention import rel_err as attention_rel_err
@@ -18,6 +20,7 @@ from llama_jax.config import MeshConfig, RunConfig
 from llama_jax.parallel import context
 from llama_jax.parallel import sharding as shd
 from llama_jax.train import step as ts
+from llama_jax.train.optim import make_optimizer
 
 U32 = 2.0**-24  # float32 unit roundoff
 LAMBDA = 4.0  # confidence of the probabilistic rounding bound (below)
@@ -57,22 +60,25 @@ def make_cfg(tiny_config, mesh=None, **model):
     return RunConfig(model=cfg.model, train=cfg.train, mesh=MeshConfig(**(mesh or {})))
 
 
-def make_batch(cfg, packed: bool, seed=0):
+def make_batch(cfg, seed=0):
+    """Random tokens, ~20% of targets masked; the first half of the rows one document each, the
+    second half packed with 1-4 documents (boundaries anywhere, positions restart per
+    document): both attention masks in one batch."""
     rng = np.random.default_rng(seed)
     B, T, V = cfg.train.batch_size, cfg.train.seq_len, cfg.model.vocab_size
     toks = rng.integers(0, V, (B, T + 1)).astype(np.int32)
-    batch = {
+    seg = np.sort(rng.integers(0, 4, (B, T)), axis=1).astype(np.int32)
+    seg[: B // 2] = 0
+    starts = np.concatenate([np.ones((B, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    idx = np.broadcast_to(np.arange(T), (B, T))
+    first = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+    return {
         "inputs": toks[:, :-1],
         "targets": toks[:, 1:],
         "loss_mask": (rng.random((B, T)) < 0.8).astype(np.float32),
+        "segment_ids": seg,
+        "positions": (idx - first).astype(np.int32),
     }
-    if packed:  # 1-4 documents a row, boundaries anywhere; positions restart per document
-        seg = np.sort(rng.integers(0, 4, (B, T)), axis=1).astype(np.int32)
-        starts = np.concatenate([np.ones((B, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
-        idx = np.broadcast_to(np.arange(T), (B, T))
-        first = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
-        batch["segment_ids"], batch["positions"] = seg, (idx - first).astype(np.int32)
-    return batch
 
 
 def mesh_for(sizes):
@@ -81,30 +87,41 @@ def mesh_for(sizes):
 
 
 def run(cfg, sizes, batch, steps: int):
-    """(loss, grads, params after `steps` AdamW steps on `batch`) on the mesh of `sizes`."""
+    """(loss, grads, params after `steps` AdamW steps on `batch`) on the mesh of `sizes`, by the
+    step's own gradient function (ts.make_loss_and_grads, jitted) and optimizer
+    (make_optimizer): the model compiles once for both checks (make_train_step is these two
+    in one jit; the end-to-end test below runs it on a context x tensor x SP mesh)."""
     mesh = mesh_for(sizes)
     state, shardings = ts.create_train_state(cfg, mesh)
     grad_fn = jax.jit(ts.make_loss_and_grads(cfg, mesh, shardings.params))
+    tx = make_optimizer(cfg.train)
+
+    @jax.jit
+    def update(params, opt_state, grads):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
     loss, grads, _ = grad_fn(state.params, batch, {})
-    step = ts.make_train_step(cfg, mesh, shardings)
-    for _ in range(steps):
-        state, _ = step(state, batch, {})
+    params, opt_state, g = state.params, state.opt_state, grads
+    for i in range(steps):
+        if i:
+            g = grad_fn(params, batch, {})[1]
+        params, opt_state = update(params, opt_state, g)
     host = lambda t: jax.tree.map(np.asarray, t)
-    return float(loss), host(grads), host(state.params)
+    return float(loss), host(grads), host(params)
 
 
 @pytest.fixture(scope="module")
 def unsharded(tiny_config):
-    """The reference: one device, plain softmax attention (no tiles, no shards), per batch
-    kind and model variant."""
+    """The reference: one device, plain softmax attention (no tiles, no shards), per remat
+    policy."""
     cache = {}
 
-    def get(packed: bool, remat="save_linear"):
-        key = (packed, remat)
-        if key not in cache:
+    def get(remat="save_linear"):
+        if remat not in cache:
             cfg = make_cfg(tiny_config, attention_impl="reference", remat_policy=remat)
-            cache[key] = run(cfg, (1, 1, 1, 1), make_batch(cfg, packed), STEPS)
-        return cache[key]
+            cache[remat] = run(cfg, (1, 1, 1, 1), make_batch(cfg), STEPS)
+        return cache[remat]
 
     return get
 
@@ -121,16 +138,21 @@ def check_parity(got, want, cfg):
     for (path, g), g0 in zip(flat, jax.tree.leaves(grads0)):
         name = jax.tree_util.keystr(path)
         assert rel_err(g, g0) <= bound, (name, rel_err(g, g0), bound)
-    # After k steps of lr, a parameter differs from the reference by at most k lr times the
-    # difference of the (clipped, normalized) AdamW updates. Where a gradient is far from zero
-    # the update m / sqrt(v) inherits the gradient's relative error; AdamW's update of a
-    # coordinate is at most ~1 in size, so with the per-step bound on the updates the
-    # parameter's norm-wise error is at most k lr sqrt(size) bound / |p| (each step's error
-    # added, no cancellation), plus the two evaluations' own rounding of p (2 u).
+    # After k steps of lr a parameter differs from the reference by at most k lr times the
+    # difference of the AdamW updates u = m_hat / sqrt(v_hat) (weight decay's share is second
+    # order). The gradient check above allows any element an absolute error up to
+    # E = bound |g| (|g| the leaf's norm). u is invariant to scaling a coordinate's gradients,
+    # so only their relative errors, at most E / |g_i|, change it: |du_i| <= 2 |u_i| E / |g_i|,
+    # and a flipped sign at most 2 |u_i|; |u_i| <= 1.5 over the first steps (b1 = 0.9 below
+    # sqrt(b2) = 0.97: by Cauchy-Schwarz m_hat / sqrt(v_hat) stays near 1). Using the first
+    # step's reference gradient for every step, plus both sides' rounding of p (2 u).
     k, lr = STEPS, cfg.train.lr
-    for (path, p), p0 in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(params0)):
+    flat = jax.tree_util.tree_leaves_with_path(params)
+    for (path, p), p0, g0 in zip(flat, jax.tree.leaves(params0), jax.tree.leaves(grads0)):
+        g0 = np.abs(np.asarray(g0, np.float64))
+        du = 3.0 * np.minimum(1.0, bound * np.linalg.norm(g0) / np.maximum(g0, 1e-30))
+        allowed = k * lr * np.linalg.norm(du) / np.linalg.norm(p0) + 2 * U32
         name, err = jax.tree_util.keystr(path), rel_err(p, p0)
-        allowed = k * lr * math.sqrt(p0.size) * bound / np.linalg.norm(p0) + 2 * U32
         assert err <= allowed, (name, err, allowed)
 
 
@@ -151,24 +173,24 @@ MESHES = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("packed", [False, True], ids=["gqa", "gqa-packed"])
 @pytest.mark.parametrize("mesh", list(MESHES))
-def test_mesh_matches_unsharded(tiny_config, unsharded, mesh, packed):
+def test_mesh_matches_unsharded(tiny_config, unsharded, mesh):
+    """GQA (4 heads over 2), single-document and packed rows, remat save_linear."""
     sizes, options = MESHES[mesh]
     cfg = make_cfg(tiny_config, options)
-    check_parity(run(cfg, sizes, make_batch(cfg, packed), STEPS), unsharded(packed), cfg)
+    check_parity(run(cfg, sizes, make_batch(cfg), STEPS), unsharded(), cfg)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("remat", ["full", "save_linear"])
 @pytest.mark.parametrize("mesh", ["context8-ring", "fsdp2-context2-tensor2-sp-ring"])
-def test_remat_and_accumulation_match_unsharded(tiny_config, unsharded, mesh, remat):
-    """2-way gradient accumulation (each microbatch zig-zagged on its own) under a remat
-    policy, packed documents: the one-device, one-batch reference's values."""
+def test_full_remat_and_accumulation_match_unsharded(tiny_config, unsharded, mesh):
+    """Remat full and 2-way gradient accumulation (each microbatch zig-zagged on its own): the
+    one-device, one-batch reference's values (save_linear: every test above)."""
     sizes, options = MESHES[mesh]
-    cfg = make_cfg(tiny_config, options, remat_policy=remat)
-    cfg = RunConfig(model=cfg.model, train=cfg.train.replace(grad_accum_steps=2), mesh=cfg.mesh)
-    check_parity(run(cfg, sizes, make_batch(cfg, True), STEPS), unsharded(True), cfg)
+    cfg = make_cfg(tiny_config, options, remat_policy="full")
+    train = dataclasses.replace(cfg.train, grad_accum_steps=2)
+    cfg = RunConfig(model=cfg.model, train=train, mesh=cfg.mesh)
+    check_parity(run(cfg, sizes, make_batch(cfg), STEPS), unsharded("full"), cfg)
 
 
 @pytest.mark.slow
@@ -183,10 +205,8 @@ def test_a_broken_merge_fails_parity(tiny_config, unsharded, strategy, monkeypat
         monkeypatch.setattr(context, "_shard_index", lambda T, n, r: jnp.arange(T))
     sizes, options = MESHES["context8-ring" if strategy == "ring" else "data2-context4-allgather"]
     cfg = make_cfg(tiny_config, options)
-    got = run(cfg, sizes, make_batch(cfg, False), 1)
-    want = unsharded(False)
     with pytest.raises(AssertionError):
-        assert rel_err(got[0], want[0]) <= grad_bound(cfg.model, cfg.train.seq_len)
+        check_parity(run(cfg, sizes, make_batch(cfg), STEPS), unsharded(), cfg)
 
 
 def test_zigzag_layout():
