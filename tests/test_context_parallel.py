@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import math
 import re
+import shutil
 import signal
 
 import jax
@@ -334,9 +335,11 @@ def test_context_attention_matches_float64(strategy, segments):
 def test_train_context_tensor_sp_matches_data_parallel_and_resumes(tmp_path, tiny_dataset):
     """launch.train on 8 devices, (fsdp 2, tensor 2, context 2, SP) against (data 8): the same
     per-step losses; SIGKILLed at step 7, the resumed run's losses are the uninterrupted
-    run's exactly; and its checkpoint resumes onto context 4 (a re-shard) without a warning."""
+    run's exactly; and the killed run resumes onto context 4 (a re-shard) without a warning."""
     cp = ("mesh.fsdp=-1", "mesh.tensor=2", "mesh.context=2", "mesh.sequence_parallel=true")
-    steps = ("train.steps=10", "train.eval_every=0", "checkpoint.every_steps=5")
+    # sync saves: the SIGKILL at step 7 must find step 5's checkpoint committed
+    steps = ("train.steps=10", "train.eval_every=0", "checkpoint.every_steps=5",
+             "checkpoint.async_save=false")  # fmt: skip
     run_train(tmp_path / "dp", tiny_dataset, "mesh.data=8", "mesh.fsdp=1", *steps, devices=8)
     run_train(tmp_path / "cp", tiny_dataset, *cp, *steps, devices=8)
     dp, cp_losses = losses(tmp_path / "dp"), losses(tmp_path / "cp")
@@ -349,17 +352,24 @@ def test_train_context_tensor_sp_matches_data_parallel_and_resumes(tmp_path, tin
         bound = s * grad_bound(cfg.model, cfg.train.seq_len)
         assert rel_err(cp_losses[s], dp[s]) <= bound, (s, cp_losses[s], dp[s], bound)
 
-    killed = tmp_path / "killed"
+    killed, moved = tmp_path / "killed", tmp_path / "moved"
     env = {"LLAMA_JAX_SIGNAL_AT_STEP": "9:7"}
     r = run_train(killed, tiny_dataset, *cp, *steps, devices=8, env=env, check=False)
     assert r.returncode == -signal.SIGKILL
-    run_train(killed, tiny_dataset, *cp, *steps, devices=8)
+    shutil.copytree(killed, moved)
+    r = run_train(killed, tiny_dataset, *cp, *steps, devices=8)
+    assert f"resumed from {killed / 'checkpoints'} step 5" in r.stderr
     got = losses(killed)
     assert [got[s] for s in range(1, 11)] == [cp_losses[s] for s in range(1, 11)]
 
-    more = ("train.steps=12", "train.eval_every=0", "checkpoint.every_steps=5")
-    r = run_train(killed, tiny_dataset, *cp[:3], "mesh.context=4", *more, devices=8)
-    assert "resumed from" in r.stderr and "step 10" in r.stderr
-    warned = [line for line in r.stderr.splitlines() if "warn" in line.lower()]
+    # The same killed run resumed onto context 4: re-sharded on restore, no warning; the
+    # other mesh's losses are within the bound above.
+    r = run_train(moved, tiny_dataset, *cp[:3], "mesh.context=4", *steps, devices=8)
+    assert f"resumed from {moved / 'checkpoints'} step 5" in r.stderr
+    lines = r.stderr.splitlines()  # the kill's stale run.lock is taken over, with a warning
+    warned = [x for x in lines if "warn" in x.lower() and "stale lock of dead pid" not in x]
     assert warned == [], warned
-    assert sorted(losses(killed)) == list(range(1, 13))
+    got = losses(moved)
+    assert sorted(got) == list(range(1, 11))
+    for s in got:
+        assert rel_err(got[s], cp_losses[s]) <= s * grad_bound(cfg.model, cfg.train.seq_len)
