@@ -57,6 +57,7 @@ SUMMARY_COLUMNS = {
     "data": ("what", "detail", "tokens/s", "MB/s"),
     "compile": ("layers", "compile_s", "vs_first"),
     "peers": ("peer", "tokens/s", "ours_vs"),
+    "parallel": ("mesh", "ms", "tokens/s", "collective-permute MB", "ring K/V MB (analytic)"),
 }
 
 

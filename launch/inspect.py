@@ -29,11 +29,12 @@ def _argv_value(argv, name):
 
 
 def simulated_devices(argv) -> int:
-    """--devices, else the product of the positive --config.mesh.{data,fsdp,tensor} given."""
+    """--devices, else the product of the positive --config.mesh.{data,fsdp,tensor,context}
+    given."""
     if _argv_value(argv, "devices"):
         return int(_argv_value(argv, "devices"))
     n = 1
-    for axis in ("data", "fsdp", "tensor"):
+    for axis in ("data", "fsdp", "tensor", "context"):
         v = _argv_value(argv, f"config.mesh.{axis}")
         if v is not None and v.isdigit() and int(v) > 0:  # a bad value: the config's error
             n *= int(v)

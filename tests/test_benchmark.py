@@ -60,12 +60,16 @@ def test_all_sections_print_a_table_with_their_limit(tiny_dataset, capsys):
             "",
             "--peers-repeats",
             "1",
+            "--parallel-meshes",
+            "fsdp2-context4-ring",
+            "--parallel-repeats",
+            "1",
         ]
     )
     out = capsys.readouterr().out
     for name in ("attention", "step", "data", "compile", "summary"):
         assert f"## {name}  [" in out, name
-    assert set(results) == {"attention", "step", "data", "compile", "peers"}
+    assert set(results) == {"attention", "step", "data", "compile", "peers", "parallel"}
     att, step = results["attention"], results["step"]
     assert [r["impl"] for r in att][-1].startswith("limit: matmul")
     assert all(0 < r["of_matmul"] for r in att if "tflops" in r)
@@ -78,6 +82,9 @@ def test_all_sections_print_a_table_with_their_limit(tiny_dataset, capsys):
     curation = [r for r in results["data"] if r["what"] == "curation"]
     assert len(curation) == 1 + 6 and all(r["MB/s"] > 0 for r in curation)
     assert [r["layers"] for r in results["compile"]] == [1, 2]
+    # the ring's K/V bytes read from the compiled HLO (loop trips counted) are the analytic ones
+    (ring,) = results["parallel"]
+    assert ring["collective-permute MB"] == ring["ring K/V MB (analytic)"] > 0, ring
 
 
 @pytest.mark.slow

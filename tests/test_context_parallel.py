@@ -4,6 +4,7 @@ gradient and 5 AdamW steps against the unsharded model; the communication from t
 import dataclasses
 import functools
 import math
+import os
 import re
 import shutil
 import signal
@@ -373,3 +374,36 @@ def test_train_context_tensor_sp_matches_data_parallel_and_resumes(tmp_path, tin
     assert sorted(got) == list(range(1, 11))
     for s in got:
         assert rel_err(got[s], cp_losses[s]) <= s * grad_bound(cfg.model, cfg.train.seq_len)
+
+
+# ---- memory: memory_analysis() of the compiled step --------------------------------------
+
+
+@pytest.mark.slow
+def test_activations_shrink_with_tensor_under_sp_and_with_context():
+    """tiny.py's shape at T = 1024, one sequence, save_linear, float32: per-device activations
+    (XLA's temp bytes less the gradients) fall with tensor under SP below plain tensor
+    parallelism's (SP splits the residual-layout activations that TP replicates), and with
+    context at least as fast as analytic_activations' 1/context predicts for the token part
+    (2x: the estimate's own tolerance in test_memory); each within 2x of the estimate."""
+    from llama_jax.config import load
+    from llama_jax.train import memory
+
+    base = ["train.seq_len=1024", "model.max_seq_len=1024", "train.batch_size=1",
+            "model.attn_block_q=64", "model.attn_block_k=64", "mesh.fsdp=1"]  # fmt: skip
+    act, est = {}, {}
+    for name, extra in {
+        "1": [],
+        "t4": ["mesh.tensor=4"],
+        "t4-sp": ["mesh.tensor=4", "mesh.sequence_parallel=true"],
+        "c4": ["mesh.context=4"],
+    }.items():
+        cfg = load(f"{os.path.dirname(__file__)}/../configs/tiny.py", [*base, *extra])
+        mesh = mesh_for(cfg.mesh.sizes)
+        (row,) = memory.analyze(cfg, mesh, ["save_linear"])["policies"]
+        act[name], est[name] = row["activations"], row["analytic_activations"]
+    assert act["t4-sp"] < act["t4"] < act["1"], act
+    assert est["t4-sp"] < est["t4"] < est["1"], est
+    assert act["c4"] < act["1"] / 2, act
+    for name in act:
+        assert 0.5 < est[name] / act[name] < 2.0, (name, est[name], act[name])

@@ -10,4 +10,5 @@ SECTIONS = {
     "data": "llama_jax.bench.data",
     "compile": "llama_jax.bench.compile",
     "peers": "llama_jax.bench.peers",
+    "parallel": "llama_jax.bench.parallel",
 }

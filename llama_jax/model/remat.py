@@ -22,17 +22,23 @@ class Remat(NamedTuple):
     # Activation elements saved per token per layer, in units of the compute dtype, as a
     # function of (D model dim, F ffn hidden, KH kv width); a rough count (XLA fuses some away).
     saved: Callable[[int, int, int], int]
+    # How many of those are D-wide tensors of the residual layout (the block input, the
+    # row-parallel outputs o_proj and mlp_down, norms): replicated over tensor parallelism,
+    # split over it by sequence parallelism; the rest live inside the tensor-parallel regions.
+    residual: int = 1
 
 
 REMAT_POLICIES: dict[str, Remat] = {
     # No remat: every intermediate (norms, q/k/v before and after rope, attention output,
     # o_proj, residuals, gate/up/silu/product, down).
-    "none": Remat(None, lambda D, F, KH: 10 * D + 3 * KH + 4 * F),
+    "none": Remat(None, lambda D, F, KH: 10 * D + 3 * KH + 4 * F, residual=6),
     # Only the block input (the scan carry).
     "full": Remat(_cp.nothing_saveable, lambda D, F, KH: D),
     # The paper's choice: input, q, o, down + k, v + gate, up.
     "save_linear": Remat(
-        _cp.save_only_these_names(*LINEAR_OUTPUTS), lambda D, F, KH: 4 * D + 2 * KH + 2 * F
+        _cp.save_only_these_names(*LINEAR_OUTPUTS),
+        lambda D, F, KH: 4 * D + 2 * KH + 2 * F,
+        residual=3,
     ),
     # input, q, attn_out + k, v.
     "save_qkv_attn": Remat(

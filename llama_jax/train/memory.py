@@ -52,23 +52,35 @@ def rows_per_device(cfg: RunConfig, mesh) -> int:
     return max(1, cfg.train.microbatch_size // shd.batch_shards(mesh))
 
 
-def analytic_activations(mc: ModelConfig, policy: str, rows: int, seq_len: int, tensor: int = 1):
+def analytic_activations(
+    mc: ModelConfig, policy: str, rows: int, seq_len: int, tensor: int = 1, context: int = 1,
+    sequence_parallel: bool = False,
+):  # fmt: skip
     """Estimated activation bytes per device for one microbatch under `policy`.
 
     Saved per layer (remat.REMAT_POLICIES[policy].saved) for all layers, plus one layer's
     full working set while it is recomputed in the backward pass, plus the float32 logits,
     their softmax and gradient. The block input (D per token, the scan carry) is saved in the
-    residual dtype. Tensor parallelism splits the head/mlp/vocab parts; counted as an even
-    split here.
+    residual dtype. As Korthikanti et al. (2022) count it: context parallelism splits every
+    token's share (rows x seq_len / context tokens a device); tensor parallelism splits the
+    parts inside attention and the MLP (heads, mlp, vocab), while the residual-layout parts
+    (remat.Remat.residual D-wide tensors) stay whole unless sequence parallelism splits them
+    too.
     """
     D, F, KH = mc.dim, mc.mlp_dim, mc.kv_heads * mc.head_dim
     item, res_item = np.dtype(mc.compute_dtype).itemsize, np.dtype(mc.residual).itemsize
-    tokens = rows * seq_len
-    per_token = REMAT_POLICIES[policy].saved(D, F, KH) * item + D * (res_item - item)
-    saved = per_token * tokens * mc.n_layers
-    working = REMAT_POLICIES["none"].saved(D, F, KH) * tokens * item if policy != "none" else 0
+    tokens = rows * seq_len // context
+    res_split = tensor if sequence_parallel else 1
+
+    def per_token(name: str) -> float:  # bytes per token of one layer's saved tensors
+        r = REMAT_POLICIES[name]
+        inner = (r.saved(D, F, KH) - r.residual * D) * item / tensor
+        return inner + (r.residual * D * item + D * (res_item - item)) / res_split
+
+    saved = per_token(policy) * tokens * mc.n_layers
+    working = per_token("none") * tokens if policy != "none" else 0
     logits = 3 * tokens * mc.vocab_size * 4 // tensor
-    return saved // (tensor if policy != "full" else 1) + working // tensor + logits
+    return int(saved + working) + logits
 
 
 def analyze(cfg: RunConfig, mesh, policies=None, log=None) -> dict:
@@ -118,8 +130,9 @@ def analyze(cfg: RunConfig, mesh, policies=None, log=None) -> dict:
         row = _policy_row(cfg, mesh, policy, shard)
         row["analytic_state"] = analytic_state
         row["analytic_activations"] = analytic_activations(
-            mc, policy, rows, T, int(mesh.shape["tensor"])
-        )
+            mc, policy, rows, T, int(mesh.shape["tensor"]), int(mesh.shape["context"]),
+            cfg.mesh.sequence_parallel,
+        )  # fmt: skip
         row["analytic_peak"] = row["analytic_state"] + row["analytic_activations"]
         out["policies"].append(row)
         if log:
@@ -189,7 +202,7 @@ def format_report(result: dict, device_bytes: float | None = None) -> str:
     lines = [
         (
             f"will it fit? per-device bytes of the compiled train step on {c['devices']} "
-            f"{c['backend']} device(s), mesh (data,fsdp,tensor)={mesh}"
+            f"{c['backend']} device(s), mesh ({','.join(shd.MESH_AXES)})={mesh}"
         ),
         (
             f"  {c['parameters']:,} parameters ("
