@@ -6,7 +6,11 @@ collective (the result bytes of each all-reduce, all-gather, reduce-scatter,
 collective-permute and all-to-all, times the trip count of every loop it sits in: the
 scanned layers). Next to them, the analytic bytes of the ring's K/V traffic, the one that
 context parallelism adds: per layer, K and V blocks of B/(data fsdp) x T/context x K x H
-sent context - 1 times forward and again backward, and their float32 dK, dV context times.
+(K split over tensor where it divides) sent context - 1 times forward and again backward,
+and their float32 dK, dV context times. On CPU a reduce-scatter is an all-reduce and a slice
+(XLA:CPU never forms reduce-scatter), and GQA under tensor parallelism (kv heads
+replicated) adds collective-permutes of its own, so with tensor > 1 the measured
+collective-permute bytes exceed the ring's.
 """
 
 from __future__ import annotations
@@ -92,7 +96,9 @@ def ring_kv_bytes(cfg: RunConfig, mesh) -> int:
         return 0
     mc = cfg.model
     rows = cfg.train.batch_size // shd.batch_shards(mesh)
-    block = rows * (cfg.train.seq_len // P) * mc.kv_heads * mc.head_dim
+    t = mesh.shape["tensor"]
+    kv_heads = mc.kv_heads // t if mc.kv_heads % t == 0 else mc.kv_heads  # as sharding._fit
+    block = rows * (cfg.train.seq_len // P) * kv_heads * mc.head_dim
     item = np.dtype(mc.compute_dtype).itemsize
     per_layer = 2 * block * item * 2 * (P - 1) + 2 * block * 4 * P
     return per_layer * mc.n_layers
