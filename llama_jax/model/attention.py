@@ -5,7 +5,8 @@ Implementations, chosen by name (model.attention_impl):
   blockwise  memory-efficient attention (Rabe & Staats 2021; FlashAttention-2's backward):
              tiles of queries and keys with an online softmax, a custom VJP that saves only
              the output and the per-row log-sum-exp, and causal key tiles above the diagonal
-             skipped, not computed and masked. Pure JAX, so it runs on every backend.
+             skipped, not computed and masked. Pure JAX, so it runs on every backend
+             (model/blockwise.py).
   cudnn      jax.nn.dot_product_attention(..., implementation="cudnn") on NVIDIA GPUs.
   auto       the fastest of those that can run this call, as measured on this kind of device
              (attention_table.py); without a measurement cudnn where it runs, else blockwise.
