@@ -87,19 +87,28 @@ class CodeHeuristics(Step):
         return doc.text if ok and alnum >= self.min_alnum else None
 
 
-# a leading comment block that mentions a license or copyright, in #, // or /* */ syntax
-HEADER = re.compile(r"\A(?:\s*(?:/\*.*?\*/|(?:(?:#|//)[^\n]*\n)+))", re.S)
+# a C/C++/C# preprocessor line is code, not a # comment: "#" then the directive ("#include",
+# "#if"); after spaces after the "#" only words a comment would not begin with ("#  define")
+DIRECTIVE = (r"#(?:(?:include|import|define|undef|if|ifdef|ifndef|elif|else|endif|pragma|error"
+             r"|warning|line|region|endregion)\b|[ \t]+(?:define|undef|ifdef|ifndef|elif|endif"
+             r"|pragma)\b|[ \t]*include[ \t]*[<\"])")  # fmt: skip
+# a leading comment block, in #, // or /* */ syntax; it is stripped if it mentions a license
+HEADER = re.compile(rf"\A(?:\s*(?:/\*.*?\*/|(?:(?:(?!{DIRECTIVE})#|//)[^\n]*\n)+))", re.S)
+# kept above it: a shebang, and a Python encoding line (PEP 263: line 1 or 2)
+HEADER_KEEP = re.compile(r"\A(?:#![^\n]*\n)?(?:[ \t]*#[^\n]*coding[:=][^\n]*\n)?")
 
 
 class StripLicenseHeader(Step):
-    """GitHub: remove a boilerplate license/copyright comment at the top of a file."""
+    """GitHub: remove a boilerplate license/copyright comment at the top of a file (after a
+    shebang line, which stays; preprocessor lines are never part of the comment)."""
 
     name = "strip_license_header"
 
     def apply(self, doc):
-        m = HEADER.match(doc.text)
+        keep = HEADER_KEEP.match(doc.text).end()
+        m = HEADER.match(doc.text[keep:])
         if m and re.search(r"copyright|license|licence|spdx", m.group(0), re.I):
-            return doc.text[m.end() :].lstrip("\n")
+            return doc.text[:keep] + doc.text[keep + m.end() :].lstrip("\n")
         return doc.text
 
 
@@ -124,19 +133,39 @@ class ExactDedup(Step):
 # ----------------------------------------------------------------------------------- Wikipedia
 
 
+# links that are not running text: files and images (options and caption), categories, and
+# interlanguage links ([[fr:Paris]]: a lower-case code and no shown text); a leading colon makes
+# an inline link ([[:Category:X|X]] shows "X")
+WIKI_FILE_OR_CATEGORY = re.compile(r"\s*(?:file|image|category)\s*:", re.I)
+WIKI_LANGUAGE = re.compile(r"\s*(?:[a-z]{2,3}(?:-[a-z]+)*|simple)\s*:")
+
+
 class StripWikitext(Step):
-    """Wikipedia: hyperlinks reduced to their text; templates, comments, tags, tables and
-    other markup removed (mwparserfromhell's strip_code)."""
+    """Wikipedia: hyperlinks reduced to their text; tables, file and image links (with their
+    captions), category and interlanguage links removed; templates, comments, tags and other
+    markup removed (mwparserfromhell's strip_code)."""
 
     name = "strip_wikitext"
 
     def apply(self, doc):
         import mwparserfromhell
 
-        text = mwparserfromhell.parse(doc.text).strip_code(normalize=True, collapse=True)
+        code = mwparserfromhell.parse(doc.text)
+        drop = [t for t in code.filter_tags() if t.tag.strip().lower() == "table"]  # {| |} too
+        drop += [link for link in code.filter_wikilinks() if self._drop_link(link)]
+        for node in drop:
+            with contextlib.suppress(ValueError):  # inside a node removed before it
+                code.remove(node)
+        text = code.strip_code(normalize=True, collapse=True)
         text = "\n".join(line.strip() for line in text.splitlines())  # headings keep spaces
         text = re.sub(r"\n{3,}", "\n\n", text).strip()
         return text or None
+
+    @staticmethod
+    def _drop_link(link) -> bool:
+        title = str(link.title)
+        return bool(WIKI_FILE_OR_CATEGORY.match(title)
+                    or (WIKI_LANGUAGE.match(title) and link.text is None))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------- Books
@@ -315,35 +344,66 @@ class LanguageID(Step):
         return doc.text if lang == self.lang and prob >= self.min_prob else None
 
 
+# c4_utils' _POLICY_SUBSTRINGS; its "javascript" rule is separate (it keeps the page)
 C4_BOILERPLATE = ("terms of use", "privacy policy", "cookie policy", "uses cookies",
-                  "use of cookies", "use cookies", "javascript")  # fmt: skip
+                  "use of cookies", "use cookies")  # fmt: skip
+C4_CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
+C4_END_MARKS = (".", "?", "!", '"')
+# a sentence ends at end marks (and closing quotes/brackets) before a space and a capital or a
+# digit, so "e.g. this" does not split; punkt (which C4 uses) also knows "Dr. Smith" does not
+SENTENCE_BREAK = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*\s+(?=[\"'\u201c\u2018(\[]*[A-Z0-9])")
 
 
 class C4Heuristics(Step):
-    """C4's rules (Raffel et al. 2020): keep lines that end in terminal punctuation and have at
-    least 3 words, drop boilerplate lines (cookies, terms of use, javascript); drop a page with
-    "lorem ipsum", a curly brace, a bad word, or fewer than 5 sentences left. C4's bad-word list
-    (LDNOOBW) is not shipped: pass bad_words (a file path or a list)."""
+    """C4's page cleaning (Raffel et al. 2020), the rules of TFDS c4_utils.clean_page and
+    get_badwords_filter_fn, in their order. Each line, stripped: dropped if a word is longer than
+    max_word_length; citation markers ([1], [edit], [citation needed]) removed; dropped unless it
+    ends in . ? ! or " (but not "...") and has min_words_per_line words; then "lorem ipsum" drops
+    the page, "javascript" drops the line, a curly brace drops the page, a policy phrase (cookies,
+    terms of use) drops the line. The page goes with fewer than min_sentences sentences in the
+    kept lines, or with a bad word or phrase in them between non-word characters. C4's list
+    (LDNOOBW) is not shipped: pass bad_words, a file (one word or phrase a line) or a list.
+    Unlike C4, sentences are counted by end marks, not by NLTK's punkt."""
 
     name = "c4_heuristics"
 
-    def __init__(self, bad_words=(), min_sentences: int = 5, **kw):
+    def __init__(self, bad_words=(), min_words_per_line: int = 5, min_sentences: int = 3,
+                 max_word_length: int = 1000, **kw):  # fmt: skip
         super().__init__(**kw)
-        if isinstance(bad_words, str):
-            with open(bad_words) as f:
+        if isinstance(bad_words, str) or hasattr(bad_words, "__fspath__"):
+            with open(bad_words, encoding="utf-8") as f:
                 bad_words = [w.strip() for w in f if w.strip()]
-        self.bad = {w.lower() for w in bad_words}
-        self.min_sentences = min_sentences
+        words = "|".join(sorted({re.escape(w.strip().lower()) for w in bad_words if w.strip()}))
+        self.bad = re.compile(rf"(?:\W|^)(?:{words})(?:\W|$)") if words else None
+        self.min_words_per_line, self.min_sentences = min_words_per_line, min_sentences
+        self.max_word_length = max_word_length
 
     def apply(self, doc):
-        low = doc.text.lower()
-        if "lorem ipsum" in low or "{" in doc.text or self.bad & set(re.findall(r"\w+", low)):
+        keep, sentences = [], 0
+        for line in doc.text.splitlines():
+            line = line.strip()
+            if any(len(w) > self.max_word_length for w in line.split()):
+                continue
+            line = C4_CITATION.sub("", line)
+            if not line.endswith(C4_END_MARKS) or line.endswith("..."):
+                continue
+            if len(line.split()) < self.min_words_per_line:
+                continue
+            low = line.lower()
+            if "lorem ipsum" in low:
+                return None
+            if "javascript" in low:
+                continue
+            if "{" in line:
+                return None
+            if any(p in low for p in C4_BOILERPLATE):
+                continue
+            sentences += 1 + len(SENTENCE_BREAK.findall(line))
+            keep.append(line)
+        text = "\n".join(keep).strip()
+        if sentences < self.min_sentences or (self.bad and self.bad.search(text.lower())):
             return None
-        lines = [ln.strip() for ln in doc.text.split("\n")]
-        keep = [ln for ln in lines if ln.endswith((".", "!", "?", '"')) and len(ln.split()) >= 3
-                and not any(b in ln.lower() for b in C4_BOILERPLATE)]  # fmt: skip
-        sentences = sum(len(re.findall(r"[.!?](?:\s|$)", ln)) for ln in keep)
-        return "\n".join(keep) if sentences >= self.min_sentences else None
+        return text
 
 
 # ------------------------------------------------------------------------------ StackExchange
