@@ -55,11 +55,20 @@ class NGramLM:
 
 def features(text: str, dims: int) -> dict[int, float]:
     """Hashed word unigrams and bigrams, counts scaled to unit length."""
+    idx, val = feature_arrays(text, dims)
+    return dict(zip(idx.tolist(), val.tolist()))
+
+
+def feature_arrays(text: str, dims: int) -> tuple[np.ndarray, np.ndarray]:
+    """features() as sorted (indices, values) arrays: one CSR row."""
+    import zlib
+
     w = words(text)
-    grams = w + [f"{a} {b}" for a, b in zip(w, w[1:])]
-    counts = Counter(hash_gram(g) % dims for g in grams)
-    norm = math.sqrt(sum(v * v for v in counts.values())) or 1.0
-    return {k: v / norm for k, v in counts.items()}
+    grams = [*w, *map(" ".join, zip(w, w[1:]))]
+    hashed = np.fromiter(map(zlib.crc32, map(str.encode, grams)), np.int64, len(grams))
+    idx, counts = np.unique(hashed % dims, return_counts=True)
+    val = counts.astype(np.float64)
+    return idx, val / (math.sqrt(float(counts @ counts)) or 1.0)
 
 
 def hash_gram(gram: str) -> int:
@@ -71,29 +80,52 @@ def hash_gram(gram: str) -> int:
 
 class ReferenceClassifier:
     """Logistic regression on hashed n-grams, reference pages (1) against random pages (0),
-    trained by full-batch gradient descent with L2 (deterministic)."""
+    trained by full-batch gradient descent with L2 (deterministic). Pages are sparse CSR rows
+    (a page has a few thousand non-zeros of the 1<<16 dims)."""
 
     def __init__(self, dims: int = 1 << 16, steps: int = 200, lr: float = 1.0, l2: float = 1e-4):
         self.dims, self.steps, self.lr, self.l2 = dims, steps, lr, l2
         self.w, self.b = np.zeros(dims), 0.0
 
-    def _matrix(self, texts) -> np.ndarray:
-        x = np.zeros((len(texts), self.dims))
-        for i, t in enumerate(texts):
-            for k, v in features(t, self.dims).items():
-                x[i, k] = v
-        return x
+    def _matrix(self, texts):
+        """The pages' features as a scipy.sparse CSR matrix, len(texts) x dims, float64."""
+        import scipy.sparse as sp
+
+        rows = [feature_arrays(t, self.dims) for t in texts]
+        indptr = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum([len(i) for i, _ in rows], out=indptr[1:])
+        idx = np.concatenate([np.zeros(0, np.int64), *(i for i, _ in rows)])
+        val = np.concatenate([np.zeros(0), *(v for _, v in rows)])
+        return sp.csr_array((val, idx, indptr), shape=(len(rows), self.dims))
 
     def fit(self, reference, random) -> ReferenceClassifier:
+        import scipy.sparse as sp
+
         x = self._matrix([*reference, *random])
+        # GD on the columns some page uses: the others get no data gradient, only L2 decay
+        cols, inv = np.unique(x.indices, return_inverse=True)
+        x = sp.csr_array((x.data, inv, x.indptr), shape=(x.shape[0], len(cols)))
+        xt = x.T.tocsr()  # X^T g as a row-major product too
         y = np.concatenate([np.ones(len(reference)), np.zeros(len(random))])
+        w, rest = self.w[cols], np.ones(self.dims, bool)
+        rest[cols] = False
+        decay = self.w[rest] if self.w[rest].any() else None  # zero stays zero
         for _ in range(self.steps):
-            p = 1 / (1 + np.exp(-(x @ self.w + self.b)))
+            p = 1 / (1 + np.exp(-(x @ w + self.b)))
             g = p - y
-            self.w -= self.lr * (x.T @ g / len(y) + self.l2 * self.w)
+            w -= self.lr * (xt @ g / len(y) + self.l2 * w)
             self.b -= self.lr * g.mean()
+            if decay is not None:
+                decay -= self.lr * (self.l2 * decay)
+        self.w[cols] = w
+        if decay is not None:
+            self.w[rest] = decay
         return self
 
     def prob(self, text: str) -> float:
-        z = sum(self.w[k] * v for k, v in features(text, self.dims).items()) + self.b
-        return 1 / (1 + math.exp(-z))
+        idx, val = feature_arrays(text, self.dims)
+        return 1 / (1 + math.exp(-(float(val @ self.w[idx]) + self.b)))
+
+    def probs(self, texts) -> np.ndarray:
+        """prob() of many pages at once."""
+        return 1 / (1 + np.exp(-(self._matrix(texts) @ self.w + self.b)))

@@ -326,8 +326,12 @@ class LineDedup(Step):
 
 
 class LanguageID(Step):
-    """Keep documents in `lang` with probability >= min_prob, by langid.py's model (shipped in
-    the package: nothing is downloaded)."""
+    """Keep documents whose top language is `lang` with probability >= min_prob, by Google's
+    CLD2 (pycld2: the model is compiled into the wheel, nothing is downloaded); CLD2's
+    probability of a language is the share of the page's text it gives it. Where CLD2 abstains
+    (no language: word lists, symbols, scripts it lacks), langid.py's shipped model decides,
+    as it did for every page before. Measured in issue 25: ~10-30x langid.py per MB, the same
+    decision on 99.5% of pages."""
 
     name = "language_id"
 
@@ -336,15 +340,27 @@ class LanguageID(Step):
         self.lang, self.min_prob, self.model = lang, min_prob, None
 
     def apply(self, doc):
-        if self.model is None:
-            from langid.langid import LanguageIdentifier, model
+        import pycld2
 
-            self.model = LanguageIdentifier.from_modelstring(model, norm_probs=True)
-        lang, prob = self.model.classify(doc.text)
+        text = doc.text
+        for _ in range(2):
+            try:
+                _, lang, percent, _ = pycld2.detect(text)[2][0]
+                prob = percent / 100
+                break
+            except pycld2.error:  # refused: retry without the characters CLD2 rejects
+                lang = "un"
+                text = "".join(c for c in text if c.isprintable() or c in "\n\t")
+                text = text.encode("utf-8", "replace").decode()
+        if lang == "un":
+            if self.model is None:
+                from langid.langid import LanguageIdentifier, model
+
+                self.model = LanguageIdentifier.from_modelstring(model, norm_probs=True)
+            lang, prob = self.model.classify(doc.text)
         return doc.text if lang == self.lang and prob >= self.min_prob else None
 
 
-# c4_utils' _POLICY_SUBSTRINGS; its "javascript" rule is separate (it keeps the page)
 C4_BOILERPLATE = ("terms of use", "privacy policy", "cookie policy", "uses cookies",
                   "use of cookies", "use cookies")  # fmt: skip
 C4_CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
