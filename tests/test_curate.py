@@ -217,35 +217,3 @@ def test_commoncrawl_filters_are_trained_by_the_pipeline(tmp_path):
     assert card["steps"][-1]["docs_kept"] == 1
     with gzip.open(tmp_path / "out" / "00000.jsonl.gz", "rt") as f:
         assert [json.loads(line)["text"] for line in f] == [good]
-
-
-def test_line_dedup_memory_is_bounded_and_exact():
-    """An input with 10x more distinct lines than the in-memory budget (1,000 hashes): the
-    set never holds more than the budget (the rest is spilled to sorted runs on disk), and the
-    output is exactly that of an unbounded dedup. Planted: 10,000 distinct lines over 500
-    documents, each document repeating 4 lines of earlier ones (with other digits, case and
-    punctuation, which CCNet's normalization equates)."""
-    from datatrove.data import Document
-
-    from llama_jax.data.curate.steps import LineDedup
-
-    def word(n):  # digits would all normalize to 0: spell numbers in letters
-        return "".join(chr(97 + int(c)) for c in str(n))
-
-    rng = np.random.default_rng(0)
-    docs = []
-    for d in range(500):
-        lines = [f"line {word(d)} {word(i)} of the planted input, 2024" for i in range(20)]
-        for _ in range(4):
-            e, i = rng.integers(0, max(1, d)), rng.integers(0, 20)
-            lines.append(f"LINE {word(e)} {word(i)} of the planted input; 1999")
-        docs.append("\n".join(lines))
-    bounded, unbounded = LineDedup(max_hashes=1000), LineDedup(max_hashes=1 << 30)
-    peak = 0
-    for i, text in enumerate(docs):
-        a = bounded.apply(Document(text=text, id=str(i)))
-        b = unbounded.apply(Document(text=text, id=str(i)))
-        assert a == b
-        peak = max(peak, len(bounded.seen))
-    assert peak < 1000 and len(bounded.runs) >= 9  # 10,000 distinct lines: 10 budgets
-    assert len(unbounded.seen) == 10_000

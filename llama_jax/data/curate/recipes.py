@@ -10,30 +10,62 @@ documents, the documents each step removed under DIR/removed/<step>/, and DIR/da
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
+from collections.abc import Callable
 
+import numpy as np
+from datatrove.io import get_datafolder
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.writers import JsonlWriter
+
+from llama_jax.data.curate import dedup as dd
+from llama_jax.data.curate import jobs
 from llama_jax.data.curate import models as cm
 from llama_jax.data.curate import steps as cs
 
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """before: per-document steps ahead of the dedup; dedup: "line_dedup", "exact_dedup",
+    "books" or None; after: per-document steps behind it. Each builder takes (removed dir, the
+    curation's options)."""
+
+    before: Callable[[str, Options], list] = lambda r, o: []
+    dedup: str | None = None
+    after: Callable[[str, Options], list] = lambda r, o: []
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What a run is given besides its recipe and input (all recorded in DIR/curation.json)."""
+
+    tasks: int = 1  # datatrove tasks of each per-document stage
+    shards: int = 0  # hash shards (= tasks of the find stage) of exact and line dedup; 0: tasks
+    reference: str | None = None  # commoncrawl: JSONL reference pages
+    random: str | None = None  # commoncrawl: JSONL random pages
+    bad_words: str | None = None  # c4: a file of bad words and phrases, one a line
+
+
 RECIPES = {
-    "github": lambda r: [cs.LicenseAllowlist(removed_dir=r), cs.CodeHeuristics(removed_dir=r),
-                         cs.StripLicenseHeader(removed_dir=r), cs.ExactDedup(removed_dir=r)],
-    "wikipedia": lambda r: [cs.StripWikitext(removed_dir=r)],
-    "books": lambda r: [cs.NearDuplicateBooks(0.9, removed_dir=r)],
-    "arxiv": lambda r: [cs.CleanLatex(removed_dir=r)],
-    "c4": lambda r: [cs.LineDedup(removed_dir=r), cs.LanguageID(removed_dir=r),
-                     cs.C4Heuristics(removed_dir=r)],
-    "stackexchange": lambda r: [cs.StackExchangeAnswers(removed_dir=r)],
+    "github": Recipe(lambda r, o: [cs.LicenseAllowlist(removed_dir=r), cs.CodeHeuristics(removed_dir=r),
+                                   cs.StripLicenseHeader(removed_dir=r)], "exact_dedup"),
+    "wikipedia": Recipe(lambda r, o: [cs.StripWikitext(removed_dir=r)]),
+    "books": Recipe(dedup="books"),
+    "arxiv": Recipe(lambda r, o: [cs.CleanLatex(removed_dir=r)]),
+    "c4": Recipe(dedup="line_dedup", after=lambda r, o: [
+        cs.LanguageID(removed_dir=r), cs.C4Heuristics(bad_words=o.bad_words or (), removed_dir=r)]),
+    "stackexchange": Recipe(lambda r, o: [cs.StackExchangeAnswers(removed_dir=r)]),
+    "commoncrawl": Recipe(dedup="line_dedup", after=lambda r, o: _commoncrawl(r, o.reference, o.random)),
 }  # fmt: skip
 
 
 def _commoncrawl(removed: str, reference: str | None, random: str | None) -> list:
-    """CCNet's steps plus the paper's reference classifier. The n-gram model is trained on the
-    reference pages, the classifier on reference against random pages (both JSONL files)."""
-    import numpy as np
-
+    """CCNet's filters behind its line dedup, plus the paper's reference classifier. The n-gram
+    model is trained on the reference pages, the classifier on reference against random pages
+    (both JSONL files)."""
     if not (reference and random):
         raise ValueError("the commoncrawl recipe needs --reference and --random JSONL pages")
     ref, rnd = _texts(reference), _texts(random)
@@ -42,8 +74,7 @@ def _commoncrawl(removed: str, reference: str | None, random: str | None) -> lis
     lm = cm.NGramLM().fit([t for i, t in enumerate(ref) if i % 10 or len(ref) < 10])
     cutoff = 2 * float(np.quantile([lm.perplexity(t) for t in held], 0.9))
     lm = cm.NGramLM().fit(ref)
-    return [cs.LineDedup(removed_dir=removed), cs.LanguageID(removed_dir=removed),
-            cs.PerplexityFilter(lm, cutoff, removed_dir=removed),
+    return [cs.LanguageID(removed_dir=removed), cs.PerplexityFilter(lm, cutoff, removed_dir=removed),
             cs.ReferenceFilter(cm.ReferenceClassifier().fit(ref, rnd), removed_dir=removed)]  # fmt: skip
 
 
@@ -57,84 +88,80 @@ def _texts(path: str) -> list[str]:
 COUNTS = ("docs_in", "docs_kept", "docs_removed", "bytes_in", "bytes_kept", "bytes_removed")
 
 
-def _split_glob(pattern: str) -> tuple[str, str]:
-    """("dir", "relative glob") of an input glob, for datatrove's reader."""
-    if os.path.isdir(pattern):
-        return pattern, "*.jsonl*"
-    root = pattern
-    while glob.has_magic(root):
-        root = os.path.dirname(root)
-    if not glob.glob(pattern, recursive=True):
-        raise FileNotFoundError(f"--input {pattern!r} matches no file")
-    return root or ".", os.path.relpath(pattern, root or ".")
+def input_files(inputs: str) -> tuple[str, str, list[str]]:
+    """(folder, glob relative to it, the matching files in order) of --input: a JSONL file, a
+    directory of them, or a glob."""
+    if os.path.isfile(inputs):
+        folder, pattern = os.path.dirname(inputs) or ".", glob.escape(os.path.basename(inputs))
+    elif os.path.isdir(inputs):
+        folder, pattern = inputs, "*.jsonl*"
+    else:
+        folder = inputs
+        while glob.has_magic(folder):
+            folder = os.path.dirname(folder)
+        folder = folder or "."
+        pattern = os.path.relpath(inputs, folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--input {inputs!r}: no such file or directory")
+    files = get_datafolder(folder).list_files(recursive=True, glob_pattern=pattern)
+    if not files:
+        raise FileNotFoundError(f"--input {inputs!r} matches no file")
+    return folder, pattern, files
+
+
+def stages(recipe: str, inputs: str, output: str, opts: Options) -> list[jobs.Stage]:
+    """The recipe as datatrove stages: one per-document stage, or, with a dedup, signatures
+    (and the steps before it) -> find -> filter (and the steps after it); see dedup.py."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; valid: {sorted(RECIPES)}")
+    r, removed, work = (
+        RECIPES[recipe],
+        os.path.join(output, "removed"),
+        os.path.join(output, "work"),
+    )
+    folder, pattern, files = input_files(inputs)
+    read = JsonlReader(folder, glob_pattern=pattern, adapter=dd.Ordered(files))
+    write = JsonlWriter(output, adapter=dd.without_order)
+    before, after, n = r.before(removed, opts), r.after(removed, opts), opts.tasks
+    if r.dedup is None:
+        return [jobs.Stage("clean", [read, *before, *after, write], n)]
+    if r.dedup == "books":
+        sign, find, drop = (dd.BookSketches(work), jobs.Stage("find", [dd.FindOverlaps(work)], 1),
+                            dd.DropBooks(work, removed_dir=removed))  # fmt: skip
+    else:
+        shards = opts.shards or n
+        sign = dd.HashSignatures(r.dedup, work, shards)
+        find = jobs.Stage("find", [dd.FindDuplicates(r.dedup, work)], shards)
+        drop = dd.DropDuplicates(r.dedup, work, removed_dir=removed)
+    # the steps before the dedup run once: their output is carried to the filter stage
+    carry, reread = (
+        ([JsonlWriter(f"{work}/carry")], jobs.RankReader(f"{work}/carry")) if before else ([], read)
+    )
+    return [jobs.Stage("signatures", [read, *before, sign, *carry], n), find,
+            jobs.Stage("filter", [reread, drop, *after, write], n)]  # fmt: skip
 
 
 def curate(recipe: str, inputs: str, output: str, workers: int = 1, *,
-           reference: str | None = None, random: str | None = None,
-           slurm_partition: str | None = None, slurm_timeout_s: float = 3600) -> dict:  # fmt: skip
-    """Runs the recipe over the input files into output; returns the data card. reference and
-    random: JSONL pages the commoncrawl recipe trains its filters on. slurm_partition: run
-    it as a SLURM job there (datatrove's SLURM executor) and wait for it."""
-    from datatrove.pipeline.readers import JsonlReader
-    from datatrove.pipeline.writers import JsonlWriter
-
-    if recipe not in RECIPES and recipe != "commoncrawl":
-        raise ValueError(f"unknown recipe {recipe!r}; valid: {sorted([*RECIPES, 'commoncrawl'])}")
-    folder, pattern = _split_glob(inputs)
-    removed = os.path.join(output, "removed")
-    if recipe == "commoncrawl":
-        steps = _commoncrawl(removed, reference, random)
-    else:
-        steps = RECIPES[recipe](removed)
-    pipeline = [JsonlReader(folder, glob_pattern=pattern), *steps, JsonlWriter(output)]
-    logs = os.path.join(output, "logs")
-    if slurm_partition:
-        _run_on_slurm(pipeline, logs, slurm_partition, slurm_timeout_s)
-    else:  # one task: the dedup steps compare every document with every earlier one
-        from datatrove.executor.local import LocalPipelineExecutor
-
-        LocalPipelineExecutor(pipeline, tasks=1, workers=workers, logging_dir=logs,
-                              skip_completed=False).run()  # fmt: skip
-    return write_card(recipe, inputs, output, [s.name for s in steps])
-
-
-def _run_on_slurm(pipeline: list, logs: str, partition: str, timeout_s: float = 1800) -> None:
-    """datatrove's SLURM executor: one array task whose job runs with this Python on PATH; the
-    stats are merged here (not by its separate merge job) once the task's completion marker
-    appears."""
-    import sys
-    import time
-
-    from datatrove.executor.slurm import SlurmPipelineExecutor
-
-    class Executor(SlurmPipelineExecutor):
-        def launch_merge_stats(self):  # write_card merges the per-task stats itself
-            pass
-
-    executor = Executor(
-        pipeline, tasks=1, time="01:00:00", partition=partition, job_name="llama_jax_curate",
-        logging_dir=logs, qos="", sbatch_args={"mem-per-cpu": "500M"}, skip_completed=False,
-        env_command=f"export PATH={os.path.dirname(sys.executable)}:$PATH", requeue=False,
-    )  # fmt: skip
-    executor.run()
-    deadline = time.time() + timeout_s
-    while not os.path.exists(os.path.join(logs, "completions", "00000")):
-        if time.time() > deadline:
-            raise TimeoutError(
-                f"the SLURM curation job did not finish in {timeout_s:.0f} s: {logs}"
-            )
-        time.sleep(1)
+           slurm: jobs.Slurm | None = None, **options) -> dict:  # fmt: skip
+    """Runs the recipe over the input files into output; returns the data card. options: the
+    fields of Options (tasks, shards, reference, random, bad_words). slurm: run each stage as a
+    SLURM job array (datatrove's SLURM executor) and wait for the last. A rerun into the same
+    output redoes only the unfinished tasks; one with another recipe, input or options is
+    refused."""
+    opts = Options(**options)
+    plan = stages(recipe, inputs, output, opts)
+    jobs.claim(output, {"recipe": recipe, "input": inputs, "files": input_files(inputs)[2],
+                        **dataclasses.asdict(opts)})  # fmt: skip
+    jobs.run(plan, os.path.join(output, "logs"), workers, slurm)
+    names = [s.name for st in plan for s in st.pipeline if isinstance(s, cs.Step)]
+    return write_card(recipe, inputs, output, names)
 
 
 def write_card(recipe: str, inputs: str, output: str, names: list[str]) -> dict:
     """data_card.json and data_card.md from datatrove's merged stats and removed documents."""
     stats = {}
-    merged = os.path.join(output, "logs", "stats.json")
-    for path in (
-        [merged]
-        if os.path.exists(merged)
-        else sorted(glob.glob(os.path.join(output, "logs", "stats", "*.json")))
-    ):  # datatrove's merged stats, or each task's (summed)
+    for path in sorted(glob.glob(os.path.join(output, "logs", "*", "stats", "*.json"))):
+        # each task's stats, of every stage (summed)
         with open(path) as f:
             for step in json.load(f):
                 mine = stats.setdefault(step["name"].split(": ", 1)[-1], {})

@@ -10,7 +10,6 @@ mwparserfromhell for wikitext, datasketch for MinHash + LSH.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
 
 from datatrove.pipeline.base import PipelineStep
@@ -112,24 +111,6 @@ class StripLicenseHeader(Step):
         return doc.text
 
 
-class ExactDedup(Step):
-    """Exact file-level deduplication: the first copy of each text (sha256) is kept. Within
-    one task; the hashes of everything kept stay in memory (32 bytes per file)."""
-
-    name = "exact_dedup"
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.seen: set[bytes] = set()
-
-    def apply(self, doc):
-        h = hashlib.sha256(doc.text.encode()).digest()
-        if h in self.seen:
-            return None
-        self.seen.add(h)
-        return doc.text
-
-
 # ----------------------------------------------------------------------------------- Wikipedia
 
 
@@ -166,44 +147,6 @@ class StripWikitext(Step):
         title = str(link.title)
         return bool(WIKI_FILE_OR_CATEGORY.match(title)
                     or (WIKI_LANGUAGE.match(title) and link.text is None))  # fmt: skip
-
-
-# --------------------------------------------------------------------------------------- Books
-
-
-class NearDuplicateBooks(Step):
-    """Books: remove a book whose content overlaps an earlier kept one by more than `overlap`
-    (the paper: 90%). Word 5-gram shingles, MinHash (128 permutations) and LSH find candidates;
-    the overlap |A & B| / min(|A|, |B|) is estimated from the MinHash Jaccard J and the shingle
-    counts as J (|A| + |B|) / ((1 + J) min(|A|, |B|)). Memory: one MinHash per kept book."""
-
-    name = "near_duplicate_books"
-
-    def __init__(self, overlap: float = 0.9, num_perm: int = 128, **kw):
-        super().__init__(**kw)
-        self.overlap, self.num_perm, self.kept, self.lsh = overlap, num_perm, {}, None
-
-    def apply(self, doc):
-        from datasketch import MinHash, MinHashLSH
-
-        if self.lsh is None:  # candidates down to Jaccard 0.5 (overlap ~0.67 for equal sizes)
-            self.lsh = MinHashLSH(threshold=0.5, num_perm=self.num_perm)
-        words = doc.text.split()
-        shingles = {" ".join(words[i : i + 5]) for i in range(max(1, len(words) - 4))}
-        m = MinHash(num_perm=self.num_perm)
-        m.update_batch([s.encode() for s in shingles])
-        for key in self.lsh.query(m):
-            other, n_other = self.kept[key]
-            j = m.jaccard(other)
-            if (
-                j * (len(shingles) + n_other) / ((1 + j) * min(len(shingles), n_other))
-                > self.overlap
-            ):
-                return None
-        key = str(len(self.kept))
-        self.kept[key] = (m, len(shingles))
-        self.lsh.insert(key, m)
-        return doc.text
 
 
 # --------------------------------------------------------------------------------------- ArXiv
@@ -264,65 +207,6 @@ def normalize_line(line: str) -> str:
     extra spaces removed."""
     line = re.sub(r"\d", "0", line.lower())
     return " ".join(re.sub(r"[^\w\s]", " ", line).split())
-
-
-class LineDedup(Step):
-    """Line-level deduplication: a line whose normalized form appeared earlier (in this or an
-    earlier document) is removed; a document left empty is removed.
-
-    Memory is bounded: at most max_hashes 8-byte hashes live in a Python set (the default,
-    2^22, is ~250 MB with the set's overhead); when it fills, its hashes are sorted and spilled
-    to a file under spill_dir, memory-mapped, and looked up by binary search. Every line is
-    checked against the set and every spilled run, so the result is exact whatever the budget.
-    """
-
-    name = "line_dedup"
-
-    def __init__(self, max_hashes: int = 1 << 22, spill_dir: str | None = None, **kw):
-        super().__init__(**kw)
-        self.max_hashes, self.spill_dir = max_hashes, spill_dir
-        self.seen: set[int] = set()
-        self.runs: list = []  # sorted uint64 arrays on disk (np.memmap)
-
-    def _seen(self, h: int) -> bool:
-        import numpy as np
-
-        if h in self.seen:
-            return True
-        key = np.uint64(h)
-        for run in self.runs:
-            i = int(np.searchsorted(run, key))
-            if i < len(run) and run[i] == key:
-                return True
-        return False
-
-    def _spill(self) -> None:
-        import tempfile
-
-        import numpy as np
-
-        if self.spill_dir is None:
-            self.spill_dir = tempfile.mkdtemp(prefix="line_dedup-")
-        path = f"{self.spill_dir}/run-{len(self.runs):05d}.u64"
-        np.array(sorted(self.seen), np.uint64).tofile(path)
-        self.runs.append(np.memmap(path, np.uint64, "r"))
-        self.seen.clear()
-
-    def apply(self, doc):
-        out = []
-        for line in doc.text.split("\n"):
-            norm = normalize_line(line)
-            if not norm:
-                out.append(line)
-                continue
-            h = int.from_bytes(hashlib.blake2b(norm.encode(), digest_size=8).digest(), "little")
-            if not self._seen(h):
-                self.seen.add(h)
-                out.append(line)
-                if len(self.seen) >= self.max_hashes:
-                    self._spill()
-        text = "\n".join(out).strip()
-        return text or None
 
 
 class LanguageID(Step):
