@@ -163,15 +163,17 @@ def test_sbatch_two_tasks_match_one_process(tmp_path, tiny_dataset, slurm_env):
 
 
 def test_curation_on_slurm_matches_local(tmp_path, slurm_env, monkeypatch):
-    """launch.curate's SLURM path: datatrove's SLURM executor runs the github recipe as a job
-    array task on the test cluster and gives the same documents and data card counts as the
-    local executor."""
+    """launch.curate's SLURM path: datatrove's SLURM executor runs the github recipe's three
+    stages as job arrays of 2 tasks (each depending on the one before) on the test cluster and
+    gives the same documents and data card counts as the local executor; the exact copy is in
+    the other task's file."""
     import glob
     import gzip
 
     pytest.importorskip("datatrove")
     from test_curate import _check_card
 
+    from llama_jax.data.curate import jobs
     from llama_jax.data.curate import recipes as cur
 
     for k in [k for k in os.environ if k.startswith("SLURM_") and k not in slurm_env]:
@@ -183,10 +185,13 @@ def test_curation_on_slurm_matches_local(tmp_path, slurm_env, monkeypatch):
             {"text": "def f():\n    return 1\n", "license": "MIT"},
             {"text": "x = 1\n", "license": "gpl-3.0"},
             {"text": "var a=" + "1+" * 900 + "1;", "license": "mit"}]  # fmt: skip
-    (tmp_path / "in" / "part.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for k in range(2):  # two files: one per task, and the copy in the other task's file
+        (tmp_path / "in" / f"part-{k}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows[k::2])
+        )
 
     def run(name, **kw):
-        card = cur.curate("github", str(tmp_path / "in"), str(tmp_path / name), **kw)
+        card = cur.curate("github", str(tmp_path / "in"), str(tmp_path / name), tasks=2, **kw)
         texts = []
         for path in sorted(glob.glob(str(tmp_path / name / "*.jsonl.gz"))):
             with gzip.open(path, "rt") as f:
@@ -195,7 +200,8 @@ def test_curation_on_slurm_matches_local(tmp_path, slurm_env, monkeypatch):
 
     local_card, local = run("local")
     try:
-        slurm_card, on_slurm = run("slurm", slurm_partition="debug", slurm_timeout_s=240)
+        slurm = jobs.Slurm("debug", time="00:10:00", mem_per_cpu="500M", timeout_s=240)
+        slurm_card, on_slurm = run("slurm", slurm=slurm)
     except TimeoutError:
         logs = glob.glob(str(tmp_path / "slurm" / "logs" / "slurm_logs" / "*"))
         raise AssertionError("\n".join(open(p).read()[-3000:] for p in logs)) from None
