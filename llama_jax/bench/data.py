@@ -119,8 +119,9 @@ def _memcpy_limit_row() -> dict:
 
 
 def _curation_rows(mb: float) -> list[dict]:
-    """MB/s of each curation recipe (one task, one worker) on stdlib sources as JSONL pages,
-    and of a datatrove read + write of the same bytes (the floor every recipe pays)."""
+    """MB/s of each curation recipe at 1 and 2 tasks (as many worker processes) on stdlib
+    sources as JSONL pages in 4 files, and of a datatrove read + write of the same bytes (the
+    floor every recipe pays). commoncrawl is left out: it needs reference and random pages."""
     import json
 
     try:
@@ -133,24 +134,30 @@ def _curation_rows(mb: float) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         os.makedirs(os.path.join(tmp, "in"))
-        size = 0
-        with open(os.path.join(tmp, "in", "pages.jsonl"), "w") as f:
-            for path in stdlib_files(int(mb * (1 << 20))):
-                text = open(path, encoding="utf-8", errors="replace").read()
-                size += len(text.encode())
-                f.write(json.dumps({"text": text, "license": "mit", "answers": []}) + "\n")
+        size, files = 0, [open(os.path.join(tmp, "in", f"pages-{k}.jsonl"), "w") for k in range(4)]
+        for i, path in enumerate(stdlib_files(int(mb * (1 << 20)))):
+            text = open(path, encoding="utf-8", errors="replace").read()
+            size += len(text.encode())
+            files[i % 4].write(json.dumps({"text": text, "license": "mit", "answers": []}) + "\n")
+        for f in files:
+            f.close()
         t0 = time.perf_counter()
         LocalPipelineExecutor([JsonlReader(os.path.join(tmp, "in")), JsonlWriter(os.path.join(tmp, "raw"))],
                               tasks=1, workers=1, logging_dir=os.path.join(tmp, "raw_logs")).run()  # fmt: skip
         raw = time.perf_counter() - t0
         rows.append({"what": "curation", "detail": "raw: datatrove read + write",
                      "MB/s": size / 1e6 / raw})  # fmt: skip
-        for recipe in RECIPES:
-            t0 = time.perf_counter()
-            curate(recipe, os.path.join(tmp, "in"), os.path.join(tmp, recipe))
-            dt = time.perf_counter() - t0
-            rows.append({"what": "curation", "detail": f"{recipe}, 1 core", "MB/s": size / 1e6 / dt,
-                         "vs_raw": raw / dt})  # fmt: skip
+        for recipe in [r for r in RECIPES if r != "commoncrawl"]:
+            one = None
+            for tasks in (1, 2):
+                t0 = time.perf_counter()
+                curate(recipe, os.path.join(tmp, "in"), os.path.join(tmp, f"{recipe}-{tasks}"),
+                       tasks, tasks=tasks)  # fmt: skip
+                dt = time.perf_counter() - t0
+                one = one or dt
+                rows.append({"what": "curation", "detail": f"{recipe}, {tasks} tasks",
+                             "MB/s": size / 1e6 / dt, "vs_raw": raw / dt,
+                             "scaling": one / dt})  # fmt: skip
     return rows
 
 
