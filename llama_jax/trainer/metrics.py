@@ -34,8 +34,9 @@ def last_record(workdir: str, upto: float = math.inf) -> dict:
 
 def _summary_writer():
     """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch when it
-    is installed (it is, with the test extras) only to accept torch tensors, ~3.5 s of every
-    run's start-up (AMD EPYC, 2 cores: tensorboardX 4.0 s -> 0.26 s). We log Python floats.
+    is installed (it is, with the test extras) only to accept torch tensors. AMD EPYC, 2 cores:
+    the import 4.0 s -> 0.26 s on a loaded host, ~1.4 s per run on a quiet one (the 8 runs of
+    tests/test_train.py's 1-process chaos test: 101 s -> 90 s). We log Python floats.
     The block lasts only this import; a process that already imported torch keeps it."""
     import sys
 
