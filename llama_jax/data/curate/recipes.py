@@ -109,17 +109,16 @@ def input_files(inputs: str) -> tuple[str, str, list[str]]:
     return folder, pattern, files
 
 
-def stages(recipe: str, inputs: str, output: str, opts: Options) -> list[jobs.Stage]:
+def stages(recipe: str, inputs: tuple, output: str, opts: Options) -> list[jobs.Stage]:
     """The recipe as datatrove stages: one per-document stage, or, with a dedup, signatures
-    (and the steps before it) -> find -> filter (and the steps after it); see dedup.py."""
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; valid: {sorted(RECIPES)}")
+    (and the steps before it) -> find -> filter (and the steps after it); see dedup.py.
+    inputs: input_files()'s (folder, glob, files)."""
     r, removed, work = (
         RECIPES[recipe],
         os.path.join(output, "removed"),
         os.path.join(output, "work"),
     )
-    folder, pattern, files = input_files(inputs)
+    folder, pattern, files = inputs
     read = JsonlReader(folder, glob_pattern=pattern, adapter=dd.Ordered(files))
     write = JsonlWriter(output, adapter=dd.without_order)
     before, after, n = r.before(removed, opts), r.after(removed, opts), opts.tasks
@@ -149,8 +148,11 @@ def curate(recipe: str, inputs: str, output: str, workers: int = 1, *,
     output redoes only the unfinished tasks; one with another recipe, input or options is
     refused."""
     opts = Options(**options)
-    plan = stages(recipe, inputs, output, opts)
-    jobs.claim(output, {"recipe": recipe, "input": inputs, "files": input_files(inputs)[2],
+    if recipe not in RECIPES:  # (before the input: the first error a user can fix)
+        raise ValueError(f"unknown recipe {recipe!r}; valid: {sorted(RECIPES)}")
+    found = input_files(inputs)
+    plan = stages(recipe, found, output, opts)
+    jobs.claim(output, {"recipe": recipe, "input": inputs, "files": found[2],
                         **dataclasses.asdict(opts)})  # fmt: skip
     jobs.run(plan, os.path.join(output, "logs"), workers, slurm)
     names = [s.name for st in plan for s in st.pipeline if isinstance(s, cs.Step)]
