@@ -591,6 +591,110 @@ def test_a_failing_async_save_is_one_error_at_that_save(tmp_path, tiny_dataset):
     ]
 
 
+class _FakeKV:
+    """The jax distributed key-value client, in memory: what PeerWatch calls on it."""
+
+    def __init__(self):
+        import threading
+
+        self.kv, self.lock = {}, threading.Lock()
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        with self.lock:
+            assert allow_overwrite or key not in self.kv, key
+            self.kv[key] = value
+
+    def key_value_dir_get(self, prefix):
+        with self.lock:
+            return [(k, v) for k, v in self.kv.items() if k.startswith(prefix)]
+
+    def blocking_key_value_get(self, key, timeout_ms):
+        import time
+
+        deadline = time.monotonic() + timeout_ms / 1000
+        while time.monotonic() < deadline:
+            with self.lock:
+                if key in self.kv:
+                    return self.kv[key]
+            time.sleep(0.01)
+        raise RuntimeError(f"DEADLINE_EXCEEDED: {key}")
+
+
+@pytest.fixture
+def two_processes(monkeypatch):
+    """This process as process 0 of 2, on a fake key-value store; fire() records, not exits."""
+    import threading
+
+    from jax._src import distributed
+
+    from llama_jax.trainer.control import PeerWatch
+
+    kv, fired = _FakeKV(), []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    monkeypatch.setattr(distributed.global_state, "client", kv)
+
+    def fire(self, found):
+        fired.append((found, threading.current_thread().name))
+        raise SystemExit(PeerWatch.EXIT)  # as os._exit would: nothing after it runs
+
+    monkeypatch.setattr(PeerWatch, "fire", fire)
+    return kv, fired
+
+
+def test_a_late_peer_is_waited_for_and_then_named_when_lost(two_processes):
+    """Process 1 reaches the loop 2.5 s after process 0 (it compiled slower), with a 1 s peer
+    timeout; it beats for 2 s, then goes silent. It used to be named lost, as 'host unknown',
+    1 s after process 0 started; now process 0 waits for it, does not fire while it beats, and
+    fires once, naming its host and pid, only after the silence."""
+    import threading
+    import time
+
+    from llama_jax.trainer.control import PeerWatch
+
+    kv, fired = two_processes
+    key = PeerWatch.KEY
+    t0 = time.monotonic()
+    last_beat = []
+
+    def peer():
+        time.sleep(2.5)
+        kv.key_value_set(f"{key}who/1", "hostB pid 42")
+        for b in range(10):  # 2 s of beats, 0.2 s apart (as PeerWatch's at timeout 1 s)
+            kv.key_value_set(f"{key}beat/1", str(b), allow_overwrite=True)
+            beat_at = time.monotonic() - t0
+            time.sleep(0.2)
+        last_beat.append(beat_at)
+
+    threading.Thread(target=peer, daemon=True).start()
+    watch = PeerWatch(timeout_s=1.0)
+    watch.start()
+    met = time.monotonic() - t0
+    assert met >= 2.5, met  # start() returned only once process 1 had registered
+    deadline = time.monotonic() + 10
+    while not fired and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lost_at = time.monotonic() - t0
+    watch.close()
+    assert len(fired) == 1 and fired[0][0].startswith("process 1 (hostB pid 42) sent no"), fired
+    # fired at least the 1 s timeout after process 1's last beat, not while it was beating
+    assert last_beat and lost_at >= last_beat[0] + 1.0, (last_beat, lost_at)
+
+
+def test_a_peer_that_never_comes_is_named(two_processes, monkeypatch):
+    """Process 1 never reaches the loop: start() waits max(MEET_S, 10 x timeout) for it, then
+    fires once, on the main thread, naming it."""
+    from llama_jax.trainer.control import PeerWatch
+
+    _, fired = two_processes
+    monkeypatch.setattr(PeerWatch, "MEET_S", 0.5)
+    with pytest.raises(SystemExit):
+        PeerWatch(timeout_s=0.01).start()
+    assert fired == [
+        ("process 1 did not reach the training loop within 0.5 s", "MainThread")
+    ], fired
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
 def test_a_lost_peer_is_named(tmp_path, tiny_dataset, sig):

@@ -158,11 +158,13 @@ class PeerWatch:
     for timeout_s (killed, stopped, its host gone), says it failed, or the coordinator cannot be
     reached, it prints one error line naming that process, its host and pid, and exits with
     status 3 (jax alone aborts ~100 s later with a C++ stack about an unhealthy 'task'). Off on
-    one process or when timeout_s is 0. close() tells the others this process finished (they
+    one process or when timeout_s is 0. start() first waits for every process to reach the
+    loop, so the clock runs from each one's first beat. close() tells the others this process finished (they
     stop watching it) or failed (they stop within seconds instead of waiting in a collective)."""
 
     EXIT = 3  # as StepWatchdog's: a watchdog ended the run
     KEY = "llama_jax/peer/"
+    MEET_S = 300.0  # the least wait for the others to reach the loop (jax's own init timeout)
 
     def __init__(self, timeout_s: float):
         self.timeout_s, self.seen, self.who, self.found = timeout_s, {}, {}, None
@@ -178,8 +180,23 @@ class PeerWatch:
         self.client.key_value_set(
             f"{self.KEY}who/{self.me}", f"{socket.gethostname()} pid {os.getpid()}"
         )
+        self._meet()
         self._thread = threading.Thread(target=self._watch, daemon=True, name="peer-watch")
         self._thread.start()
+
+    def _meet(self) -> None:
+        """Waits until every process has reached the loop, so each one's heartbeat clock starts
+        at its first beat: a host that compiles or loads data slower is late, not lost (it was
+        named lost after timeout_s, as 'host unknown'). One that never comes is named lost."""
+        wait_s = max(self.MEET_S, 10 * self.timeout_s)
+        deadline = time.monotonic() + wait_s
+        for rank in range(jax.process_count()):
+            key = f"{self.KEY}who/{rank}"
+            left_ms = max(1, int((deadline - time.monotonic()) * 1000))
+            try:
+                self.who[key] = self.client.blocking_key_value_get(key, left_ms)
+            except Exception:  # noqa: BLE001 - deadline exceeded (or the coordinator is gone)
+                self.fire(f"process {rank} did not reach the training loop within {wait_s:g} s")
 
     def _watch(self) -> None:
         beat = 0
@@ -200,8 +217,6 @@ class PeerWatch:
     def _beat(self, value: str) -> tuple[int, str] | None:
         """Beats; returns (rank, why) of a peer that failed or was silent for timeout_s."""
         self.client.key_value_set(f"{self.KEY}beat/{self.me}", value, allow_overwrite=True)
-        if len(self.who) < jax.process_count():
-            self.who = dict(self.client.key_value_dir_get(f"{self.KEY}who/"))
         now = time.monotonic()
         beats = dict(self.client.key_value_dir_get(f"{self.KEY}beat/"))
         for rank in range(jax.process_count()):
