@@ -690,9 +690,8 @@ def test_a_peer_that_never_comes_is_named(two_processes, monkeypatch):
     monkeypatch.setattr(PeerWatch, "MEET_S", 0.5)
     with pytest.raises(SystemExit):
         PeerWatch(timeout_s=0.01).start()
-    assert fired == [
-        ("process 1 did not reach the training loop within 0.5 s", "MainThread")
-    ], fired
+    want = ("process 1 did not reach the training loop within 0.5 s", "MainThread")
+    assert fired == [want], fired
 
 
 @pytest.mark.slow

@@ -159,8 +159,9 @@ class PeerWatch:
     reached, it prints one error line naming that process, its host and pid, and exits with
     status 3 (jax alone aborts ~100 s later with a C++ stack about an unhealthy 'task'). Off on
     one process or when timeout_s is 0. start() first waits for every process to reach the
-    loop, so the clock runs from each one's first beat. close() tells the others this process finished (they
-    stop watching it) or failed (they stop within seconds instead of waiting in a collective)."""
+    loop, so the clock runs from each one's first beat. close() tells the others this process
+    finished (they stop watching it) or failed (they stop within seconds instead of waiting in
+    a collective)."""
 
     EXIT = 3  # as StepWatchdog's: a watchdog ended the run
     KEY = "llama_jax/peer/"
