@@ -4,6 +4,7 @@ curation MB/s per recipe on one core next to datatrove reading and writing the s
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 import time
@@ -23,6 +24,8 @@ def add_args(parser) -> None:
     parser.add_argument("--data-workers", type=int, default=0, help="prepare workers; 0 = all CPUs")
     parser.add_argument("--data-curate-mb", type=float, default=4.0,
                         help="stdlib MB each curation recipe cleans; 0 = no curation rows")  # fmt: skip
+    parser.add_argument("--data-books", default="2000,20000",
+                        help="book sketch counts FindOverlaps is timed at (the projection's rate)")  # fmt: skip
 
 
 def _default_corpus_row(vocab: int) -> tuple[dict, str, str]:
@@ -118,11 +121,35 @@ def _memcpy_limit_row() -> dict:
     }
 
 
-def _curation_rows(mb: float) -> list[dict]:
+# The paper's disk sizes (LLAMA_FACTS.md, Table 1): what the projection rows are sized to
+PAPER_GB = {"commoncrawl": 3300, "c4": 783, "github": 328, "wikipedia": 83, "books": 85,
+            "arxiv": 92, "stackexchange": 78}  # fmt: skip
+CLUSTER = (64, 32)  # nodes x cores: the cluster the projection is for, one task per core
+SERIAL = {"books": "find"}  # stages that are one task whatever --tasks (FindOverlaps)
+
+
+def _stage_seconds(logs: str, t0: float) -> dict[str, float]:
+    """Each stage's wall seconds, from its tasks' completion markers: the last marker of a
+    stage minus the last of the stage before (the first from t0; stages run one after another)."""
+    ends = {}
+    for stage in os.listdir(logs):
+        done = os.path.join(logs, stage, "completions")
+        if os.path.isdir(done):
+            ends[stage] = max(os.path.getmtime(os.path.join(done, f)) for f in os.listdir(done))
+    out, prev = {}, t0
+    for stage, end in sorted(ends.items(), key=lambda kv: kv[1]):
+        out[stage], prev = end - prev, end
+    return out
+
+
+def _curation_rows(mb: float, books: tuple[int, ...] = (2_000, 20_000)) -> list[dict]:
     """MB/s of each curation recipe at 1 and 2 tasks (as many worker processes) on stdlib
-    sources as JSONL pages in 4 files, and of a datatrove read + write of the same bytes (the
-    floor every recipe pays). commoncrawl is left out: it needs reference and random pages."""
+    sources as JSONL pages in 4 files, each stage's seconds, and of a datatrove read + write of
+    the same bytes (the floor every recipe pays); then each recipe's projected hours for the
+    paper's size on CLUSTER (see _projection_row). commoncrawl's classifier is trained on two of
+    the input files as its reference and random pages (the cost, not the labels, is measured)."""
     import json
+    import shutil
 
     try:
         from datatrove.executor.local import LocalPipelineExecutor
@@ -131,7 +158,7 @@ def _curation_rows(mb: float) -> list[dict]:
 
     except ImportError:
         return [{"what": "curation", "detail": "pip install -e '.[curate]' for these rows"}]
-    rows = []
+    rows, projections = [], []
     with tempfile.TemporaryDirectory() as tmp:
         os.makedirs(os.path.join(tmp, "in"))
         size, files = 0, [open(os.path.join(tmp, "in", f"pages-{k}.jsonl"), "w") for k in range(4)]
@@ -141,24 +168,89 @@ def _curation_rows(mb: float) -> list[dict]:
             files[i % 4].write(json.dumps({"text": text, "license": "mit", "answers": []}) + "\n")
         for f in files:
             f.close()
+        for name, k in (("reference", 0), ("random", 1)):
+            shutil.copy(os.path.join(tmp, "in", f"pages-{k}.jsonl"), os.path.join(tmp, name))
         t0 = time.perf_counter()
         LocalPipelineExecutor([JsonlReader(os.path.join(tmp, "in")), JsonlWriter(os.path.join(tmp, "raw"))],
                               tasks=1, workers=1, logging_dir=os.path.join(tmp, "raw_logs")).run()  # fmt: skip
         raw = time.perf_counter() - t0
         rows.append({"what": "curation", "detail": "raw: datatrove read + write",
                      "MB/s": size / 1e6 / raw})  # fmt: skip
-        for recipe in [r for r in RECIPES if r != "commoncrawl"]:
-            one = None
+        for recipe in RECIPES:
+            extra = {}
+            if recipe == "commoncrawl":
+                extra = {n: os.path.join(tmp, n) for n in ("reference", "random")}
+            timed = {}
             for tasks in (1, 2):
-                t0 = time.perf_counter()
-                curate(recipe, os.path.join(tmp, "in"), os.path.join(tmp, f"{recipe}-{tasks}"),
-                       tasks, tasks=tasks)  # fmt: skip
+                out = os.path.join(tmp, f"{recipe}-{tasks}")
+                t0, wall0 = time.perf_counter(), time.time()
+                curate(recipe, os.path.join(tmp, "in"), out, tasks, tasks=tasks, **extra)
                 dt = time.perf_counter() - t0
-                one = one or dt
+                timed[tasks] = (dt, _stage_seconds(os.path.join(out, "logs"), wall0))
                 rows.append({"what": "curation", "detail": f"{recipe}, {tasks} tasks",
                              "MB/s": size / 1e6 / dt, "vs_raw": raw / dt,
-                             "scaling": one / dt})  # fmt: skip
+                             "scaling": timed[1][0] / dt,
+                             "stages_s": " ".join(f"{k} {v:.2f}" for k, v in timed[tasks][1].items())})  # fmt: skip
+            projections.append((recipe, timed))
+    books = _book_overlap_rows(books)
+    per_book = books[-1]["seconds"] / books[-1]["books"]
+    return rows + books + [_projection_row(r, size, t, per_book) for r, t in projections]
+
+
+BOOKS = 270_000  # Books3's 196,640 books and Project Gutenberg's ~70,000, as FindOverlaps' N
+
+
+def _book_overlap_rows(counts: tuple[int, ...]) -> list[dict]:
+    """FindOverlaps (the books recipe's one-task stage) on N synthetic sketches, as BookSketches
+    writes them: 128 random MinHash values and a 1,500-hash sample per book, 1% of the books
+    planted copies of an earlier one (so the overlap check runs). Seconds per 1,000 books at two
+    N shows whether the stage stays linear; the projection uses the larger N's rate."""
+    import numpy as np
+
+    from llama_jax.data.curate.dedup import FindOverlaps
+
+    rows = []
+    for n in counts:
+        rng = np.random.default_rng(n)
+        minhash = rng.integers(0, 1 << 32, (n, 128), dtype=np.uint64)
+        sample = rng.integers(0, 1 << 62, (n, 1500), dtype=np.uint64) * np.uint64(2)
+        copies = rng.choice(np.arange(1, n), n // 100, replace=False)
+        of = rng.integers(0, copies)  # each copy repeats an earlier book
+        minhash[copies], sample[copies] = minhash[of], sample[of]
+        with tempfile.TemporaryDirectory() as work:
+            os.makedirs(os.path.join(work, "books"))
+            np.savez(os.path.join(work, "books", "00000.npz"), order=np.arange(n, dtype=np.uint64),
+                     size=np.full(n, 60_000), m=np.full(n, 2), minhash=minhash,
+                     lengths=np.full(n, 1500), sample=sample.reshape(-1))  # fmt: skip
+            step = FindOverlaps(work)
+            t0 = time.perf_counter()
+            step.run(iter(()))
+            dt = time.perf_counter() - t0
+            removed = sum(len(np.load(p)) for p in glob.glob(os.path.join(work, "books/removed/*")))
+        rows.append({"what": "curation", "detail": f"books FindOverlaps, {n} sketches",
+                     "books": n, "seconds": dt, "s_per_1k_books": dt / n * 1000,
+                     "removed": removed, "planted": len(copies)})  # fmt: skip
     return rows
+
+
+def _projection_row(recipe: str, size: int, timed: dict, per_book_s: float) -> dict:
+    """Hours for the paper's PAPER_GB[recipe] on CLUSTER, from this machine's runs at 1 and 2
+    tasks. The parallel stages: their 1-task seconds per byte, spread over every core at the
+    efficiency measured at 2 tasks (scaling / 2, capped at 1), assumed to hold at 2048 tasks
+    (the tasks share nothing but the file system). A SERIAL stage runs on one core: for books,
+    FindOverlaps' measured seconds per book (_book_overlap_rows) times BOOKS. Worker start-up,
+    the same at any size, is counted at this size's share (an overestimate)."""
+    (one, stages1), (two, _) = timed[1], timed[2]
+    serial = stages1.get(SERIAL.get(recipe, ""), 0.0)
+    cores = CLUSTER[0] * CLUSTER[1]
+    efficiency = min(1.0, one / two / 2)
+    scale = PAPER_GB[recipe] * 1e9 / size
+    serial_hours = BOOKS * per_book_s / 3600 if serial else 0.0
+    hours = scale * (one - serial) / (cores * efficiency) / 3600 + serial_hours
+    return {"what": "curation projection",
+            "detail": f"{recipe}: {PAPER_GB[recipe]} GB on {CLUSTER[0]}x{CLUSTER[1]} cores",
+            "efficiency": efficiency, "serial_s": serial, "serial_hours": serial_hours,
+            "hours": hours}  # fmt: skip
 
 
 def measure(args) -> list[dict]:
@@ -183,6 +275,7 @@ def measure(args) -> list[dict]:
         for sharding in shardings:
             rows.append(_loader_row(path, cfg, n, in_memory, sharding))
     if getattr(args, "data_curate_mb", 4.0) > 0:
-        rows += _curation_rows(args.data_curate_mb)
+        books = tuple(int(n) for n in str(getattr(args, "data_books", "2000,20000")).split(","))
+        rows += _curation_rows(args.data_curate_mb, books)
     rows.append(_memcpy_limit_row())
     return rows
