@@ -10,6 +10,7 @@ import tempfile
 import time
 
 from llama_jax.bench.common import load_config, time_fn
+from llama_jax.data.curate.dedup import FindOverlaps
 from llama_jax.data.curate.recipes import RECIPES, curate
 from llama_jax.data.default_corpus import default_dataset_dir, ensure_default_dataset, stdlib_files
 from llama_jax.data.format import read_metadata
@@ -206,8 +207,6 @@ def _book_overlap_rows(counts: tuple[int, ...]) -> list[dict]:
     planted copies of an earlier one (so the overlap check runs). Seconds per 1,000 books at two
     N shows whether the stage stays linear; the projection uses the larger N's rate."""
     import numpy as np
-
-    from llama_jax.data.curate.dedup import FindOverlaps
 
     rows = []
     for n in counts:
