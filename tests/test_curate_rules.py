@@ -127,3 +127,35 @@ def test_preprocessor_lines_are_not_part_of_the_header():
     assert _apply(StripLicenseHeader(), src) == "#include <stdio.h>\n#  define N 2\nint x;\n"
     guard = "/* SPDX-License-Identifier: MIT */\n#ifndef X_H\n#define X_H\n#endif\n"
     assert _apply(StripLicenseHeader(), guard) == "#ifndef X_H\n#define X_H\n#endif\n"
+
+
+@pytest.mark.parametrize("recipe", ["wikipedia", "c4"])
+def test_lone_surrogates_become_replacement_characters(tmp_path, recipe):
+    """A JSON "\\udc80" escape decodes to a lone surrogate, and mwparserfromhell turns the
+    entity "&#xdc80;" into one (both in the stdlib's own test files): neither can be encoded as
+    UTF-8: datatrove's reader dropped the page with the first (a warning), and the wikipedia
+    recipe crashed on the second while counting bytes. Each becomes U+FFFD, the rest of the
+    text is kept, and a line that is not JSON at all is counted in the data card."""
+    import gzip
+    import json
+
+    from llama_jax.data.curate.recipes import curate
+
+    lines = [f"Line {k} of the page has a few more words in it." for k in range(6)]
+    pages = [
+        " ".join(lines) + ' The entity "&#xdc80;" is one.',
+        " ".join(lines) + " Raw \udc80 is.",
+    ]
+    (tmp_path / "in").mkdir()
+    with open(tmp_path / "in" / "pages.jsonl", "w") as f:  # json.dumps writes "\udc80" escaped
+        f.writelines(json.dumps({"text": p}) + "\n" for p in pages)
+        f.write('{"text": "a line cut short\n')  # not JSON: skipped, and counted
+    card = curate(recipe, str(tmp_path / "in"), str(tmp_path / "out"), tasks=1)
+    assert card["unreadable_lines"] == 1, card
+    out = [json.loads(line)["text"] for p in sorted((tmp_path / "out").rglob("*.jsonl.gz"))
+           for line in gzip.open(p, "rt", encoding="utf-8")]  # fmt: skip
+    joined = "".join(out)
+    assert not any(0xD800 <= ord(c) <= 0xDFFF for c in joined), out
+    assert "Raw \ufffd is." in joined and "Line 5 of the page" in joined, out
+    if recipe == "wikipedia":
+        assert '"\ufffd" is one.' in joined, out

@@ -31,7 +31,7 @@ import os
 import numpy as np
 from datatrove.pipeline.base import PipelineStep
 
-from llama_jax.data.curate.steps import Step, normalize_line
+from llama_jax.data.curate.steps import Step, normalize_line, valid_utf8
 
 ORDER = "curate_order"  # metadata: file index << 32 | line in the file
 RECORD = np.dtype([("hash", "<u8"), ("order", "<u8"), ("unit", "<u4")])
@@ -46,6 +46,7 @@ class Ordered:
 
     def __call__(self, reader, data: dict, path: str, id_in_file: int) -> dict:
         doc = reader._default_adapter(data, path, id_in_file)
+        doc["text"] = valid_utf8(doc["text"])  # the hash stages encode it first
         doc["metadata"][ORDER] = self.index[path] << 32 | int(id_in_file)
         return doc
 

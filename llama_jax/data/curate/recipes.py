@@ -18,7 +18,6 @@ from collections.abc import Callable
 
 import numpy as np
 from datatrove.io import get_datafolder
-from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 
 from llama_jax.data.curate import dedup as dd
@@ -119,7 +118,7 @@ def stages(recipe: str, inputs: tuple, output: str, opts: Options) -> list[jobs.
         os.path.join(output, "work"),
     )
     folder, pattern, files = inputs
-    read = JsonlReader(folder, glob_pattern=pattern, adapter=dd.Ordered(files))
+    read = jobs.Reader(folder, glob_pattern=pattern, adapter=dd.Ordered(files))
     write = JsonlWriter(output, adapter=dd.without_order)
     before, after, n = r.before(removed, opts), r.after(removed, opts), opts.tasks
     if r.dedup is None:
@@ -161,15 +160,21 @@ def curate(recipe: str, inputs: str, output: str, workers: int = 1, *,
 
 def write_card(recipe: str, inputs: str, output: str, names: list[str]) -> dict:
     """data_card.json and data_card.md from datatrove's merged stats and removed documents."""
-    stats = {}
+    stats, unreadable = {}, {}
     for path in sorted(glob.glob(os.path.join(output, "logs", "*", "stats", "*.json"))):
         # each task's stats, of every stage (summed)
+        stage = path.split(os.sep)[-3]
         with open(path) as f:
             for step in json.load(f):
                 mine = stats.setdefault(step["name"].split(": ", 1)[-1], {})
                 for c in COUNTS:
                     mine[c] = mine.get(c, 0) + _total(step["stats"], c)
-    card = {"recipe": recipe, "input": inputs, "steps": []}
+                n = _total(step["stats"], "unreadable_lines")
+                unreadable[stage] = unreadable.get(stage, 0) + n
+    # input lines no reader could parse (jobs.Reader; a stage that rereads the input counts
+    # them again, so the most any stage counted)
+    card = {"recipe": recipe, "input": inputs, "unreadable_lines": max(unreadable.values(), default=0),
+            "steps": []}  # fmt: skip
     for name in names:
         row = {"step": name, **{c: _total(stats.get(name, {}), c) for c in COUNTS}}
         row["examples_removed"] = _examples(os.path.join(output, "removed", name))
@@ -197,6 +202,7 @@ def _examples(folder: str, n: int = 3, chars: int = 200) -> list[str]:
 
 def _markdown(card: dict) -> str:
     lines = [f"# Data card: {card['recipe']}", "", f"input: `{card['input']}`", "",
+             f"input lines that are not JSON (skipped): {card['unreadable_lines']}", "",
              "| step | docs in | kept | removed | MB in | MB kept |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r in card["steps"]:
         lines.append(f"| {r['step']} | {r['docs_in']} | {r['docs_kept']} | {r['docs_removed']} | "

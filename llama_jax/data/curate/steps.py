@@ -15,6 +15,14 @@ import re
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.writers import JsonlWriter
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_utf8(text: str) -> str:
+    """text with each lone surrogate as U+FFFD: JSON may escape one ("\\udc80") and
+    mwparserfromhell decodes "&#xdc80;" to one, and neither can be written as UTF-8."""
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
+
 
 class Step(PipelineStep):
     """apply(doc) -> the kept text, or None to remove the document."""
@@ -33,6 +41,7 @@ class Step(PipelineStep):
                   if self.removed_dir else contextlib.nullcontext())  # fmt: skip
         with writer:
             for doc in data:
+                doc.text = valid_utf8(doc.text)
                 size = len(doc.text.encode())
                 self.stat_update("docs_in")
                 self.stat_update("bytes_in", value=size, unit="bytes")
@@ -43,7 +52,7 @@ class Step(PipelineStep):
                     if self.removed_dir:
                         writer.write(doc, rank)
                     continue
-                doc.text = text
+                doc.text = text = valid_utf8(text)
                 self.stat_update("docs_kept")
                 self.stat_update("bytes_kept", value=len(text.encode()), unit="bytes")
                 yield doc
