@@ -519,7 +519,10 @@ def test_chaos_kills_corruption_and_interrupted_rewrite(tmp_path, tiny_dataset, 
     opts = ["train.steps=24", "checkpoint.every_steps=3", "checkpoint.keep=3", "train.eval_every=0",
             "mesh.fsdp=-1"]  # fmt: skip
     run(tmp_path / "straight", tiny_dataset, *opts)
-    kills = [4, 7, 11, 13, 17, 20] if processes == 1 else [5, 10, 16]  # 7, 13: just after a save
+    # 4: between saves; 7, 13: just after a save (the async write in flight); 2 processes:
+    # between saves, then just after one. (Three more kill points between saves cost ~60 s of
+    # CI and test nothing these do not.)
+    kills = [4, 7, 13] if processes == 1 else [5, 10]
     wd = tmp_path / "chaos"
     for i, step in enumerate(kills):
         r = run(wd, tiny_dataset, *opts, env={"LLAMA_JAX_SIGNAL_AT_STEP": f"9:{step}"}, check=False)

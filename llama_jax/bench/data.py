@@ -25,6 +25,8 @@ def add_args(parser) -> None:
     parser.add_argument("--data-workers", type=int, default=0, help="prepare workers; 0 = all CPUs")
     parser.add_argument("--data-curate-mb", type=float, default=4.0,
                         help="stdlib MB each curation recipe cleans; 0 = no curation rows")  # fmt: skip
+    parser.add_argument("--data-curate-recipes", default=",".join(RECIPES),
+                        help="the recipes timed, comma-separated")  # fmt: skip
     parser.add_argument("--data-books", default="2000,20000",
                         help="book sketch counts FindOverlaps is timed at (the projection's rate)")  # fmt: skip
 
@@ -143,7 +145,8 @@ def _stage_seconds(logs: str, t0: float) -> dict[str, float]:
     return out
 
 
-def _curation_rows(mb: float, books: tuple[int, ...] = (2_000, 20_000)) -> list[dict]:
+def _curation_rows(mb: float, books: tuple[int, ...] = (2_000, 20_000),
+                   recipes: tuple[str, ...] = tuple(RECIPES)) -> list[dict]:  # fmt: skip
     """MB/s of each curation recipe at 1 and 2 tasks (as many worker processes) on stdlib
     sources as JSONL pages in 4 files, each stage's seconds, and of a datatrove read + write of
     the same bytes (the floor every recipe pays); then each recipe's projected hours for the
@@ -177,7 +180,7 @@ def _curation_rows(mb: float, books: tuple[int, ...] = (2_000, 20_000)) -> list[
         raw = time.perf_counter() - t0
         rows.append({"what": "curation", "detail": "raw: datatrove read + write",
                      "MB/s": size / 1e6 / raw})  # fmt: skip
-        for recipe in RECIPES:
+        for recipe in recipes:
             extra = {}
             if recipe == "commoncrawl":
                 extra = {n: os.path.join(tmp, n) for n in ("reference", "random")}
@@ -195,7 +198,7 @@ def _curation_rows(mb: float, books: tuple[int, ...] = (2_000, 20_000)) -> list[
             projections.append((recipe, timed))
     books = _book_overlap_rows(books)
     per_book = books[-1]["seconds"] / books[-1]["books"]
-    return rows + books + [_projection_row(r, size, t, per_book) for r, t in projections]
+    return rows + books + [_projection_row(r, size, t, per_book, i + 1) for r, t in projections]
 
 
 BOOKS = 270_000  # Books3's 196,640 books and Project Gutenberg's ~70,000, as FindOverlaps' N
@@ -232,19 +235,21 @@ def _book_overlap_rows(counts: tuple[int, ...]) -> list[dict]:
     return rows
 
 
-def _projection_row(recipe: str, size: int, timed: dict, per_book_s: float) -> dict:
+def _projection_row(recipe: str, size: int, timed: dict, per_book_s: float, docs: int) -> dict:
     """Hours for the paper's PAPER_GB[recipe] on CLUSTER, from this machine's runs at 1 and 2
     tasks. The parallel stages: their 1-task seconds per byte, spread over every core at the
     efficiency measured at 2 tasks (scaling / 2, capped at 1), assumed to hold at 2048 tasks
     (the tasks share nothing but the file system). A SERIAL stage runs on one core: for books,
-    FindOverlaps' measured seconds per book (_book_overlap_rows) times BOOKS. Worker start-up,
+    FindOverlaps' seconds per book times BOOKS, the larger of its rate on random sketches
+    (_book_overlap_rows) and on this run's pages (docs of them; source files share much
+    boilerplate, so many are candidates of each other: the pessimistic rate). Worker start-up,
     the same at any size, is counted at this size's share (an overestimate)."""
     (one, stages1), (two, _) = timed[1], timed[2]
     serial = stages1.get(SERIAL.get(recipe, ""), 0.0)
     cores = CLUSTER[0] * CLUSTER[1]
     efficiency = min(1.0, one / two / 2)
     scale = PAPER_GB[recipe] * 1e9 / size
-    serial_hours = BOOKS * per_book_s / 3600 if serial else 0.0
+    serial_hours = BOOKS * max(per_book_s, serial / docs) / 3600 if serial else 0.0
     hours = scale * (one - serial) / (cores * efficiency) / 3600 + serial_hours
     return {"what": "curation projection",
             "detail": f"{recipe}: {PAPER_GB[recipe]} GB on {CLUSTER[0]}x{CLUSTER[1]} cores",
@@ -275,6 +280,7 @@ def measure(args) -> list[dict]:
             rows.append(_loader_row(path, cfg, n, in_memory, sharding))
     if getattr(args, "data_curate_mb", 4.0) > 0:
         books = tuple(int(n) for n in str(getattr(args, "data_books", "2000,20000")).split(","))
-        rows += _curation_rows(args.data_curate_mb, books)
+        recipes = tuple(getattr(args, "data_curate_recipes", ",".join(RECIPES)).split(","))
+        rows += _curation_rows(args.data_curate_mb, books, recipes)
     rows.append(_memcpy_limit_row())
     return rows
