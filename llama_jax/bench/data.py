@@ -166,7 +166,8 @@ def _curation_rows(mb: float, books: tuple[int, ...] = (2_000, 20_000),
     with tempfile.TemporaryDirectory() as tmp:
         os.makedirs(os.path.join(tmp, "in"))
         size, files = 0, [open(os.path.join(tmp, "in", f"pages-{k}.jsonl"), "w") for k in range(4)]
-        for i, path in enumerate(stdlib_files(int(mb * (1 << 20)))):
+        pages = stdlib_files(int(mb * (1 << 20)))
+        for i, path in enumerate(pages):
             text = open(path, encoding="utf-8", errors="replace").read()
             size += len(text.encode())
             files[i % 4].write(json.dumps({"text": text, "license": "mit", "answers": []}) + "\n")
@@ -198,7 +199,9 @@ def _curation_rows(mb: float, books: tuple[int, ...] = (2_000, 20_000),
             projections.append((recipe, timed))
     books = _book_overlap_rows(books)
     per_book = books[-1]["seconds"] / books[-1]["books"]
-    return rows + books + [_projection_row(r, size, t, per_book, i + 1) for r, t in projections]
+    return (
+        rows + books + [_projection_row(r, size, t, per_book, len(pages)) for r, t in projections]
+    )
 
 
 BOOKS = 270_000  # Books3's 196,640 books and Project Gutenberg's ~70,000, as FindOverlaps' N
